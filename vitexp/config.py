@@ -1,0 +1,227 @@
+"""Config schemas: one dataclass per group option, registered with Hydra's ConfigStore.
+
+Every YAML file under ``conf/`` names its schema in its defaults list, so a typo or a
+wrong type fails when Hydra composes the config. Keys added with ``+key=`` slip past
+Hydra's struct mode; :func:`vitexp.validate.check_config` catches those.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, OmegaConf
+
+
+def _shortcut(key: str, default: Any, *, _root_: Any) -> Any:
+    """Resolves ``${shortcut:patch_size,6}``: the top-level shortcut if set, else the default."""
+    value = _root_.get(key)
+    return default if value is None else value
+
+
+if not OmegaConf.has_resolver("shortcut"):
+    OmegaConf.register_new_resolver("shortcut", _shortcut)
+
+
+# ---------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+    num_classes: int = II("data.num_classes")
+    input_shape: List[int] = II("data.image_shape")
+
+
+@dataclass
+class ViTConfig(ModelConfig):
+    _target_: str = "vitexp.models.vit.build_vit"
+    name: str = "vit"
+    image_size: int = 72
+    patch_size: int = II("shortcut:patch_size,6")
+    depth: int = II("shortcut:depth,4")
+    projection_dim: int = 64
+    num_heads: int = 4
+    transformer_units: List[int] = field(default_factory=lambda: [128, 64])
+    head_units: List[int] = field(default_factory=lambda: [2048, 1024])
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    head_dropout: float = 0.5
+    drop_path: float = 0.0
+    pooling: str = "flatten"
+    pos_embedding: str = "learned"
+    shifted_patches: bool = False
+    locality_attention: bool = False
+
+
+@dataclass
+class SwinConfig(ModelConfig):
+    _target_: str = "vitexp.models.swin.build_swin"
+    name: str = "swin"
+    variant: str = "swin_tiny_224"
+    image_size: int = 32
+    patch_size: int = II("shortcut:patch_size,4")
+    depth: int = II("shortcut:depth,6")
+    depths: List[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    embed_dim: int = 96
+    num_heads: List[int] = field(default_factory=lambda: [3, 6, 12, 24])
+    window_size: int = 7
+    pretrain_size: int = 224
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    drop_path: float = 0.2
+    weights: Optional[str] = None
+    head_units: List[int] = field(default_factory=list)
+    head_dropout: float = 0.0
+
+
+# ---------------------------------------------------------------- data
+@dataclass
+class AugmentConfig:
+    random_crop_padding: int = 0
+    random_resized_crop: bool = False
+    horizontal_flip: bool = False
+    rand_augment: bool = False
+    rand_augment_magnitude: float = 0.5
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    random_erasing: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+    num_classes: int = MISSING
+    image_shape: List[int] = MISSING
+    path: Optional[str] = None
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    _target_: str = "vitexp.data.synthetic.load_synthetic"
+    name: str = "synthetic"
+    num_classes: int = 4
+    image_shape: List[int] = field(default_factory=lambda: [16, 16, 3])
+    num_train: int = 512
+    num_test: int = 128
+    noise: float = 0.25
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- optimisation
+@dataclass
+class AdamWConfig:
+    _target_: str = "vitexp.optim.adamw"
+    _partial_: bool = True
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    clipnorm: Optional[float] = None
+    ema_momentum: Optional[float] = None
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "vitexp.optim.sgd"
+    _partial_: bool = True
+    learning_rate: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    clipnorm: Optional[float] = None
+    ema_momentum: Optional[float] = None
+
+
+@dataclass
+class WarmupCosineConfig:
+    _target_: str = "vitexp.optim.WarmupCosine"
+    _partial_: bool = True
+    warmup_fraction: float = 0.1
+    warmup_lr: float = 0.0
+    final_lr: float = 0.0
+
+
+@dataclass
+class ConstantScheduleConfig:
+    _target_: str = "vitexp.optim.WarmupCosine"
+    _partial_: bool = True
+    warmup_fraction: float = 0.0
+    warmup_lr: float = 0.0
+    final_lr: Optional[float] = None
+
+
+# ---------------------------------------------------------------- trainer, tracking
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    validation_split: float = 0.2
+    seed: int = 42
+    deterministic: bool = False
+    label_smoothing: float = 0.0
+    precision: str = "float32"
+    jit_compile: str = "auto"
+    steps_per_execution: int = 1
+    steps_per_epoch: Optional[int] = None
+    threads: Optional[int] = None
+    keep_checkpoints: int = 2
+    verbose: int = 1
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None
+    experiment: str = "vitexp"
+    log_checkpoints: bool = True
+    timeout_s: float = 10.0
+
+
+@dataclass
+class ReportConfig:
+    enabled: bool = True
+    num_images: int = 6
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    data: Any = MISSING
+    optimizer: Any = MISSING
+    schedule: Any = MISSING
+    trainer: TrainerConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    report: ReportConfig = field(default_factory=ReportConfig)
+    patch_size: Optional[int] = None
+    depth: Optional[int] = None
+    run_name: str = "${model.name}-p${model.patch_size}-d${model.depth}"
+    resume: Any = False
+
+
+SCHEMAS = {
+    ("model", "vit_schema"): ViTConfig,
+    ("model", "swin_schema"): SwinConfig,
+    ("data", "data_schema"): DataConfig,
+    ("data", "synthetic_schema"): SyntheticDataConfig,
+    ("optimizer", "adamw_schema"): AdamWConfig,
+    ("optimizer", "sgd_schema"): SGDConfig,
+    ("schedule", "warmup_cosine_schema"): WarmupCosineConfig,
+    ("schedule", "constant_schema"): ConstantScheduleConfig,
+    ("trainer", "trainer_schema"): TrainerConfig,
+    ("tracking", "tracking_schema"): TrackingConfig,
+    ("report", "report_schema"): ReportConfig,
+}
+
+
+def register_schemas() -> None:
+    """Puts every schema in Hydra's ConfigStore; conf/ files extend them by name."""
+    cs = ConfigStore.instance()
+    cs.store(name="vitexp_schema", node=Config)
+    for (group, name), node in SCHEMAS.items():
+        cs.store(group=group, name=name, node=node)
+
+
+register_schemas()

@@ -1,0 +1,84 @@
+"""tf.data pipelines over uint8 arrays: exact per-epoch order, batching, augmentation.
+
+Images stay uint8 until they are batched (the model casts them), so a CIFAR-sized set
+costs its raw size in memory and nothing more. The training stream is a function of
+(seed, epoch): epoch k is shuffled with the stateless seed (seed, k), so a run resumed
+at epoch k sees exactly the batches it would have seen.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def split_validation(x: np.ndarray, y: np.ndarray, fraction: float):
+    """Holds out the last `fraction` of the training set, as Keras' `validation_split` does."""
+    split_at = int(len(x) * (1.0 - fraction))
+    if split_at == 0 or split_at == len(x):
+        raise ValueError(
+            f"validation_split={fraction} leaves an empty split of {len(x)} images: "
+            "use a fraction in (0, 1) that keeps both splits non-empty"
+        )
+    return (x[:split_at], y[:split_at]), (x[split_at:], y[split_at:])
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    return -(-num_images // batch_size)
+
+
+def _one_hot(num_classes):
+    def fn(images, labels):
+        return images, tf.one_hot(labels, num_classes, dtype=tf.float32)
+
+    return fn
+
+
+def train_dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    batch_size: int,
+    seed: int,
+    first_epoch: int,
+    epochs: int,
+    steps: int | None = None,
+    augment=None,
+) -> tf.data.Dataset:
+    """Batches for epochs `first_epoch .. epochs-1`, each epoch a seeded permutation.
+
+    Args:
+        x: uint8 images (N, H, W, C).
+        y: int labels (N,).
+        num_classes: for the one-hot labels.
+        batch_size: images per batch; an epoch ends with a smaller batch if N is not a
+            multiple, as with Keras' own handling of arrays.
+        seed: the data-order seed.
+        first_epoch: the epoch to start at (0, or where a resumed run continues).
+        epochs: the last epoch (exclusive).
+        steps: batches per epoch; None for one pass over the images.
+        augment: an optional batched `(images, one_hot) -> (images, one_hot)` map.
+    """
+    images = tf.constant(x)
+    labels = tf.constant(y, dtype=tf.int32)
+    count = len(x)
+
+    def epoch_batches(epoch):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(count), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
+        batches = tf.data.Dataset.from_tensor_slices(order)
+        if steps is None:
+            return batches.batch(batch_size)
+        return batches.repeat().batch(batch_size).take(steps)
+
+    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
+    ds = ds.map(lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)))
+    ds = ds.map(_one_hot(num_classes))
+    if augment is not None:
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int) -> tf.data.Dataset:
+    """In-order batches of uint8 images and one-hot labels, for validation and test."""
+    ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).batch(batch_size)
+    return ds.map(_one_hot(num_classes)).prefetch(tf.data.AUTOTUNE)

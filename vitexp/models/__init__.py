@@ -1,0 +1,41 @@
+"""Model factories (one per family) and what every model needs: input statistics, reload."""
+
+import keras
+import numpy as np
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance of uint8 images, in chunks (no float copy of the set)."""
+    channels = images.shape[-1]
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].reshape(-1, channels).astype(np.float64)
+        total += block.sum(axis=0)
+        total_sq += np.square(block).sum(axis=0)
+    count = images.size // channels
+    mean = total / count
+    return mean, total_sq / count - np.square(mean)
+
+
+def adapt_input_norm(model: keras.Model, images: np.ndarray) -> bool:
+    """Sets the `input_norm` layer's statistics from training images, as `adapt()` would.
+
+    Returns:
+        Whether the model has such a layer (Swin normalises with ImageNet's statistics).
+    """
+    try:
+        norm = model.get_layer("input_norm")
+    except ValueError:
+        return False
+    mean, variance = channel_stats(images)
+    norm.set_weights([mean.astype("float32"), variance.astype("float32"), np.array(len(images))])
+    return True
+
+
+def load_model(path: str) -> keras.Model:
+    """Loads a `.keras` checkpoint in safe mode (registers the Swin fix first)."""
+    import vitexp.models.swin  # noqa: F401  (registers the tfswin layer fix)
+    import vitexp.models.layers  # noqa: F401
+
+    return keras.saving.load_model(path, safe_mode=True)

@@ -1,0 +1,357 @@
+"""Vision Transformer layers in `keras.ops`: patches, position embeddings, encoder blocks.
+
+Each layer stores every constructor argument and returns it from `get_config`, builds its
+sublayers in `build()`, and is registered so a `.keras` checkpoint reloads in safe mode.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+PACKAGE = "vitexp"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PatchTokenization(layers.Layer):
+    """Cuts images into non-overlapping patches and projects each to a token.
+
+    With `shifted=True` the image is first stacked with four copies shifted diagonally by
+    half a patch, and the patch vectors are layer-normalised before the projection
+    (Shifted Patch Tokenization, Lee et al., 2021): each token then sees its neighbours.
+
+    Args:
+        patch_size: side of a square patch in pixels; the stride equals it (VALID).
+        projection_dim: width of the tokens.
+        shifted: use shifted patch tokenization.
+
+    Returns:
+        `(tokens, patches)`: `(batch, num_patches, projection_dim)` and the raw patches
+        `(batch, num_patches, patch_size * patch_size * channels)`, row-major.
+    """
+
+    def __init__(self, patch_size, projection_dim, shifted=False, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = patch_size
+        self.projection_dim = projection_dim
+        self.shifted = shifted
+
+    def build(self, input_shape):
+        _, height, width, channels = input_shape
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image {height}x{width} is not divisible by patch_size={self.patch_size}: "
+                "resize the image or pick a patch size that divides it"
+            )
+        depth = channels * (5 if self.shifted else 1)
+        patch_dim = self.patch_size * self.patch_size * depth
+        if self.shifted:
+            self.patch_norm = layers.LayerNormalization(epsilon=1e-6, name="patch_norm")
+            self.patch_norm.build((None, None, patch_dim))
+        self.projection = layers.Dense(self.projection_dim, name="projection")
+        self.projection.build((None, None, patch_dim))
+
+    def _shifted_stack(self, images):
+        half = self.patch_size // 2
+        height, width = ops.shape(images)[1], ops.shape(images)[2]
+        padded = ops.pad(images, [[0, 0], [half, half], [half, half], [0, 0]])
+        shifts = [(0, 0), (0, 2 * half), (2 * half, 0), (2 * half, 2 * half)]
+        crops = [padded[:, r: r + height, c: c + width, :] for r, c in shifts]
+        return ops.concatenate([images, *crops], axis=-1)
+
+    def extract_patches(self, images):
+        if self.shifted:
+            images = self._shifted_stack(images)
+        p = self.patch_size
+        _, height, width, channels = images.shape
+        rows, cols = height // p, width // p
+        x = ops.reshape(images, (-1, rows, p, cols, p, channels))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
+        return ops.reshape(x, (-1, rows * cols, p * p * channels))
+
+    def call(self, images):
+        patches = self.extract_patches(images)
+        x = self.patch_norm(patches) if self.shifted else patches
+        return self.projection(x), patches
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        n = (height // self.patch_size) * (width // self.patch_size)
+        depth = channels * (5 if self.shifted else 1)
+        return (batch, n, self.projection_dim), (batch, n, self.patch_size**2 * depth)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "patch_size": self.patch_size,
+            "projection_dim": self.projection_dim,
+            "shifted": self.shifted,
+        }
+
+
+def sincos_table(num_positions: int, dim: int) -> np.ndarray:
+    """The fixed sinusoidal encoding: PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos."""
+    pos = np.arange(num_positions, dtype=np.float64)[:, None]
+    two_i = np.arange(0, dim, 2, dtype=np.float64)[None, :]
+    angle = pos / np.power(10000.0, two_i / dim)
+    table = np.zeros((num_positions, dim), dtype=np.float64)
+    table[:, 0::2] = np.sin(angle)
+    table[:, 1::2] = np.cos(angle[:, : dim // 2])
+    return table.astype("float32")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PositionEmbedding(layers.Layer):
+    """Adds a position code to each token: learned (one vector per position) or sincos (fixed).
+
+    Args:
+        kind: `"learned"` or `"sincos"`.
+    """
+
+    def __init__(self, kind="learned", **kwargs):
+        super().__init__(**kwargs)
+        if kind not in ("learned", "sincos"):
+            raise ValueError(f"kind={kind!r}: use 'learned' or 'sincos'")
+        self.kind = kind
+
+    def build(self, input_shape):
+        _, num_positions, dim = input_shape
+        if self.kind == "learned":
+            self.embedding = self.add_weight(
+                shape=(num_positions, dim), initializer="uniform", name="embeddings"
+            )
+        else:
+            self.embedding = ops.convert_to_tensor(sincos_table(num_positions, dim))
+
+    def call(self, tokens):
+        return tokens + ops.cast(self.embedding, tokens.dtype)[None]
+
+    def get_config(self):
+        return {**super().get_config(), "kind": self.kind}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ClassToken(layers.Layer):
+    """Prepends one learned [CLS] token to the sequence."""
+
+    def build(self, input_shape):
+        self.token = self.add_weight(shape=(1, 1, input_shape[-1]), initializer="zeros", name="cls")
+
+    def call(self, tokens):
+        batch = ops.shape(tokens)[0]
+        cls = ops.broadcast_to(ops.cast(self.token, tokens.dtype), (batch, 1, tokens.shape[-1]))
+        return ops.concatenate([cls, tokens], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        n = None if input_shape[1] is None else input_shape[1] + 1
+        return (input_shape[0], n, input_shape[2])
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MultiHeadSelfAttention(layers.Layer):
+    """Multi-head self-attention that can hand back its attention weights.
+
+    With `locality=True` it is Locality Self-Attention (Lee et al., 2021): each token may
+    not attend to itself and the softmax temperature is learned.
+
+    Args:
+        num_heads: number of heads.
+        key_dim: width of each head (the textbook uses the token width).
+        dropout: dropout on the attention weights.
+        locality: use locality self-attention.
+    """
+
+    def __init__(self, num_heads, key_dim, dropout=0.0, locality=False, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.dropout = dropout
+        self.locality = locality
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        inner = self.num_heads * self.key_dim
+        self.query = layers.Dense(inner, name="query")
+        self.key = layers.Dense(inner, name="key")
+        self.value = layers.Dense(inner, name="value")
+        for dense in (self.query, self.key, self.value):
+            dense.build(input_shape)
+        self.output_dense = layers.Dense(dim, name="attention_output")
+        self.output_dense.build((None, None, inner))
+        self.attention_dropout = layers.Dropout(self.dropout)
+        if self.locality:
+            self.log_temperature = self.add_weight(
+                shape=(),
+                initializer=keras.initializers.Constant(math.log(math.sqrt(self.key_dim))),
+                name="log_temperature",
+            )
+
+    def _split_heads(self, x):
+        x = ops.reshape(x, (-1, ops.shape(x)[1], self.num_heads, self.key_dim))
+        return ops.transpose(x, (0, 2, 1, 3))
+
+    def call(self, x, training=False, return_attention=False):
+        q = self._split_heads(self.query(x))
+        k = self._split_heads(self.key(x))
+        v = self._split_heads(self.value(x))
+        if self.locality:
+            scale = ops.cast(ops.exp(-self.log_temperature), q.dtype)
+        else:
+            scale = ops.cast(1.0 / math.sqrt(self.key_dim), q.dtype)
+        scores = ops.matmul(q * scale, ops.transpose(k, (0, 1, 3, 2)))
+        if self.locality:
+            n = ops.shape(scores)[-1]
+            diagonal = ops.cast(ops.eye(n), scores.dtype)
+            scores = scores - diagonal * ops.cast(1e4, scores.dtype)
+        weights = ops.softmax(ops.cast(scores, "float32"), axis=-1)
+        context = ops.matmul(self.attention_dropout(ops.cast(weights, v.dtype), training=training), v)
+        context = ops.reshape(
+            ops.transpose(context, (0, 2, 1, 3)), (-1, ops.shape(x)[1], self.num_heads * self.key_dim)
+        )
+        out = self.output_dense(context)
+        return (out, weights) if return_attention else out
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "key_dim": self.key_dim,
+            "dropout": self.dropout,
+            "locality": self.locality,
+        }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class DropPath(layers.Layer):
+    """Stochastic depth: drops a whole residual branch per sample while training.
+
+    Args:
+        rate: probability of dropping the branch.
+    """
+
+    def __init__(self, rate=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = rate
+        self.seed_generator = keras.random.SeedGenerator(1337)
+
+    def call(self, x, training=False):
+        if not training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        mask = keras.random.uniform(shape, seed=self.seed_generator, dtype=x.dtype) < keep
+        return x * ops.cast(mask, x.dtype) / ops.cast(keep, x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TransformerBlock(layers.Layer):
+    """Pre-norm encoder block: x + MHSA(LN(x)), then x + MLP(LN(x)), with dropout.
+
+    Args:
+        num_heads: attention heads.
+        key_dim: width of each head.
+        mlp_units: widths of the MLP's GELU layers; the last must equal the token width.
+        dropout: dropout after each MLP layer.
+        attention_dropout: dropout on the attention weights.
+        drop_path: stochastic-depth rate of both residual branches.
+        locality: use locality self-attention.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        key_dim,
+        mlp_units,
+        dropout=0.1,
+        attention_dropout=0.1,
+        drop_path=0.0,
+        locality=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.mlp_units = list(mlp_units)
+        self.dropout = dropout
+        self.attention_dropout = attention_dropout
+        self.drop_path = drop_path
+        self.locality = locality
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        if self.mlp_units[-1] != dim:
+            raise ValueError(
+                f"mlp_units ends with {self.mlp_units[-1]} but tokens are {dim} wide: "
+                f"make the last MLP width {dim}"
+            )
+        self.norm1 = layers.LayerNormalization(epsilon=1e-6, name="norm1")
+        self.norm1.build(input_shape)
+        self.attention = MultiHeadSelfAttention(
+            self.num_heads, self.key_dim, self.attention_dropout, self.locality, name="attention"
+        )
+        self.attention.build(input_shape)
+        self.norm2 = layers.LayerNormalization(epsilon=1e-6, name="norm2")
+        self.norm2.build(input_shape)
+        self.mlp = []
+        width = dim
+        for i, units in enumerate(self.mlp_units):
+            dense = layers.Dense(units, activation="gelu", name=f"mlp_{i}")
+            dense.build((None, None, width))
+            self.mlp.append((dense, layers.Dropout(self.dropout)))
+            width = units
+        self.path_drop = DropPath(self.drop_path)
+
+    def call(self, x, training=False, return_attention=False):
+        attended, weights = self.attention(self.norm1(x), training=training, return_attention=True)
+        x = x + self.path_drop(attended, training=training)
+        y = self.norm2(x)
+        for dense, drop in self.mlp:
+            y = drop(dense(y), training=training)
+        x = x + self.path_drop(y, training=training)
+        return (x, weights) if return_attention else x
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "key_dim": self.key_dim,
+            "mlp_units": self.mlp_units,
+            "dropout": self.dropout,
+            "attention_dropout": self.attention_dropout,
+            "drop_path": self.drop_path,
+            "locality": self.locality,
+        }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TokenPooling(layers.Layer):
+    """Turns the token sequence into one vector: flatten (textbook), cls (first token) or gap.
+
+    Args:
+        mode: `"flatten"`, `"cls"` or `"gap"`.
+    """
+
+    def __init__(self, mode="flatten", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("flatten", "cls", "gap"):
+            raise ValueError(f"mode={mode!r}: use 'flatten', 'cls' or 'gap'")
+        self.mode = mode
+
+    def call(self, tokens):
+        if self.mode == "cls":
+            return tokens[:, 0]
+        if self.mode == "gap":
+            return ops.mean(tokens, axis=1)
+        return ops.reshape(tokens, (-1, tokens.shape[1] * tokens.shape[2]))
+
+    def compute_output_shape(self, input_shape):
+        if self.mode == "flatten":
+            return (input_shape[0], input_shape[1] * input_shape[2])
+        return (input_shape[0], input_shape[2])
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
