@@ -65,7 +65,7 @@ def check_model(m: Any, image_shape: list) -> None:
         f"pick a patch size that divides {m.image_size} (e.g. patch_size="
         f"{_nearest_divisor(m.image_size, m.patch_size)}) or change model.image_size",
     )
-    if m.name.startswith("swin"):
+    if "swin" in m._target_:
         check_swin(m)
     else:
         check_vit(m)

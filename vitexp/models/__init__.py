@@ -30,6 +30,7 @@ def adapt_input_norm(model: keras.Model, images: np.ndarray) -> bool:
         return False
     mean, variance = channel_stats(images)
     norm.set_weights([mean.astype("float32"), variance.astype("float32"), np.array(len(images))])
+    norm.finalize_state()  # Normalization caches its statistics; refresh them
     return True
 
 

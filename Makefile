@@ -1,0 +1,46 @@
+# vitexp: `make train` and `make test` install what they need on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+HOST ?= 127.0.0.1
+PORT ?= 5000
+STORE ?= sqlite:///$(CURDIR)/mlflow.db
+ARGS ?=
+
+.PHONY: install train test ui server sweep bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+train: install  ## the textbook ViT on CIFAR-100 (add ARGS="model=vit patch_size=4 ...")
+	$(PY) -m vitexp $(ARGS)
+
+test: install  ## the whole suite, end-to-end runs included
+	$(PY) -m pytest -q $(ARGS)
+
+ui: install  ## the MLflow UI over the project's store, on 127.0.0.1 only
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui \
+	  --backend-store-uri $(STORE) --host $(HOST) --port $(PORT) --workers 1
+
+server: install  ## a shared tracking server (STORE=postgresql://... for another SQL backend)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
+	  --backend-store-uri $(STORE) --host $(HOST) --port $(PORT) --workers 2 \
+	  --allowed-hosts "$(HOST):$(PORT),localhost:$(PORT)" --cors-allowed-origins "http://$(HOST):$(PORT)"
+
+sweep: install  ## an example patch-size x depth grid, grouped under one MLflow parent run
+	$(PY) -m vitexp -m patch_size=4,6,8 depth=2,4 $(ARGS)
+
+bench: install  ## training speed: textbook-style reference against vitexp
+	$(PY) -m vitexp.bench $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check vitexp tests
+
+clean:
+	rm -rf outputs mlruns mlflow.db .pytest_cache test-artifacts bench
+	find multirun -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,66 @@
+"""Shared helpers: compose the real config, a temporary MLflow store, a real subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+ARTIFACTS = ROOT / "test-artifacts"
+
+# A model and data small enough that a whole run takes seconds on two CPU cores.
+TINY = [
+    "model=vit_tiny",
+    "data=synthetic",
+    "model.image_size=16",
+    "model.projection_dim=32",
+    "model.transformer_units=[64,32]",
+    "depth=1",
+    "trainer.epochs=3",
+    "trainer.batch_size=32",
+    "report.enabled=false",
+]
+
+
+def compose(overrides=()):
+    from vitexp.cli import compose as vitexp_compose
+
+    return vitexp_compose(list(overrides))
+
+
+def run_vitexp(args, tmp_path, module="vitexp", timeout=600, check=True, env=None):
+    """Runs `python -m vitexp ARGS` in `tmp_path`, as a user would, and returns the result."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A fresh sqlite MLflow store in a temporary folder: (uri, client)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, MlflowClient(tracking_uri=uri)
+
+
+def runs_of(client, experiment="vitexp"):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], max_results=1000)

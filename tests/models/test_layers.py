@@ -1,0 +1,125 @@
+"""Each layer: output shapes, get_config round trip, and the maths it claims."""
+
+import keras
+import numpy as np
+import pytest
+
+from vitexp.models.layers import (
+    ClassToken,
+    DropPath,
+    MultiHeadSelfAttention,
+    PatchTokenization,
+    PositionEmbedding,
+    TokenPooling,
+    TransformerBlock,
+    sincos_table,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def roundtrip(layer):
+    clone = layer.__class__.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    return clone
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_patch_tokenization(shifted):
+    layer = PatchTokenization(patch_size=4, projection_dim=8, shifted=shifted)
+    images = RNG.random((2, 16, 12, 3)).astype("float32")
+    tokens, patches = layer(images)
+    depth = 3 * (5 if shifted else 1)
+    assert tokens.shape == (2, 12, 8)
+    assert patches.shape == (2, 12, 16 * depth)
+    patch = np.asarray(patches)[1, 4, :].reshape(4, 4, depth)[..., :3]
+    # token 4 is row 1, column 1 of the 4x3 grid of 4x4 patches (row-major)
+    np.testing.assert_allclose(patch, images[1, 4:8, 4:8, :])
+    roundtrip(layer)
+
+
+def test_patch_tokenization_rejects_indivisible_image():
+    with pytest.raises(ValueError, match="not divisible by patch_size=5"):
+        PatchTokenization(5, 8)(np.zeros((1, 16, 16, 3), "float32"))
+
+
+def test_sincos_matches_the_formula():
+    table = sincos_table(50, 16)
+    for pos, i in [(0, 0), (3, 2), (17, 5), (49, 7)]:
+        assert table[pos, 2 * i] == pytest.approx(np.sin(pos / 10000 ** (2 * i / 16)), abs=1e-6)
+        assert table[pos, 2 * i + 1] == pytest.approx(np.cos(pos / 10000 ** (2 * i / 16)), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind, trainable", [("learned", 10 * 8), ("sincos", 0)])
+def test_position_embedding(kind, trainable):
+    layer = PositionEmbedding(kind)
+    tokens = np.zeros((2, 10, 8), "float32")
+    out = np.asarray(layer(tokens))
+    assert out.shape == (2, 10, 8)
+    assert sum(int(np.prod(w.shape)) for w in layer.trainable_weights) == trainable
+    if kind == "sincos":
+        np.testing.assert_allclose(out[0], sincos_table(10, 8), atol=1e-6)
+    assert roundtrip(layer).kind == kind
+
+
+def test_class_token_and_pooling():
+    tokens = RNG.random((3, 5, 4)).astype("float32")
+    with_cls = ClassToken()(tokens)
+    assert with_cls.shape == (3, 6, 4)
+    assert TokenPooling("flatten")(tokens).shape == (3, 20)
+    np.testing.assert_allclose(TokenPooling("cls")(tokens), tokens[:, 0])
+    np.testing.assert_allclose(TokenPooling("gap")(tokens), tokens.mean(axis=1), rtol=1e-6)
+    roundtrip(TokenPooling("gap"))
+
+
+@pytest.mark.parametrize("locality", [False, True])
+def test_attention_weights_are_distributions(locality):
+    layer = MultiHeadSelfAttention(num_heads=2, key_dim=4, locality=locality)
+    x = RNG.random((2, 6, 8)).astype("float32")
+    out, weights = layer(x, return_attention=True)
+    weights = np.asarray(weights)
+    assert out.shape == (2, 6, 8) and weights.shape == (2, 2, 6, 6)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+    if locality:  # a token never attends to itself
+        assert np.diagonal(weights, axis1=-2, axis2=-1).max() < 1e-3
+    np.testing.assert_allclose(layer(x), out, rtol=1e-6)
+    roundtrip(layer)
+
+
+def test_transformer_block_param_count_and_dropout():
+    block = TransformerBlock(num_heads=4, key_dim=64, mlp_units=[128, 64], dropout=0.5)
+    x = RNG.random((2, 144, 64)).astype("float32")
+    assert block(x).shape == x.shape
+    assert block.count_params() == 83_200  # the textbook's per-block count
+    np.testing.assert_allclose(block(x), block(x))  # inference is deterministic
+    assert not np.allclose(block(x, training=True), block(x, training=True))
+    roundtrip(block)
+
+
+def test_transformer_block_rejects_wrong_mlp_width():
+    with pytest.raises(ValueError, match="make the last MLP width 8"):
+        TransformerBlock(2, 4, mlp_units=[16, 4])(np.zeros((1, 3, 8), "float32"))
+
+
+def test_drop_path_drops_whole_samples():
+    layer = DropPath(0.5)
+    x = np.ones((64, 3, 2), "float32")
+    out = np.asarray(layer(x, training=True))
+    per_sample = out.reshape(64, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert (per_sample == per_sample[:, :1]).all()
+    assert 0 < (per_sample[:, 0] == 0).sum() < 64
+    np.testing.assert_array_equal(layer(x), x)
+    assert roundtrip(layer).rate == 0.5
+
+
+def test_layers_reload_inside_a_model(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    tokens, _ = PatchTokenization(4, 8, shifted=True)(inputs)
+    x = PositionEmbedding("learned")(ClassToken()(tokens))
+    x = TransformerBlock(2, 4, [16, 8], locality=True, drop_path=0.1)(x)
+    model = keras.Model(inputs, TokenPooling("cls")(x))
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    images = RNG.random((2, 8, 8, 3)).astype("float32")
+    np.testing.assert_array_equal(model(images), again(images))

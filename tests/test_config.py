@@ -1,0 +1,129 @@
+"""Config composition: every group option composes, defaults are the textbook's, and bad
+overrides fail in one line before anything runs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CONF, ROOT, compose, runs_of
+
+from vitexp.validate import ConfigError, check_config
+
+GROUPS = ["model", "data", "optimizer", "schedule", "trainer", "tracking", "report"]
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_defaults_are_the_textbook():
+    cfg = compose()
+    m, t, o = cfg.model, cfg.trainer, cfg.optimizer
+    assert (m.name, m.image_size, m.patch_size, m.depth) == ("vit", 72, 6, 4)
+    assert (m.image_size // m.patch_size) ** 2 == 144
+    assert (m.projection_dim, m.num_heads) == (64, 4)
+    assert list(m.transformer_units) == [128, 64] and list(m.head_units) == [2048, 1024]
+    assert (m.dropout, m.attention_dropout, m.head_dropout) == (0.1, 0.1, 0.5)
+    assert (o.learning_rate, o.weight_decay) == (1e-3, 1e-4)
+    assert cfg.schedule.warmup_fraction == 0.1 and cfg.schedule.final_lr == 0.0
+    assert (t.batch_size, t.validation_split, t.epochs) == (64, 0.2, 30)
+    assert cfg.data.name == "cifar100" and cfg.data.num_classes == 100
+    assert cfg.run_name == "vit-p6-d4"
+    check_config(cfg)
+
+
+def test_shortcuts_reach_the_model():
+    cfg = compose(["patch_size=4", "depth=2"])
+    assert (cfg.model.patch_size, cfg.model.depth, cfg.run_name) == (4, 2, "vit-p4-d2")
+    tiny = compose(["model=vit_tiny"])
+    assert (tiny.model.patch_size, tiny.model.depth) == (4, 4)
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes(group):
+    for option in options(group):
+        overrides = [f"{group}={option}"]
+        if option == "image_folder":
+            overrides += ["data.path=/somewhere", "data.num_classes=3"]
+        cfg = compose(overrides)
+        assert cfg[group] is not None
+
+
+def test_every_target_is_inside_vitexp():
+    targets = []
+    for path in CONF.rglob("*.yaml"):
+        for line in path.read_text().splitlines():
+            if "_target_:" in line:
+                targets.append((path.name, line.split("_target_:")[1].strip()))
+    assert targets, "no _target_ found under conf/"
+    outside = [t for t in targets if not t[1].startswith(("vitexp.", "hydra_plugins."))]
+    assert not outside, outside
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+model.foo=1"], "unknown config key model.foo"),
+        (["+bar=2"], "unknown config key bar"),
+        (["patch_size=7"], "not divisible by patch_size=7"),
+        (["model.num_heads=3"], "not divisible by num_heads=3"),
+        (["trainer.validation_split=1.0"], "validation_split"),
+        (["schedule.warmup_fraction=1.0"], "warmup must be shorter"),
+        (["model.pooling=max"], "model.pooling"),
+        (["model.transformer_units=[128,32]"], "must end with projection_dim"),
+        (["optimizer.learning_rate=-1"], "positive learning rate"),
+        (["data=image_folder"], "is required"),
+        (["tracking.uri=ftp://x"], "tracking.uri"),
+    ],
+)
+def test_check_config_rejects(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose(overrides))
+
+
+BAD_COMMANDS = [
+    (["model=vitt"], "model=vitt: no such option"),
+    (["model.foo=1"], "model.foo: no such key"),
+    (["trainer.epochs=abc"], "could not be converted to Integer"),
+    (["+model.foo=1"], "unknown config key model.foo"),
+    (["patch_size=7"], "not divisible by patch_size=7"),
+    (["model.projection_dim=30"], "not divisible by num_heads=4"),
+    (["-m", "patch_size=4,7"], "[patch_size=7]"),
+    (["optimizer=adam"], "use one of: adamw, sgd"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_COMMANDS)
+def test_bad_command_line_fails_in_one_line(args, message, tmp_path, store):
+    uri, client = store
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitexp", *args, f"tracking.uri={uri}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("vitexp: error:") and message in lines[0]
+    assert not Path(uri[len("sqlite:///"):]).exists() or runs_of(client) == []
+
+
+def test_help_and_cfg_do_not_import_tensorflow(tmp_path):
+    code = (
+        "import sys, runpy; sys.argv=['vitexp','--cfg','job'];"
+        "\ntry:\n    runpy.run_module('vitexp', run_name='__main__')\nexcept SystemExit: pass"
+        "\nassert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["model"]["name"] == "vit"
+
+
+def test_readme_lists_every_group_option():
+    readme = (ROOT / "README.md").read_text()
+    for group in ["model", "data", "optimizer", "schedule"]:
+        for option in options(group):
+            if not option.endswith("_schema"):
+                assert option in readme, f"{group}={option} missing from README"

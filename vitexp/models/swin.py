@@ -1,0 +1,168 @@
+"""Swin Transformer through tfswin, with the platform's own classification head.
+
+tfswin 4.x normalises inside the model with ImageNet statistics and expects 0-255
+pixels, so images go in raw (no second normalisation). Its `MLP` layer fails to reload
+from a `.keras` file (it adds a tuple to a list of dimensions); the subclass below is
+registered under tfswin's own name and used by its blocks, so checkpoints reload in safe
+mode with identical outputs.
+"""
+
+import os
+import shutil
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import keras
+import tfswin
+import tfswin.swin
+from keras import layers
+from tfswin.mlp import MLP
+from tfswin.model import WEIGHT_HASHES, WEIGHT_URLS
+
+from vitexp.validate import ConfigError
+
+IMAGENET_CLASSES = 21841  # tfswin's v1 ImageNet weights carry the 22k-class head
+
+
+@keras.saving.register_keras_serializable(package="TFSwin", name="MLP")
+class ReloadableMLP(MLP):
+    """tfswin's MLP, accepting the list-typed shapes a reloaded config hands to `build`."""
+
+    def build(self, input_shape):
+        super().build(tuple(input_shape))
+
+
+# Swin blocks create their MLP by class in build(), also when a checkpoint is reloaded.
+tfswin.swin.MLP = ReloadableMLP
+
+
+def weights_cache() -> Path:
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "tfswin"
+
+
+def _download(url: str, target: Path, timeout: float) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with urllib.request.urlopen(url, timeout=timeout) as reply, tempfile.NamedTemporaryFile(
+        dir=target.parent, delete=False
+    ) as tmp:
+        shutil.copyfileobj(reply, tmp)
+    os.replace(tmp.name, target)
+
+
+def resolve_weights(weights: str | None, variant: str, timeout: float = 10.0) -> str | None:
+    """Turns `imagenet` into a local file (cached, or downloaded within seconds), else fails.
+
+    Returns:
+        None (random initialisation) or the path of an `.h5` weights file.
+    """
+    if weights is None:
+        return None
+    if weights != "imagenet":
+        if not Path(weights).is_file():
+            raise ConfigError(f"model.weights={weights}: no such file; give an .h5 weights file")
+        return weights
+    if variant not in WEIGHT_URLS:
+        raise ConfigError(
+            f"model.variant={variant!r} has no ImageNet weights: use one of {sorted(WEIGHT_URLS)}"
+        )
+    url = WEIGHT_URLS[variant]
+    target = weights_cache() / os.path.basename(url)
+    if not target.is_file():
+        try:
+            _download(url, target, timeout)
+        except OSError as err:
+            raise ConfigError(
+                f"model.weights=imagenet: {target.name} is not in {target.parent}/ and cannot be "
+                f"downloaded ({getattr(err, 'reason', err)}): put {url} there, or set "
+                "model.weights=/path/to/file.h5 or model.weights=null"
+            ) from None
+    from keras.src.utils.file_utils import validate_file
+
+    if not validate_file(str(target), WEIGHT_HASHES[variant]):
+        raise ConfigError(f"{target}: sha256 does not match tfswin's; delete it and download again")
+    return str(target)
+
+
+def build_swin(
+    num_classes,
+    input_shape,
+    variant="swin_tiny_224",
+    image_size=32,
+    patch_size=4,
+    depth=6,
+    depths=(2, 2, 6, 2),
+    embed_dim=96,
+    num_heads=(3, 6, 12, 24),
+    window_size=7,
+    pretrain_size=224,
+    mlp_ratio=4.0,
+    dropout=0.0,
+    attention_dropout=0.0,
+    drop_path=0.2,
+    weights=None,
+    head_units=(),
+    head_dropout=0.0,
+    name="swin",
+):
+    """Builds a Swin classifier: resize, tfswin backbone (average-pooled), GELU head, logits.
+
+    Args:
+        num_classes: number of output logits.
+        input_shape: `(height, width, channels)` of the stored images (grey is repeated to RGB).
+        variant: tfswin's name of the pretrained model (`swin_tiny_224`, ...), for weights.
+        image_size: images are resized to this square size (32 at least; 224 for pretrained).
+        patch_size: patch-embedding size.
+        depth: depth of the third stage (the one that differs between Swin-T and Swin-S).
+        depths: the four stage depths; the third is replaced by `depth`.
+        embed_dim: width of the first stage.
+        num_heads: heads per stage.
+        window_size: attention window.
+        pretrain_size: the image size the weights were trained at.
+        mlp_ratio: MLP width over token width.
+        dropout: dropout inside the blocks.
+        attention_dropout: dropout on the attention weights.
+        drop_path: stochastic depth, rising to this rate in the last block.
+        weights: None (scratch), `imagenet`, or a path to an `.h5` file.
+        head_units: widths of an optional GELU MLP head.
+        head_dropout: dropout before each head layer.
+        name: model name.
+
+    Returns:
+        A functional `keras.Model` with float32 logits.
+    """
+    stage_depths = list(depths)
+    stage_depths[2] = depth
+    weights_file = resolve_weights(weights, variant)
+    inputs = keras.Input(tuple(input_shape), name="images")
+    x = inputs
+    if input_shape[-1] == 1:
+        x = layers.Concatenate(name="grey_to_rgb")([x, x, x])
+    if tuple(input_shape[:2]) != (image_size, image_size):
+        x = layers.Resizing(image_size, image_size, name="resize")(x)
+    backbone = tfswin.SwinTransformer(
+        pretrain_size=pretrain_size,
+        window_size=window_size,
+        embed_dim=embed_dim,
+        depths=stage_depths,
+        num_heads=list(num_heads),
+        patch_size=patch_size,
+        mlp_ratio=mlp_ratio,
+        drop_rate=dropout,
+        attn_drop=attention_dropout,
+        path_drop=drop_path,
+        model_name=variant if weights else name,
+        include_top=False,
+        weights=weights_file,
+        input_shape=(image_size, image_size, 3),
+        pooling="avg",
+        classes=IMAGENET_CLASSES,
+        include_preprocessing=True,
+    )
+    x = backbone(x)
+    for i, units in enumerate(head_units):
+        x = layers.Dropout(head_dropout, name=f"head_dropout_{i}")(x)
+        x = layers.Dense(units, activation="gelu", name=f"head_{i}")(x)
+    x = layers.Dropout(head_dropout, name="head_dropout")(x)
+    logits = layers.Dense(num_classes, dtype="float32", name="logits")(x)
+    return keras.Model(inputs, logits, name=name)
