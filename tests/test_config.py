@@ -100,13 +100,16 @@ def test_bad_command_line_fails_in_one_line(args, message, tmp_path, store):
     uri, client = store
     proc = subprocess.run(
         [sys.executable, "-m", "vitexp", *args, f"tracking.uri={uri}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("vitexp: error:") and message in lines[0]
-    assert not Path(uri[len("sqlite:///"):]).exists() or runs_of(client) == []
+    assert not Path(uri[len("sqlite:///") :]).exists() or runs_of(client) == []
 
 
 def test_help_and_cfg_do_not_import_tensorflow(tmp_path):

@@ -70,7 +70,8 @@ def preflight(argv: list[str]) -> None:
         try:
             check_config(cfg)
         except ConfigError as err:
-            prefix = f"[{' '.join(job)}] " if len(jobs) > 1 else ""
+            swept = [ov for ov in job if ov not in args]  # this job's values of the sweep axes
+            prefix = f"[{' '.join(swept)}] " if swept else ""
             fail(f"{prefix}{err}")
 
 

@@ -6,7 +6,7 @@ Hydra's struct mode; :func:`vitexp.validate.check_config` catches those.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf
@@ -28,7 +28,7 @@ class ModelConfig:
     _target_: str = MISSING
     name: str = MISSING
     num_classes: int = II("data.num_classes")
-    input_shape: List[int] = II("data.image_shape")
+    input_shape: list[int] = II("data.image_shape")
 
 
 @dataclass
@@ -40,8 +40,8 @@ class ViTConfig(ModelConfig):
     depth: int = II("shortcut:depth,4")
     projection_dim: int = 64
     num_heads: int = 4
-    transformer_units: List[int] = field(default_factory=lambda: [128, 64])
-    head_units: List[int] = field(default_factory=lambda: [2048, 1024])
+    transformer_units: list[int] = field(default_factory=lambda: [128, 64])
+    head_units: list[int] = field(default_factory=lambda: [2048, 1024])
     dropout: float = 0.1
     attention_dropout: float = 0.1
     head_dropout: float = 0.5
@@ -60,17 +60,17 @@ class SwinConfig(ModelConfig):
     image_size: int = 32
     patch_size: int = II("shortcut:patch_size,4")
     depth: int = II("shortcut:depth,6")
-    depths: List[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
     embed_dim: int = 96
-    num_heads: List[int] = field(default_factory=lambda: [3, 6, 12, 24])
+    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
     window_size: int = 7
     pretrain_size: int = 224
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     attention_dropout: float = 0.0
     drop_path: float = 0.2
-    weights: Optional[str] = None
-    head_units: List[int] = field(default_factory=list)
+    weights: str | None = None
+    head_units: list[int] = field(default_factory=list)
     head_dropout: float = 0.0
 
 
@@ -92,10 +92,10 @@ class DataConfig:
     _target_: str = MISSING
     name: str = MISSING
     num_classes: int = MISSING
-    image_shape: List[int] = MISSING
-    path: Optional[str] = None
-    train_limit: Optional[int] = None
-    test_limit: Optional[int] = None
+    image_shape: list[int] = MISSING
+    path: str | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -104,7 +104,7 @@ class SyntheticDataConfig(DataConfig):
     _target_: str = "vitexp.data.synthetic.load_synthetic"
     name: str = "synthetic"
     num_classes: int = 4
-    image_shape: List[int] = field(default_factory=lambda: [16, 16, 3])
+    image_shape: list[int] = field(default_factory=lambda: [16, 16, 3])
     num_train: int = 512
     num_test: int = 128
     noise: float = 0.25
@@ -120,8 +120,8 @@ class AdamWConfig:
     weight_decay: float = 1e-4
     beta_1: float = 0.9
     beta_2: float = 0.999
-    clipnorm: Optional[float] = None
-    ema_momentum: Optional[float] = None
+    clipnorm: float | None = None
+    ema_momentum: float | None = None
 
 
 @dataclass
@@ -132,8 +132,8 @@ class SGDConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     nesterov: bool = True
-    clipnorm: Optional[float] = None
-    ema_momentum: Optional[float] = None
+    clipnorm: float | None = None
+    ema_momentum: float | None = None
 
 
 @dataclass
@@ -151,7 +151,7 @@ class ConstantScheduleConfig:
     _partial_: bool = True
     warmup_fraction: float = 0.0
     warmup_lr: float = 0.0
-    final_lr: Optional[float] = None
+    final_lr: float | None = None
 
 
 # ---------------------------------------------------------------- trainer, tracking
@@ -166,15 +166,15 @@ class TrainerConfig:
     precision: str = "float32"
     jit_compile: str = "auto"
     steps_per_execution: int = 1
-    steps_per_epoch: Optional[int] = None
-    threads: Optional[int] = None
+    steps_per_epoch: int | None = None
+    threads: int | None = None
     keep_checkpoints: int = 2
     verbose: int = 1
 
 
 @dataclass
 class TrackingConfig:
-    uri: Optional[str] = None
+    uri: str | None = None
     experiment: str = "vitexp"
     log_checkpoints: bool = True
     timeout_s: float = 10.0
@@ -195,8 +195,8 @@ class Config:
     trainer: TrainerConfig = MISSING
     tracking: TrackingConfig = MISSING
     report: ReportConfig = field(default_factory=ReportConfig)
-    patch_size: Optional[int] = None
-    depth: Optional[int] = None
+    patch_size: int | None = None
+    depth: int | None = None
     run_name: str = "${model.name}-p${model.patch_size}-d${model.depth}"
     resume: Any = False
 

@@ -17,7 +17,13 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str = "") ->
         for split, style in (("train", "-o"), ("val", "-s")):
             values = history.get(f"{split}_{key}", [])
             epochs = range(1, len(values) + 1)
-            ax.plot(epochs, values, style, markersize=3, label=f"{'Training' if split == 'train' else 'Validation'}")
+            ax.plot(
+                epochs,
+                values,
+                style,
+                markersize=3,
+                label=f"{'Training' if split == 'train' else 'Validation'}",
+            )
         ax.set_title(f"Training and validation {label.lower()}")
         ax.set_xlabel("Epoch")
         ax.set_ylabel(label)

@@ -32,9 +32,7 @@ class MlflowSweepCallback(Callback):
                 "vitexp.sweep_dir": str(config.hydra.sweep.dir),
             },
         )
-        self.tracker.log_params(
-            self.parent_id, {"sweep.overrides": " ".join(config.hydra.overrides.task)}
-        )
+        self.tracker.log_params(self.parent_id, {"sweep.overrides": " ".join(config.hydra.overrides.task)})
         os.environ[PARENT_ENV] = self.parent_id
         atexit.register(self.close, interrupted=True)
 

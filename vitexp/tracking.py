@@ -38,7 +38,7 @@ def resolve_uri(uri: str | None) -> str:
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts of a sqlite store live beside the database file; servers choose their own."""
     if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         return (db.parent / "mlruns" / experiment).as_uri()
     return None
 
@@ -57,7 +57,7 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
                 "or set tracking.uri to a reachable server or a sqlite:/// file"
             ) from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
+        folder = Path(uri[len("sqlite:///") :]).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking.uri={uri}: folder {folder} does not exist or is not writable")
 
@@ -79,7 +79,10 @@ def git_commit() -> str:
         )
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5,
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -155,8 +158,8 @@ class Tracker:
             except Exception as err:
                 if raise_errors:
                     raise TrackingError(f"tracking store {self.uri} still failing: {err}") from None
-                print(f"vitexp: warning: tracking store unavailable, metrics kept locally ({type(err).__name__})",
-                      file=sys.stderr)
+                reason = type(err).__name__
+                print(f"vitexp: warning: tracking store down ({reason}), metrics kept", file=sys.stderr)
                 return False
             self._pending.pop(0)
         return True
@@ -180,7 +183,8 @@ class Tracker:
 
     def children(self, parent_id: str) -> list:
         return self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
+            [self.experiment_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
             max_results=10000,
         )
 

@@ -182,9 +182,7 @@ def fit_and_record(cfg, tracker, run_id, model, schedule, splits, steps, out_dir
         callbacks=[DivergenceGuard(schedule), logger, checkpoints],
         verbose=t.verbose if t.verbose != 1 or sys.stdout.isatty() else 2,
     )
-    test = model.evaluate(
-        eval_dataset(*splits.test, num_classes, t.batch_size), return_dict=True, verbose=0
-    )
+    test = model.evaluate(eval_dataset(*splits.test, num_classes, t.batch_size), return_dict=True, verbose=0)
     tracker.log_metrics(run_id, {f"test_{k}": float(v) for k, v in test.items()}, step=t.epochs)
     tracker.log_metrics(
         run_id, {"best_val_top1": checkpoints.best, "best_epoch": checkpoints.best_epoch}, step=t.epochs
@@ -196,14 +194,21 @@ def fit_and_record(cfg, tracker, run_id, model, schedule, splits, steps, out_dir
     if cfg.tracking.log_checkpoints:
         for path in (checkpoints.best_path, checkpoints.last):
             tracker.log_artifact(run_id, path, "checkpoints")
-    return {"test": test, "best_val_top1": checkpoints.best, "best_epoch": checkpoints.best_epoch,
-            "checkpoint": checkpoints.best_path}
+    return {
+        "test": test,
+        "best_val_top1": checkpoints.best,
+        "best_epoch": checkpoints.best_epoch,
+        "checkpoint": checkpoints.best_path,
+    }
 
 
 def print_summary(cfg, tracker: Tracker, run_id: str, result: dict) -> None:
     test = result["test"]
-    ui = "make ui" if tracker.uri.startswith("sqlite") and "mlflow.db" in tracker.uri else \
-        f"mlflow ui --backend-store-uri {tracker.uri}"
+    ui = (
+        "make ui"
+        if tracker.uri.startswith("sqlite") and "mlflow.db" in tracker.uri
+        else f"mlflow ui --backend-store-uri {tracker.uri}"
+    )
     print(
         f"\nvitexp: run {cfg.run_name} ({run_id}) finished\n"
         f"  test top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  loss {test['loss']:.4f}\n"

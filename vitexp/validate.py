@@ -5,7 +5,8 @@ second for every job of a sweep. Each problem is one line that says what to chan
 """
 
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -202,7 +203,9 @@ def check_config(cfg: DictConfig) -> None:
         "(`python -m vitexp --cfg job` lists every key)",
     )
     missing = list(missing_keys(cfg))
-    _require(not missing, f"{missing[0] if missing else ''} is required: set {missing[0] if missing else ''}=...")
+    _require(
+        not missing, f"{missing[0] if missing else ''} is required: set {missing[0] if missing else ''}=..."
+    )
     try:
         OmegaConf.resolve(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     except Exception as err:  # an interpolation that points nowhere

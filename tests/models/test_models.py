@@ -64,7 +64,10 @@ def test_swin_checkpoint_round_trip_and_training_continues(tmp_path):
 
 def test_imagenet_weights_offline_fail_fast_naming_file_and_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setattr("vitexp.models.swin.WEIGHT_URLS", {"swin_tiny_224": "http://127.0.0.1:9/swin_tiny_patch4_window7_224_22k.h5"})
+    monkeypatch.setattr(
+        "vitexp.models.swin.WEIGHT_URLS",
+        {"swin_tiny_224": "http://127.0.0.1:9/swin_tiny_patch4_window7_224_22k.h5"},
+    )
     with pytest.raises(ConfigError) as err:
         resolve_weights("imagenet", "swin_tiny_224", timeout=2)
     message = str(err.value)

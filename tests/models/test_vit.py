@@ -16,8 +16,17 @@ def test_textbook_parameter_count():
 
 
 def small_vit(**kwargs):
-    base = dict(num_classes=5, input_shape=(16, 16, 3), image_size=16, patch_size=4, depth=2,
-                projection_dim=16, num_heads=2, transformer_units=[32, 16], head_units=[32])
+    base = dict(
+        num_classes=5,
+        input_shape=(16, 16, 3),
+        image_size=16,
+        patch_size=4,
+        depth=2,
+        projection_dim=16,
+        num_heads=2,
+        transformer_units=[32, 16],
+        head_units=[32],
+    )
     return build_vit(**{**base, **kwargs})
 
 

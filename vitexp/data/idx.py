@@ -15,8 +15,16 @@ FILES = {
     "test_y": "t10k-labels-idx1-ubyte",
 }
 FASHION_NAMES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 MAGIC = {1: 0x801, 3: 0x803}
@@ -36,7 +44,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
             f"{path}: wrong idx magic number {magic:#x} (expected {MAGIC[ndim]:#x}): "
             "not an idx file of that kind"
         )
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     header = 4 + 4 * ndim
     expected = int(np.prod(shape))
     if len(raw) - header != expected:
@@ -72,13 +80,18 @@ def load_fashion_mnist(path: str | None = None) -> ImageData:
         if all(found.values()):
             arrays = {k: read_idx(p, 3 if k.endswith("_x") else 1) for k, p in found.items()}
             return ImageData(
-                arrays["train_x"][..., None], arrays["train_y"],
-                arrays["test_x"][..., None], arrays["test_y"],
-                class_names=FASHION_NAMES, source=str(folder),
+                arrays["train_x"][..., None],
+                arrays["train_y"],
+                arrays["test_x"][..., None],
+                arrays["test_y"],
+                class_names=FASHION_NAMES,
+                source=str(folder),
             )
         if path:
             missing = next(FILES[k] for k, v in found.items() if v is None)
-            raise DataError(f"data.path={folder} has no {missing}(.gz): give the folder with the four idx files")
+            raise DataError(
+                f"data.path={folder} has no {missing}(.gz): give the folder with the four idx files"
+            )
     raise DataError(
         "Fashion-MNIST not found: install it (apt-get install dataset-fashion-mnist) or set "
         "data.path to a folder with the four idx .gz files"

@@ -35,8 +35,9 @@ def adapt_input_norm(model: keras.Model, images: np.ndarray) -> bool:
 
 
 def load_model(path: str) -> keras.Model:
-    """Loads a `.keras` checkpoint in safe mode (registers the Swin fix first)."""
-    import vitexp.models.swin  # noqa: F401  (registers the tfswin layer fix)
+    """Loads a `.keras` checkpoint in safe mode, with every vitexp class registered first."""
     import vitexp.models.layers  # noqa: F401
+    import vitexp.models.swin  # noqa: F401  (the tfswin layer fix)
+    import vitexp.optim  # noqa: F401  (the learning-rate schedule)
 
     return keras.saving.load_model(path, safe_mode=True)

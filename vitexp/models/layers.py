@@ -57,7 +57,7 @@ class PatchTokenization(layers.Layer):
         height, width = ops.shape(images)[1], ops.shape(images)[2]
         padded = ops.pad(images, [[0, 0], [half, half], [half, half], [0, 0]])
         shifts = [(0, 0), (0, 2 * half), (2 * half, 0), (2 * half, 2 * half)]
-        crops = [padded[:, r: r + height, c: c + width, :] for r, c in shifts]
+        crops = [padded[:, r : r + height, c : c + width, :] for r, c in shifts]
         return ops.concatenate([images, *crops], axis=-1)
 
     def extract_patches(self, images):

@@ -43,9 +43,10 @@ def weights_cache() -> Path:
 
 def _download(url: str, target: Path, timeout: float) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(url, timeout=timeout) as reply, tempfile.NamedTemporaryFile(
-        dir=target.parent, delete=False
-    ) as tmp:
+    with (
+        urllib.request.urlopen(url, timeout=timeout) as reply,
+        tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp,
+    ):
         shutil.copyfileobj(reply, tmp)
     os.replace(tmp.name, target)
 

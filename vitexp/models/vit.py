@@ -66,9 +66,7 @@ def build_vit(
     x = layers.Normalization(axis=-1, name="input_norm")(inputs)
     if tuple(input_shape[:2]) != (image_size, image_size):
         x = layers.Resizing(image_size, image_size, name="resize")(x)
-    tokens, _ = PatchTokenization(
-        patch_size, projection_dim, shifted=shifted_patches, name="patches"
-    )(x)
+    tokens, _ = PatchTokenization(patch_size, projection_dim, shifted=shifted_patches, name="patches")(x)
     if pooling == "cls":
         tokens = ClassToken(name="cls_token")(tokens)
     x = PositionEmbedding(pos_embedding, name="pos_embedding")(tokens)
