@@ -40,6 +40,7 @@ class ViTConfig(ModelConfig):
     depth: int = II("shortcut:depth,4")
     projection_dim: int = 64
     num_heads: int = 4
+    head_dim: int | None = None
     transformer_units: list[int] = field(default_factory=lambda: [128, 64])
     head_units: list[int] = field(default_factory=lambda: [2048, 1024])
     dropout: float = 0.1

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitexp.callbacks import Checkpointer, DivergenceError, DivergenceGuard, MlflowLogger
 from vitexp.data import DataError, ImageData, load_data
+from vitexp.data.augment import build_augment
 from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
 from vitexp.models import adapt_input_norm
 from vitexp.report import plot_curves
@@ -169,7 +170,10 @@ def metric_history(tracker: Tracker, run_id: str, keys: list[str]) -> dict[str, 
 def fit_and_record(cfg, tracker, run_id, model, schedule, splits, steps, out_dir) -> dict:
     t = cfg.trainer
     num_classes = cfg.data.num_classes
-    train_ds = train_dataset(*splits.train, num_classes, t.batch_size, t.seed, 0, t.epochs, steps=steps)
+    augment = build_augment(cfg.data.augment)
+    train_ds = train_dataset(
+        *splits.train, num_classes, t.batch_size, t.seed, 0, t.epochs, steps=steps, augment=augment
+    )
     val_ds = eval_dataset(*splits.val, num_classes, t.batch_size)
     logger = MlflowLogger(tracker, run_id, schedule, images_per_epoch=steps * t.batch_size)
     checkpoints = Checkpointer(out_dir / "checkpoints", keep=t.keep_checkpoints)

@@ -77,6 +77,8 @@ def _nearest_divisor(n: int, near: int) -> int:
 
 
 def check_vit(m: Any) -> None:
+    if m.head_dim is not None:
+        _require(m.head_dim >= 1, f"model.head_dim={m.head_dim}: use a positive width or null")
     _require(
         m.projection_dim % m.num_heads == 0,
         f"model.projection_dim={m.projection_dim} is not divisible by num_heads={m.num_heads}: "

@@ -55,25 +55,33 @@ def train_dataset(
         first_epoch: the epoch to start at (0, or where a resumed run continues).
         epochs: the last epoch (exclusive).
         steps: batches per epoch; None for one pass over the images.
-        augment: an optional batched `(images, one_hot) -> (images, one_hot)` map.
+        augment: an optional batch op `(images, one_hot, seed) -> (images, labels)`
+            (see `vitexp.data.augment`); it receives a distinct stateless seed per batch.
     """
     images = tf.constant(x)
     labels = tf.constant(y, dtype=tf.int32)
     count = len(x)
 
     def epoch_batches(epoch):
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(count), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
-        )
+        epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+        order = tf.random.experimental.stateless_shuffle(tf.range(count), seed=epoch_seed)
         batches = tf.data.Dataset.from_tensor_slices(order)
         if steps is None:
-            return batches.batch(batch_size)
-        return batches.repeat().batch(batch_size).take(steps)
+            batches = batches.batch(batch_size)
+        else:
+            batches = batches.repeat().batch(batch_size).take(steps)
+        # each batch carries its own augmentation seed: (seed, epoch) folded with its index
+        return batches.enumerate().map(
+            lambda i, idx: (idx, tf.random.experimental.stateless_fold_in(epoch_seed, i))
+        )
 
-    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
-    ds = ds.map(lambda idx: (tf.gather(images, idx), tf.gather(labels, idx)))
-    ds = ds.map(_one_hot(num_classes))
-    if augment is not None:
+    def gather(idx, batch_seed):
+        return tf.gather(images, idx), tf.one_hot(tf.gather(labels, idx), num_classes), batch_seed
+
+    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches).map(gather)
+    if augment is None:
+        ds = ds.map(lambda images, one_hot, _: (images, one_hot))
+    else:
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -21,6 +21,7 @@ def build_vit(
     depth=4,
     projection_dim=64,
     num_heads=4,
+    head_dim=None,
     transformer_units=(128, 64),
     head_units=(2048, 1024),
     dropout=0.1,
@@ -45,8 +46,9 @@ def build_vit(
         patch_size: side of each square patch.
         depth: number of encoder blocks.
         projection_dim: token width.
-        num_heads: attention heads per block (each head is `projection_dim` wide, as in
-            the textbook).
+        num_heads: attention heads per block.
+        head_dim: width of each head; None makes each head `projection_dim` wide, as in
+            the textbook (the usual ViT choice is `projection_dim // num_heads`).
         transformer_units: MLP widths inside each block; the last equals projection_dim.
         head_units: widths of the GELU MLP head after pooling.
         dropout: dropout inside the blocks.
@@ -74,7 +76,7 @@ def build_vit(
     for i in range(depth):
         x = TransformerBlock(
             num_heads,
-            projection_dim,
+            head_dim or projection_dim,
             transformer_units,
             dropout=dropout,
             attention_dropout=attention_dropout,
