@@ -17,7 +17,9 @@ def metric_steps(client, run_id, key):
 
 def test_single_run_records_everything(tmp_path, store):
     uri, client = store
-    proc = run_vitexp([*TINY, f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    proc = run_vitexp(
+        [*TINY, "report.enabled=true", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path
+    )
     (run,) = runs_of(client)
     assert run.info.status == "FINISHED" and run.info.run_name == "vit_tiny-p4-d1"
     assert run.info.run_id in proc.stdout and "test top-1" in proc.stdout
@@ -60,6 +62,31 @@ def test_single_run_records_everything(tmp_path, store):
         "sparse_categorical_accuracy"
     ]
     assert accuracy == pytest.approx(run.data.metrics["test_top1"], abs=1e-6)
+
+    import matplotlib.image
+
+    expected = {"samples", "patches", "confusion", "errors", "position_similarity", "attention"}
+    pictures = {p.stem: matplotlib.image.imread(p) for p in (artifacts / "report").glob("*.png")}
+    assert set(pictures) == expected
+    for name, pixels in pictures.items():
+        assert pixels.shape[0] > 150 and pixels.shape[1] > 300, name
+        assert pixels[..., :3].var() > 1e-4, f"{name} is blank"
+
+    keras.utils.save_img(tmp_path / "mine.png", data.test_x[0], scale=False)
+    explained = run_vitexp(
+        [
+            "--tracking-uri",
+            uri,
+            "--out",
+            str(tmp_path / "explained"),
+            run.info.run_id,
+            str(tmp_path / "mine.png"),
+        ],
+        tmp_path,
+        module="vitexp.explain",
+    )
+    written = [Path(line) for line in explained.stdout.split()]
+    assert written == [tmp_path / "explained" / "attention_00.png"] and written[0].stat().st_size > 10_000
 
 
 def test_multirun_is_one_parent_with_a_child_per_job(tmp_path, store):

@@ -37,7 +37,9 @@ def test_experiment_trains_one_step(name):
     augment = build_augment(cfg.data.augment)
     if augment is not None:
         images, labels = augment(images, labels, tf.constant([1, 2], tf.int64))
-    loss_fn = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.trainer.label_smoothing)
+    loss_fn = keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=cfg.trainer.label_smoothing
+    )
     with tf.GradientTape() as tape:
         loss = loss_fn(labels, model(images, training=True))
     optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_weights), model.trainable_weights))

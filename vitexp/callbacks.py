@@ -1,5 +1,6 @@
-"""Keras callbacks: MLflow metrics per epoch, atomic checkpoints, and a divergence guard."""
+"""Keras callbacks: per-epoch checkpoints and MLflow metrics, exactly once; a divergence guard."""
 
+import json
 import math
 import os
 import shutil
@@ -11,8 +12,6 @@ import numpy as np
 
 from vitexp.tracking import Tracker
 
-METRIC_NAMES = {"loss": "loss", "top1": "top1", "top5": "top5"}
-
 
 class DivergenceError(RuntimeError):
     """The loss became NaN or infinite; the message says where and what to change."""
@@ -23,23 +22,111 @@ def learning_rate_at(schedule, step: int) -> float:
     return float(keras.ops.convert_to_numpy(value))
 
 
-class MlflowLogger(keras.callbacks.Callback):
-    """Logs train/val loss, top-1, top-5, learning rate and speed at `step=epoch` (1-based).
+def atomic_write(path: Path, write) -> None:
+    """Writes through a temporary name, then renames: a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+class CheckpointDir:
+    """A run's checkpoints: `epoch_NNNN.keras` (the last few), their metrics as
+    `epoch_NNNN.json` (all), `last.keras` and `best.keras`.
+
+    An epoch is committed when its `.keras` file is renamed into place, after its metrics
+    file: whatever the moment of a kill, the newest epoch file loads and its metrics exist.
+    """
+
+    def __init__(self, folder: Path, keep: int = 2, monitor: str = "val_top1"):
+        self.folder = Path(folder)
+        self.keep = keep
+        self.monitor = monitor
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.keras"
+
+    @property
+    def best(self) -> Path:
+        return self.folder / "best.keras"
+
+    def model_file(self, epoch: int) -> Path:
+        return self.folder / f"epoch_{epoch:04d}.keras"
+
+    def metrics_file(self, epoch: int) -> Path:
+        return self.folder / f"epoch_{epoch:04d}.json"
+
+    def latest_epoch(self) -> int:
+        """The newest committed epoch (1-based), 0 if none."""
+        done = [int(p.stem.split("_")[1]) for p in self.folder.glob("epoch_*.keras")]
+        return max((e for e in done if self.metrics_file(e).is_file()), default=0)
+
+    def metrics(self) -> dict[int, dict[str, float]]:
+        """Every committed epoch's metrics, by epoch."""
+        latest = self.latest_epoch()
+        found = {}
+        for path in self.folder.glob("epoch_*.json"):
+            epoch = int(path.stem.split("_")[1])
+            if epoch <= latest:
+                found[epoch] = json.loads(path.read_text())
+        return found
+
+    def best_so_far(self) -> tuple[float, int]:
+        scores = [(m.get(self.monitor, -math.inf), e) for e, m in self.metrics().items()]
+        return max(scores, default=(-math.inf, 0))
+
+    def commit(self, model: keras.Model, epoch: int, metrics: dict[str, float]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.metrics_file(epoch), lambda p: p.write_text(json.dumps(metrics)))
+        atomic_write(self.model_file(epoch), model.save)
+        link_or_copy(self.model_file(epoch), self.last)
+        best, _ = self.best_so_far()
+        if metrics.get(self.monitor, -math.inf) >= best:
+            link_or_copy(self.model_file(epoch), self.best)
+        for old in sorted(self.folder.glob("epoch_*.keras"))[: -self.keep]:
+            old.unlink()  # best.keras and last.keras are links of their own
+
+
+class EpochRecorder(keras.callbacks.Callback):
+    """At each epoch end: gathers the metrics, commits a checkpoint, then logs to MLflow.
+
+    Logs train/val loss, top-1, top-5, the learning rate of the epoch's last step, the
+    optimizer step, epoch time and images/s, at `step=epoch` (1-based). Because the
+    checkpoint (with these metrics beside it) is committed first, a run killed at any
+    moment and resumed logs every epoch exactly once (see `replay_missing`).
 
     Args:
         tracker: where to log.
         run_id: the MLflow run.
-        schedule: the learning-rate schedule (or a float), to log the rate of the last step.
+        schedule: the learning-rate schedule (or a float).
         images_per_epoch: training images seen per epoch, for images/s.
+        checkpoints: where to commit checkpoints; None to keep none.
     """
 
-    def __init__(self, tracker: Tracker, run_id: str, schedule, images_per_epoch: int):
+    def __init__(
+        self,
+        tracker: Tracker,
+        run_id: str,
+        schedule,
+        images_per_epoch: int,
+        checkpoints: CheckpointDir | None,
+    ):
         super().__init__()
         self.tracker = tracker
         self.run_id = run_id
         self.schedule = schedule
         self.images_per_epoch = images_per_epoch
-        self.history: dict[str, list[float]] = {}
+        self.checkpoints = checkpoints
         self._started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -53,65 +140,21 @@ class MlflowLogger(keras.callbacks.Callback):
             metrics[f"{split}_{key.removeprefix('val_')}"] = float(value)
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         metrics["lr"] = learning_rate_at(self.schedule, max(step - 1, 0))
+        metrics["optimizer_step"] = float(step)
         metrics["epoch_time_s"] = seconds
         metrics["images_per_s"] = self.images_per_epoch / seconds
-        for key, value in metrics.items():
-            self.history.setdefault(key, []).append(value)
+        if self.checkpoints is not None:
+            self.checkpoints.commit(self.model, epoch + 1, metrics)
         self.tracker.log_metrics(self.run_id, metrics, step=epoch + 1)
 
 
-def atomic_save(model: keras.Model, path: Path) -> None:
-    """Writes the checkpoint to a temporary name, then renames: a kill never leaves half a file."""
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
-class Checkpointer(keras.callbacks.Callback):
-    """Keeps `last.keras`, the last `keep` epoch checkpoints, and `best.keras` by a metric.
-
-    Args:
-        folder: where the checkpoints go.
-        monitor: the metric that picks the best epoch (higher is better).
-        keep: how many epoch checkpoints to keep.
-    """
-
-    def __init__(self, folder: Path, monitor: str = "val_top1", keep: int = 2):
-        super().__init__()
-        self.folder = Path(folder)
-        self.monitor = monitor
-        self.keep = keep
-        self.best = -math.inf
-        self.best_epoch = 0
-
-    @property
-    def last(self) -> Path:
-        return self.folder / "last.keras"
-
-    @property
-    def best_path(self) -> Path:
-        return self.folder / "best.keras"
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        epoch_file = self.folder / f"epoch_{epoch + 1:04d}.keras"
-        atomic_save(self.model, epoch_file)
-        self._replace_with(epoch_file, self.last)
-        value = (logs or {}).get(self.monitor)
-        if value is not None and value > self.best:
-            self.best, self.best_epoch = float(value), epoch + 1
-            self._replace_with(epoch_file, self.best_path)
-        for old in sorted(self.folder.glob("epoch_*.keras"))[: -self.keep]:
-            old.unlink()
-
-    @staticmethod
-    def _replace_with(source: Path, target: Path) -> None:
-        tmp = target.with_name(f".{target.name}.tmp")
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+def replay_missing(tracker: Tracker, run_id: str, checkpoints: CheckpointDir) -> list[int]:
+    """Logs the committed epochs whose metrics never reached MLflow (a kill in between)."""
+    logged = {m.step for m in tracker.client.get_metric_history(run_id, "optimizer_step")}
+    missing = sorted(e for e in checkpoints.metrics() if e not in logged)
+    for epoch in missing:
+        tracker.log_metrics(run_id, checkpoints.metrics()[epoch], step=epoch)
+    return missing
 
 
 class DivergenceGuard(keras.callbacks.Callback):

@@ -179,6 +179,7 @@ class TrackingConfig:
     experiment: str = "vitexp"
     log_checkpoints: bool = True
     timeout_s: float = 10.0
+    skip_finished: bool = True
 
 
 @dataclass

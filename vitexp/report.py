@@ -1,4 +1,8 @@
-"""Pictures of a run: the training curves (loss, top-1, top-5; train against validation)."""
+"""Pictures of a run: curves, samples, patches, position embeddings, confusions, errors.
+
+Each function draws one PNG from arrays and returns its path; `write_report` picks what
+applies to the model (attention pictures need a ViT, position similarity a learned one).
+"""
 
 from pathlib import Path
 
@@ -6,24 +10,30 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 PANELS = (("loss", "Loss", False), ("top1", "Top-1 accuracy", True), ("top5", "Top-5 accuracy", True))
 
 
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _show(ax, image: np.ndarray) -> None:
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+    ax.axis("off")
+
+
 def plot_curves(history: dict[str, list[float]], path: Path, title: str = "") -> Path:
-    """Draws the three-panel curves figure (as in the textbook) and saves it as PNG."""
+    """The three-panel curves figure of the textbook: loss, top-1, top-5, train vs validation."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, (key, label, is_accuracy) in zip(axes, PANELS):
         for split, style in (("train", "-o"), ("val", "-s")):
             values = history.get(f"{split}_{key}", [])
-            epochs = range(1, len(values) + 1)
-            ax.plot(
-                epochs,
-                values,
-                style,
-                markersize=3,
-                label=f"{'Training' if split == 'train' else 'Validation'}",
-            )
+            name = "Training" if split == "train" else "Validation"
+            ax.plot(range(1, len(values) + 1), values, style, markersize=3, label=name)
         ax.set_title(f"Training and validation {label.lower()}")
         ax.set_xlabel("Epoch")
         ax.set_ylabel(label)
@@ -34,6 +44,168 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str = "") ->
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_samples(images: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path) -> Path:
+    """A row of training images titled with their class names."""
+    fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.6), squeeze=False)
+    for ax, image, label in zip(axes[0], images, labels):
+        _show(ax, image)
+        ax.set_title(class_names[int(label)], fontsize=9)
+    fig.suptitle("Training samples")
+    return _save(fig, path)
+
+
+def plot_patches(image: np.ndarray, image_size: int, patch_size: int, path: Path) -> Path:
+    """The image resized as the model sees it, and cut into its patches (with gaps)."""
+    import tensorflow as tf
+
+    resized = tf.image.resize(image[None].astype("float32"), (image_size, image_size))[0].numpy()
+    resized = np.clip(resized, 0, 255).astype(np.uint8)
+    n = image_size // patch_size
+    fig = plt.figure(figsize=(9, 4.5))
+    ax = fig.add_subplot(1, 2, 1)
+    _show(ax, resized)
+    ax.set_title(f"{image_size}x{image_size} input")
+    grid = fig.add_gridspec(n, n, left=0.52, right=0.98, wspace=0.08, hspace=0.08)
+    for r in range(n):
+        for c in range(n):
+            sub = fig.add_subplot(grid[r, c])
+            _show(sub, resized[r * patch_size : (r + 1) * patch_size, c * patch_size : (c + 1) * patch_size])
+    fig.suptitle(f"{n * n} patches of {patch_size}x{patch_size}")
+    return _save(fig, path)
+
+
+def position_similarity(embedding: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every position embedding with every other: (N, N)."""
+    unit = embedding / np.linalg.norm(embedding, axis=-1, keepdims=True).clip(1e-12)
+    return unit @ unit.T
+
+
+def plot_position_similarity(embedding: np.ndarray, path: Path) -> Path:
+    """For each patch position, its similarity map to all positions, tiled on the patch grid."""
+    n = int(round(np.sqrt(len(embedding))))
+    sims = position_similarity(embedding[-n * n :])  # drop a [CLS] position if there is one
+    mosaic = np.full((n * (n + 1), n * (n + 1)), np.nan)
+    for i in range(n * n):
+        r, c = divmod(i, n)
+        mosaic[r * (n + 1) : r * (n + 1) + n, c * (n + 1) : c * (n + 1) + n] = sims[i].reshape(n, n)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    shown = ax.imshow(mosaic, cmap="viridis", vmin=-1, vmax=1)
+    ax.set_title("Position embedding similarity (each tile: one position against all)")
+    ax.set_xlabel("Input patch column")
+    ax.set_ylabel("Input patch row")
+    ax.set_xticks([(n + 1) * c + n / 2 for c in range(n)], range(1, n + 1))
+    ax.set_yticks([(n + 1) * r + n / 2 for r in range(n)], range(1, n + 1))
+    fig.colorbar(shown, ax=ax, label="cosine similarity")
+    return _save(fig, path)
+
+
+def confused_pairs(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, top: int = 20):
+    """The most frequent (true, predicted) mistakes: [(true, pred, count), ...]."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (y_true, y_pred), 1)
+    np.fill_diagonal(counts, 0)
+    order = np.argsort(counts, axis=None)[::-1][:top]
+    pairs = [(int(i // num_classes), int(i % num_classes)) for i in order]
+    return [(t, p, int(counts[t, p])) for t, p in pairs if counts[t, p] > 0]
+
+
+def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], path: Path) -> Path:
+    """A confusion matrix (up to 20 classes), else the most-confused class pairs."""
+    k = len(class_names)
+    if k <= 20:
+        counts = np.zeros((k, k), dtype=np.int64)
+        np.add.at(counts, (y_true, y_pred), 1)
+        fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 1 + 0.6 * k))
+        ax.imshow(counts, cmap="Blues")
+        for t in range(k):
+            for p in range(k):
+                ax.text(
+                    p,
+                    t,
+                    counts[t, p],
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if counts[t, p] > counts.max() / 2 else "black",
+                )
+        ax.set_xticks(range(k), class_names, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(k), class_names, fontsize=8)
+        ax.set_xlabel("Predicted")
+        ax.set_ylabel("True")
+        ax.set_title("Confusion matrix (test)")
+        return _save(fig, path)
+    pairs = confused_pairs(y_true, y_pred, k)
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(pairs) + 1.5))
+    labels = [f"{class_names[t]} -> {class_names[p]}" for t, p, _ in pairs]
+    ax.barh(range(len(pairs)), [c for _, _, c in pairs], color="tab:red")
+    ax.set_yticks(range(len(pairs)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("Test images")
+    ax.set_title(f"Most-confused class pairs (true -> predicted), {k} classes")
+    return _save(fig, path)
+
+
+def plot_confident_errors(images, y_true, probs, class_names, path: Path, count: int = 12) -> Path:
+    """The test images the model got wrong with the most confidence."""
+    y_pred = probs.argmax(-1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    worst = wrong[np.argsort(probs[wrong, y_pred[wrong]])[::-1][:count]]
+    cols = 6
+    rows = max(1, -(-len(worst) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, worst):
+        _show(ax, images[i])
+        ax.set_title(
+            f"pred {class_names[y_pred[i]]} ({probs[i, y_pred[i]]:.2f})\ntrue {class_names[y_true[i]]}",
+            fontsize=8,
+            color="tab:red",
+        )
+    fig.suptitle("Most confident mistakes (test)")
+    return _save(fig, path)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(-1, keepdims=True)
+
+
+def score_predictions(probs: np.ndarray, y_true: np.ndarray) -> dict[str, float]:
+    """Cross-entropy, top-1 and top-5 of predicted probabilities."""
+    top5 = np.argsort(probs, axis=-1)[:, -5:]
+    return {
+        "loss": float(-np.log(probs[np.arange(len(y_true)), y_true].clip(1e-12)).mean()),
+        "top1": float((probs.argmax(-1) == y_true).mean()),
+        "top5": float((top5 == y_true[:, None]).any(-1).mean()),
+    }
+
+
+def write_report(
+    model, cfg, train_x, train_y, test_x, test_y, probs, class_names, folder: Path
+) -> list[Path]:
+    """Every picture that applies to this model, into `folder`; returns their paths."""
+    from vitexp import explain
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = cfg.report.num_images
+    paths = [
+        plot_samples(train_x[:n], train_y[:n], class_names, folder / "samples.png"),
+        plot_patches(test_x[0], cfg.model.image_size, cfg.model.patch_size, folder / "patches.png"),
+        plot_confusion(test_y, probs.argmax(-1), class_names, folder / "confusion.png"),
+        plot_confident_errors(test_x, test_y, probs, class_names, folder / "errors.png"),
+    ]
+    embedding = explain.learned_positions(model)
+    if embedding is not None:
+        paths.append(plot_position_similarity(embedding, folder / "position_similarity.png"))
+    if explain.has_attention(model):
+        paths.append(
+            explain.plot_attention(
+                model, test_x[:4], folder / "attention.png", [class_names[int(y)] for y in test_y[:4]]
+            )
+        )
+    return paths

@@ -8,10 +8,12 @@ job, Ctrl-C): FAILED if any child failed or the sweep was cut short, else FINISH
 
 import atexit
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vitexp.tracking import FAILED, FINISHED, PARENT_ENV, Tracker, command_line
 
@@ -37,7 +39,27 @@ class MlflowSweepCallback(Callback):
         atexit.register(self.close, interrupted=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.tracker is not None and self.parent_id is not None:
+            self.log_outcome(Path(config.hydra.sweep.dir))
         self.close(interrupted=False)
+
+    def log_outcome(self, sweep_dir: Path) -> None:
+        """The sweep's comparison table and plot, and an Optuna search's best trial."""
+        from vitexp.compare import compare
+
+        try:
+            compare(self.parent_id, self.tracker.uri, "best_val_top1", sweep_dir / "comparison")
+        except ValueError as err:  # no finished child to compare
+            print(f"vitexp: no comparison for the sweep: {err}", file=sys.stderr)
+        results = sweep_dir / "optimization_results.yaml"
+        if results.is_file():
+            best = OmegaConf.load(results)
+            self.tracker.log_params(
+                self.parent_id, {f"best.{k}": str(v) for k, v in best.best_params.items()}
+            )
+            self.tracker.log_metrics(self.parent_id, {"best_value": float(best.best_value)}, step=0)
+            self.tracker.log_artifact(self.parent_id, results)
+            self.tracker.flush()
 
     def close(self, interrupted: bool) -> None:
         """Ends the parent run once: FAILED if a child failed or the sweep stopped early."""

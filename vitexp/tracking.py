@@ -91,8 +91,10 @@ def git_commit() -> str:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def command_line() -> str:
-    return " ".join(["python -m vitexp", *sys.argv[1:]])
+def command_line(resume: bool = False) -> str:
+    """The command that started this process; with `resume`, the one that continues it."""
+    args = [a for a in sys.argv[1:] if not (resume and a.startswith("resume="))]
+    return " ".join(["python -m vitexp", *args, *(["resume=true"] if resume else [])])
 
 
 class Tracker:

@@ -15,12 +15,12 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp.callbacks import Checkpointer, DivergenceError, DivergenceGuard, MlflowLogger
+from vitexp.callbacks import CheckpointDir, DivergenceError, DivergenceGuard, EpochRecorder, replay_missing
 from vitexp.data import DataError, ImageData, load_data
 from vitexp.data.augment import build_augment
 from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
 from vitexp.models import adapt_input_norm
-from vitexp.report import plot_curves
+from vitexp.report import plot_curves, score_predictions, softmax, write_report
 from vitexp.tracking import (
     FAILED,
     FINISHED,
@@ -52,11 +52,31 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(repr(sorted(flatten(body).items())).encode()).hexdigest()[:16]
 
 
+def parallel_jobs() -> int:
+    """How many jobs a parallel launcher (joblib) runs at once on this machine; 1 otherwise."""
+    if not HydraConfig.initialized():
+        return 1
+    n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
+    return os.cpu_count() if n_jobs < 0 else n_jobs
+
+
 def setup_tensorflow(trainer: DictConfig) -> None:
-    """Threads, seeds, determinism and precision, before any model is built."""
-    if trainer.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(trainer.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(min(2, trainer.threads))
+    """Threads, device, seeds, determinism and precision, before any model is built.
+
+    Jobs that a parallel launcher runs side by side share the CPU cores evenly and, on a
+    machine with several GPUs, each take one GPU (by job number).
+    """
+    jobs = parallel_jobs()
+    threads = trainer.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)
+    try:
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+        gpus = tf.config.list_physical_devices("GPU")
+        if jobs > 1 and len(gpus) > 1:
+            tf.config.set_visible_devices(gpus[HydraConfig.get().job.num % len(gpus)], "GPU")
+    except RuntimeError:
+        pass  # a worker process that already ran a job keeps its first settings
     keras.utils.set_random_seed(trainer.seed)
     if trainer.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -167,43 +187,130 @@ def metric_history(tracker: Tracker, run_id: str, keys: list[str]) -> dict[str, 
     return history
 
 
-def fit_and_record(cfg, tracker, run_id, model, schedule, splits, steps, out_dir) -> dict:
+def fit_and_record(
+    cfg,
+    tracker,
+    run_id,
+    model,
+    schedule,
+    splits,
+    steps,
+    out_dir,
+    first_epoch,
+    class_names,
+    extra_callbacks=(),
+) -> dict:
     t = cfg.trainer
     num_classes = cfg.data.num_classes
-    augment = build_augment(cfg.data.augment)
-    train_ds = train_dataset(
-        *splits.train, num_classes, t.batch_size, t.seed, 0, t.epochs, steps=steps, augment=augment
-    )
-    val_ds = eval_dataset(*splits.val, num_classes, t.batch_size)
-    logger = MlflowLogger(tracker, run_id, schedule, images_per_epoch=steps * t.batch_size)
-    checkpoints = Checkpointer(out_dir / "checkpoints", keep=t.keep_checkpoints)
-    model.fit(
-        train_ds,
-        epochs=t.epochs,
-        steps_per_epoch=steps,
-        validation_data=val_ds,
-        shuffle=False,  # the dataset is already a seeded permutation per epoch
-        callbacks=[DivergenceGuard(schedule), logger, checkpoints],
-        verbose=t.verbose if t.verbose != 1 or sys.stdout.isatty() else 2,
-    )
-    test = model.evaluate(eval_dataset(*splits.test, num_classes, t.batch_size), return_dict=True, verbose=0)
+    checkpoints = CheckpointDir(out_dir / "checkpoints", keep=t.keep_checkpoints)
+    callbacks = [
+        DivergenceGuard(schedule),
+        EpochRecorder(tracker, run_id, schedule, steps * t.batch_size, checkpoints),
+        *extra_callbacks,
+    ]
+    if model.optimizer.use_ema:  # validate and checkpoint the averaged weights
+        callbacks.insert(1, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+    if first_epoch < t.epochs:
+        augment = build_augment(cfg.data.augment)
+        model.fit(
+            train_dataset(
+                *splits.train,
+                num_classes,
+                t.batch_size,
+                t.seed,
+                first_epoch,
+                t.epochs,
+                steps=steps,
+                augment=augment,
+            ),
+            epochs=t.epochs,
+            initial_epoch=first_epoch,
+            steps_per_epoch=steps,
+            validation_data=eval_dataset(*splits.val, num_classes, t.batch_size),
+            shuffle=False,  # the dataset is already a seeded permutation per epoch
+            callbacks=callbacks,
+            verbose=t.verbose if t.verbose != 1 or sys.stdout.isatty() else 2,
+        )
+    logits = model.predict(eval_dataset(*splits.test, num_classes, t.batch_size), verbose=0)
+    probs = softmax(logits.astype(np.float64))
+    test = score_predictions(probs, splits.test[1])
+    best, best_epoch = checkpoints.best_so_far()
     tracker.log_metrics(run_id, {f"test_{k}": float(v) for k, v in test.items()}, step=t.epochs)
-    tracker.log_metrics(
-        run_id, {"best_val_top1": checkpoints.best, "best_epoch": checkpoints.best_epoch}, step=t.epochs
-    )
-    tracker.flush_with_retry()
+    tracker.log_metrics(run_id, {"best_val_top1": best, "best_epoch": best_epoch}, step=t.epochs)
+    if not tracker.flush_with_retry():
+        raise TrackingError(
+            f"tracking store {tracker.uri} stayed unreachable; metrics are kept in {checkpoints.folder}"
+        )
     keys = [f"{s}_{m}" for s in ("train", "val") for m in ("loss", "top1", "top5")]
     curves = plot_curves(metric_history(tracker, run_id, keys), out_dir / "curves.png", cfg.run_name)
     tracker.log_artifact(run_id, curves)
+    if cfg.report.enabled:
+        pictures = write_report(
+            model, cfg, *splits.train, *splits.test, probs, class_names, out_dir / "report"
+        )
+        for path in pictures:
+            tracker.log_artifact(run_id, path, "report")
     if cfg.tracking.log_checkpoints:
-        for path in (checkpoints.best_path, checkpoints.last):
+        for path in (checkpoints.best, checkpoints.last):
             tracker.log_artifact(run_id, path, "checkpoints")
-    return {
-        "test": test,
-        "best_val_top1": checkpoints.best,
-        "best_epoch": checkpoints.best_epoch,
-        "checkpoint": checkpoints.best_path,
-    }
+    return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": checkpoints.best}
+
+
+@dataclass
+class Resume:
+    run_id: str
+    out_dir: Path
+    epoch: int
+
+
+def find_resume(tracker: Tracker, cfg: DictConfig) -> Resume | None:
+    """The interrupted run that `resume=true` / `resume=<run id>` asks to continue."""
+    if cfg.resume is False or str(cfg.resume).lower() == "false":
+        return None
+    wanted = config_hash(cfg)
+    if cfg.resume is True or str(cfg.resume).lower() == "true":
+        runs = tracker.client.search_runs(
+            [tracker.experiment_id],
+            filter_string=f"tags.`vitexp.config_hash` = '{wanted}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
+        for run in runs:
+            if run.info.status != FINISHED:
+                found = _resumable(run)
+                if found:
+                    return found
+        raise ConfigError(
+            f"resume=true: no interrupted run of this config with a checkpoint in experiment "
+            f"{tracker.experiment!r}: run without resume, or give resume=<mlflow run id>"
+        )
+    try:
+        run = tracker.client.get_run(str(cfg.resume))
+    except Exception:
+        raise ConfigError(f"resume={cfg.resume}: no such MLflow run in {tracker.uri}") from None
+    if run.info.status == FINISHED:
+        raise ConfigError(f"resume={cfg.resume}: that run already FINISHED; nothing to resume")
+    if run.data.tags.get("vitexp.config_hash") != wanted:
+        raise ConfigError(
+            f"resume={cfg.resume}: that run was started with another config; repeat its command "
+            f"({run.data.tags.get('vitexp.command', '?')}) with resume={cfg.resume}"
+        )
+    found = _resumable(run)
+    if found is None:
+        raise ConfigError(f"resume={cfg.resume}: the run has no checkpoint to continue from")
+    return found
+
+
+def _resumable(run) -> Resume | None:
+    out_dir = Path(run.data.tags.get("vitexp.output_dir", ""))
+    epoch = CheckpointDir(out_dir / "checkpoints").latest_epoch() if out_dir.is_dir() else 0
+    return Resume(run.info.run_id, out_dir, epoch) if epoch else None
+
+
+def restore(model: keras.Model, resume: Resume) -> None:
+    """Loads weights and optimizer state (moments, step) of the last committed epoch."""
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(CheckpointDir(resume.out_dir / "checkpoints").model_file(resume.epoch))
 
 
 def print_summary(cfg, tracker: Tracker, run_id: str, result: dict) -> None:
@@ -222,25 +329,75 @@ def print_summary(cfg, tracker: Tracker, run_id: str, result: dict) -> None:
     )
 
 
-def train(cfg: DictConfig) -> float:
-    """Runs one job end to end and returns its best validation top-1 (for sweepers)."""
+def finished_before(tracker: Tracker, cfg: DictConfig):
+    """A FINISHED run of exactly this config, when a re-run sweep may skip the job."""
+    if not (in_multirun() and cfg.tracking.skip_finished) or cfg.resume not in (False, "false"):
+        return None
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.`vitexp.config_hash` = '{config_hash(cfg)}' and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
+    """Runs one job end to end and returns its best validation top-1 (for sweepers).
+
+    Args:
+        cfg: the composed config (`vitexp.cli.compose`).
+        callbacks: Keras callbacks to add to `fit`, after vitexp's own.
+    """
     check_config(cfg)
     setup_tensorflow(cfg.trainer)
     tracker = Tracker.from_config(cfg.tracking)
+    done = finished_before(tracker, cfg)
+    if done is not None:  # a re-run sweep: this job already finished, join it to this sweep
+        parent = os.environ.get(PARENT_ENV)
+        if parent:
+            tracker.set_tags(done.info.run_id, {"mlflow.parentRunId": parent})
+        print(f"vitexp: {cfg.run_name} already FINISHED as run {done.info.run_id}; skipped", file=sys.stderr)
+        return float(done.data.metrics.get("best_val_top1", float("nan")))
+    resume = find_resume(tracker, cfg)
     data = load_data(cfg.data)
     splits = split(data, cfg.trainer.validation_split)
     steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
     model = build_model(cfg, splits.train[0])
     schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
-    out_dir = job_dir()
-    run_id = tracker.start_run(cfg.run_name, run_tags(cfg, out_dir), os.environ.get(PARENT_ENV))
+    if resume:
+        restore(model, resume)
+        run_id, out_dir, first_epoch = resume.run_id, resume.out_dir, resume.epoch
+        tracker.client.update_run(run_id, status="RUNNING")
+        replay_missing(tracker, run_id, CheckpointDir(out_dir / "checkpoints"))
+        print(f"vitexp: resuming run {run_id} after epoch {first_epoch}", file=sys.stderr)
+    else:
+        out_dir, first_epoch = job_dir(), 0
+        run_id = tracker.start_run(cfg.run_name, run_tags(cfg, out_dir), os.environ.get(PARENT_ENV))
     try:
-        log_setup(tracker, run_id, cfg, model, splits, out_dir)
-        tracker.log_params(run_id, {"class_names": ",".join(data.class_names)[:6000]})
-        result = fit_and_record(cfg, tracker, run_id, model, schedule, splits, steps, out_dir)
+        if not resume:
+            log_setup(tracker, run_id, cfg, model, splits, out_dir)
+            tracker.log_params(run_id, {"class_names": ",".join(data.class_names)[:6000]})
+        result = fit_and_record(
+            cfg,
+            tracker,
+            run_id,
+            model,
+            schedule,
+            splits,
+            steps,
+            out_dir,
+            first_epoch,
+            data.class_names,
+            callbacks,
+        )
     except KeyboardInterrupt:
         tracker.flush(raise_errors=False)
         tracker.end_run(run_id, KILLED)
+        print(
+            f"vitexp: interrupted; run {run_id} is KILLED, its last checkpoint is in "
+            f"{out_dir / 'checkpoints'}; continue it with: {command_line(resume=True)}",
+            file=sys.stderr,
+        )
         raise
     except BaseException as err:
         tracker.flush(raise_errors=False)
@@ -253,9 +410,12 @@ def train(cfg: DictConfig) -> float:
 
 
 def run_job(cfg: DictConfig) -> float:
-    """Hydra's task function: user errors end a single run in one line with exit code 2."""
+    """Hydra's task function: user errors end a single run in one line with exit code 2,
+    Ctrl-C ends it (and a sweep) with 130."""
     try:
         return train(cfg)
+    except KeyboardInterrupt:
+        sys.exit(130)
     except USER_ERRORS as err:
         if in_multirun():
             raise

@@ -1,0 +1,199 @@
+"""Runs that survive: kill and resume, Ctrl-C, divergence, determinism, bad inputs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, run_vitexp, runs_of
+
+pytestmark = pytest.mark.slow
+
+LONG = [*TINY, "data.num_train=3072", "trainer.epochs=5"]  # ~100 steps an epoch
+
+
+def start(args, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "vitexp", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(condition, proc, timeout=300, poll=0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        time.sleep(poll)
+    raise AssertionError("timed out")
+
+
+def steps(client, run_id, key):
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def check_complete(client, run_id, epochs=5):
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("val_top1", "train_loss", "lr", "optimizer_step"):
+        assert steps(client, run_id, key) == list(range(1, epochs + 1)), key  # each epoch once
+    per_epoch = 3072 * 8 // 10 // 32  # training images after the split, batch 32
+    optimizer_steps = [
+        m.value for m in sorted(client.get_metric_history(run_id, "optimizer_step"), key=lambda m: m.step)
+    ]
+    assert optimizer_steps == [per_epoch * e for e in range(1, epochs + 1)]  # the step continued
+    assert run.data.metrics["lr"] == pytest.approx(0.0, abs=1e-9)  # and so did the schedule
+
+
+def test_sigkill_in_third_epoch_then_resume(tmp_path, store):
+    uri, client = store
+    run_dir = tmp_path / "run"
+    args = [*LONG, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"]
+    proc = start(args, tmp_path)
+    wait_for(lambda: (run_dir / "checkpoints" / "epoch_0002.keras").exists(), proc)
+    time.sleep(0.3)  # into the third epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (run,) = runs_of(client)
+    assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
+    result = run_vitexp([*args, "resume=true"], tmp_path)
+    assert "resuming run" in result.stderr
+    (again,) = runs_of(client)
+    assert again.info.run_id == run.info.run_id
+    check_complete(client, run.info.run_id)
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, store):
+    uri, client = store
+    run_dir = tmp_path / "run"
+    big = [*LONG, "model.head_units=[2048,2048]"]  # a checkpoint large enough to catch mid-write
+    args = [*big, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"]
+    proc = start(args, tmp_path)
+    partial = run_dir / "checkpoints" / ".epoch_0002.keras.tmp.keras"
+    wait_for(partial.exists, proc, poll=0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert partial.exists()  # killed while writing epoch 2
+    run_vitexp([*args, "resume=true"], tmp_path)
+    (run,) = runs_of(client)
+    check_complete(client, run.info.run_id)
+
+
+def test_ctrl_c_ends_killed_with_a_usable_checkpoint(tmp_path, store):
+    uri, client = store
+    run_dir = tmp_path / "run"
+    proc = start([*LONG, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], tmp_path)
+    wait_for(lambda: (run_dir / "checkpoints" / "epoch_0001.keras").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "resume=true" in stderr.strip().splitlines()[-1]
+    (run,) = runs_of(client)
+    assert run.info.status == "KILLED"
+    from vitexp.models import load_model
+
+    model = load_model(str(run_dir / "checkpoints" / "last.keras"))
+    assert model.predict(np.zeros((1, 16, 16, 3), np.uint8), verbose=0).shape == (1, 4)
+
+
+def test_divergence_fails_with_one_line(tmp_path, store):
+    uri, client = store
+    proc = run_vitexp([*TINY, "optimizer.learning_rate=1e12", f"tracking.uri={uri}"], tmp_path, check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vitexp: error: training diverged: loss is") and "learning rate" in last
+    (run,) = runs_of(client)
+    assert run.info.status == "FAILED" and "diverged" in run.data.tags["vitexp.error"]
+
+
+def test_fixed_seed_is_deterministic(tmp_path, store):
+    uri, client = store
+    run_vitexp(
+        [
+            "-m",
+            *TINY,
+            "trainer.deterministic=true",
+            "data.augment.random_crop_padding=2",
+            "data.augment.mixup_alpha=0.4",
+            "trainer.seed=11,11",
+            f"tracking.uri={uri}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        tmp_path,
+    )
+    children = [r for r in runs_of(client) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2
+    histories = [
+        [m.value for m in sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)]
+        for r in children
+        for key in ("train_loss", "val_loss")
+    ]
+    assert histories[0] == histories[2] and histories[1] == histories[3]
+    tags = children[0].data.tags
+    assert children[0].data.params["trainer.seed"] == "11" and tags["version.tensorflow"]
+    assert tags["vitexp.git_commit"] != ""
+
+
+def write_bad_files(root: Path) -> dict[str, Path]:
+    import gzip
+
+    from data.test_loaders import write_cifar100, write_mnist_folder, write_png_folder
+
+    tarball, _, _ = write_cifar100(root)
+    truncated = root / "truncated.tar.gz"
+    truncated.write_bytes(tarball.read_bytes()[:2000])
+    write_mnist_folder(root / "magic")
+    with gzip.open(root / "magic" / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + b"\0" * 64)
+    write_mnist_folder(root / "labels", label_max=12)
+    write_png_folder(root / "folder")
+    (root / "folder" / "owl" / "x.png").write_bytes(b"garbage")
+    return {
+        "truncated": truncated,
+        "magic": root / "magic",
+        "labels": root / "labels",
+        "folder": root / "folder",
+    }
+
+
+BAD_DATA = [
+    (["data.path={truncated}"], "truncated.tar.gz: truncated or corrupt archive"),
+    (["data=fashion_mnist", "data.path={magic}"], "wrong idx magic number"),
+    (["data=fashion_mnist", "data.path={labels}"], "labels span [0, 12], outside [0, 9]"),
+    (["data=image_folder", "data.path={folder}", "data.num_classes=3"], "x.png: not a readable image"),
+    (["data.path=/no/such/cifar.tar.gz"], "does not exist"),
+    (["tracking.uri=http://127.0.0.1:9"], "is unreachable"),
+    (["resume=true"], "no interrupted run of this config"),
+    (["resume=0123abcd"], "no such MLflow run"),
+    (
+        ["model=swin", "model.weights=/no/such.h5", "data=synthetic", "data.image_shape=[32,32,3]"],
+        "no such file",
+    ),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_DATA)
+def test_bad_inputs_fail_in_one_line_without_a_run(args, message, tmp_path, store):
+    uri, client = store
+    files = write_bad_files(tmp_path)
+    args = [a.format(**files) for a in args]
+    if not any(a.startswith("tracking.uri=") for a in args):
+        args.append(f"tracking.uri={uri}")
+    start_time = time.monotonic()
+    proc = run_vitexp(args, tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vitexp: error:") and message in last, last
+    assert runs_of(client) == []
+    assert time.monotonic() - start_time < 60

@@ -1,0 +1,261 @@
+"""Sweeps: parallel jobs into a real MLflow server, Optuna, resuming, comparing, the UI."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import ARTIFACTS, TINY, run_vitexp, runs_of
+
+pytestmark = pytest.mark.slow
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not come up")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend: (uri, client, start, stop)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("server")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    procs = []
+
+    def start():
+        proc = subprocess.Popen(
+            cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        procs.append(proc)
+        wait_healthy(uri, proc)
+
+    def stop():
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+
+    start()
+    yield uri, MlflowClient(uri), start, stop
+    stop()
+
+
+def children_of(client, parent_id, experiment="vitexp"):
+    return [r for r in runs_of(client, experiment) if r.data.tags.get("mlflow.parentRunId") == parent_id]
+
+
+def test_parallel_grid_into_a_tracking_server(server, tmp_path):
+    uri, client, _, _ = server
+    run_vitexp(
+        [
+            "-m",
+            "hydra/launcher=parallel",
+            *TINY,
+            "trainer.epochs=1",
+            "patch_size=2,4",
+            "depth=1,2",
+            "tracking.experiment=grid",
+            f"tracking.uri={uri}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        tmp_path,
+    )
+    runs = runs_of(client, "grid")
+    (parent,) = [r for r in runs if r.data.tags.get("vitexp.sweep") == "true"]
+    assert parent.info.status == "FINISHED"
+    children = children_of(client, parent.info.run_id, "grid")
+    assert sorted((r.data.params["model.patch_size"], r.data.params["model.depth"]) for r in children) == [
+        ("2", "1"),
+        ("2", "2"),
+        ("4", "1"),
+        ("4", "2"),
+    ]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"val_top1", "train_loss", "test_top1", "lr"} <= set(child.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
+    assert artifacts == {"comparison/comparison.csv", "comparison/comparison.md", "comparison/comparison.png"}
+
+
+def test_tracking_server_down_mid_run_loses_nothing(server, tmp_path):
+    uri, client, start, stop = server
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vitexp",
+            *TINY,
+            "data.num_train=3072",
+            "trainer.epochs=5",
+            "tracking.experiment=outage",
+            f"tracking.uri={uri}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = run_dir / "checkpoints"
+    while not (checkpoints / "epoch_0001.json").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    stop()
+    while not (checkpoints / "epoch_0003.json").exists():  # two epochs with the server down
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    start()
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "metrics kept" in stderr
+    (run,) = runs_of(client, "outage")
+    for key in ("val_top1", "train_loss", "optimizer_step"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3, 4, 5]
+
+
+def test_optuna_search_logs_the_best_trial(tmp_path, store):
+    uri, client = store
+    run_vitexp(
+        [
+            "hparams_search=vit_optuna",
+            "hydra.sweeper.n_trials=3",
+            *TINY,
+            "trainer.epochs=1",
+            "hydra.sweeper.params.patch_size=choice(2,4)",
+            "hydra.sweeper.params.depth=choice(1,2)",
+            f"tracking.uri={uri}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        tmp_path,
+    )
+    runs = runs_of(client)
+    (parent,) = [r for r in runs if r.data.tags.get("vitexp.sweep") == "true"]
+    trials = children_of(client, parent.info.run_id)
+    assert len(trials) == 3
+    best = max(t.data.metrics["best_val_top1"] for t in trials)
+    assert parent.data.metrics["best_value"] == pytest.approx(best)
+    assert {"best.optimizer.learning_rate", "best.patch_size", "best.depth"} <= set(parent.data.params)
+
+
+def test_killed_sweep_resumes_without_repeating_jobs_and_compares(tmp_path, store):
+    uri, client = store
+    args = [
+        "-m",
+        *TINY,
+        "trainer.epochs=2",
+        "depth=1,2,3",
+        f"tracking.uri={uri}",
+        f"hydra.sweep.dir={tmp_path / 's'}",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vitexp", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not any(
+        r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags for r in runs_of(client)
+    ):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = [r for r in runs_of(client) if r.info.status == "FINISHED"]
+    assert [r.data.params["model.depth"] for r in first] == ["1"]
+
+    out = run_vitexp(args, tmp_path)
+    assert "already FINISHED" in out.stderr
+    runs = runs_of(client)
+    trained = [r for r in runs if "model.depth" in r.data.params and r.info.status == "FINISHED"]
+    assert sorted(r.data.params["model.depth"] for r in trained) == ["1", "2", "3"]  # depth=1 not repeated
+    parents = sorted(
+        (r for r in runs if r.data.tags.get("vitexp.sweep") == "true"), key=lambda r: r.info.start_time
+    )
+    assert len(parents) == 2 and parents[-1].info.status == "FINISHED"
+    assert len(children_of(client, parents[-1].info.run_id)) == 3  # the resumed sweep holds all its jobs
+
+    compared = run_vitexp(
+        [parents[-1].info.run_id, "--out", str(tmp_path / "cmp"), "--tracking-uri", uri],
+        tmp_path,
+        module="vitexp.compare",
+    )
+    assert "model.depth" in compared.stdout
+    rows = (tmp_path / "cmp" / "comparison.csv").read_text().strip().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("run,status,model.depth,num_params,best_val_top1")
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="install chromium (.ci/run does)")
+def test_mlflow_ui_lists_the_sweep_in_a_real_browser(server, tmp_path):
+    uri, client, _, _ = server
+    experiment = client.get_experiment_by_name("grid")
+    assert experiment is not None, "runs after test_parallel_grid_into_a_tracking_server"
+    names = {r.info.run_name for r in runs_of(client, "grid")}
+    page = f"{uri}/#/experiments/{experiment.experiment_id}/runs"
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "mlflow_ui_sweep_runs.png"
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=60000",
+        "--window-size=1600,1000",
+    ]
+    dom = subprocess.run(
+        ["chromium", *flags, "--dump-dom", page], capture_output=True, text=True, timeout=180
+    ).stdout
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", page], capture_output=True, timeout=180)
+    shown = {name for name in names if name in dom}
+    assert shown == names, f"missing from the runs page: {names - shown}"
+    assert shot.stat().st_size > 20_000

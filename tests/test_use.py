@@ -1,0 +1,174 @@
+"""Use a trained run: evaluate, predict, register, load through pyfunc, serve over HTTP."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import TINY, run_vitexp, runs_of
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run on synthetic data: (folder, store uri, client, run)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    run_vitexp([*TINY, f"tracking.uri={uri}", f"hydra.run.dir={folder / 'run'}"], folder)
+    client = MlflowClient(uri)
+    (run,) = runs_of(client)
+    return folder, uri, client, run
+
+
+def synthetic_test_images():
+    from vitexp.data.synthetic import load_synthetic
+
+    return load_synthetic(num_classes=4, image_shape=(16, 16, 3))
+
+
+def write_images(folder, images):
+    import keras
+
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"image_{i}.png"
+        keras.utils.save_img(path, image, scale=False)
+        paths.append(str(path))
+    return paths
+
+
+def test_evaluate_reproduces_the_runs_test_metrics(trained):
+    folder, uri, client, run = trained
+    out = run_vitexp(
+        [run.info.run_id, "--checkpoint", "last", "--tracking-uri", uri], folder, module="vitexp.evaluate"
+    )
+    assert "per-class accuracy" in out.stdout and "pattern_3" in out.stdout
+    children = [r for r in runs_of(client) if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+    assert len(children) == 1
+    for key in ("test_top1", "test_top5", "test_loss"):
+        assert children[0].data.metrics[key] == pytest.approx(run.data.metrics[key], abs=1e-5), key
+    assert client.get_run(run.info.run_id).data.metrics == run.data.metrics  # the original is untouched
+
+
+def test_predict_top5_on_image_files(trained):
+    folder, uri, _, run = trained
+    data = synthetic_test_images()
+    paths = write_images(folder, data.test_x[:3])
+    out = run_vitexp(
+        [run.info.run_id, *paths, "--json", "--tracking-uri", uri], folder, module="vitexp.predict"
+    )
+    results = json.loads(out.stdout)
+    assert [r["image"] for r in results] == paths
+    for r in results:
+        probs = [t["probability"] for t in r["top"]]
+        assert (
+            len(r["top"]) == 4 and probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0)
+        )
+        assert all(t["label"] == f"pattern_{t['class']}" for t in r["top"])
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unknown_run", "no run 'feedbeef'"),
+        ("not_an_image", "not a readable image"),
+        ("grey_image", "has 1 channel(s) but the model was trained on 3"),
+        ("no_checkpoint", "has no best.keras checkpoint"),
+    ],
+)
+def test_bad_inputs(case, message, trained):
+    folder, uri, client, run = trained
+    run_id = run.info.run_id
+    paths = write_images(folder, synthetic_test_images().test_x[:1])
+    if case == "unknown_run":
+        run_id = "feedbeef"
+    elif case == "not_an_image":
+        (folder / "notes.png").write_text("hello")
+        paths = [str(folder / "notes.png")]
+    elif case == "grey_image":
+        paths = write_images(folder, np.zeros((1, 16, 16, 1), np.uint8))
+    else:
+        empty = client.create_run(run.info.experiment_id)
+        client.log_artifact(empty.info.run_id, str(folder / "run" / "config" / "config.yaml"), "config")
+        run_id = empty.info.run_id
+    out = run_vitexp([run_id, *paths, "--tracking-uri", uri], folder, module="vitexp.predict", check=False)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert message in lines[-1] and lines[-1].startswith("vitexp.predict: error:")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_register_load_and_serve(trained):
+    folder, uri, client, run = trained
+    out = run_vitexp(
+        [run.info.run_id, "--name", "tiny-vit", "--tracking-uri", uri], folder, module="vitexp.registry"
+    )
+    assert "models:/tiny-vit/1" in out.stdout
+
+    import mlflow
+
+    from vitexp.models import load_model
+
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-vit/1")
+    images = synthetic_test_images().test_x[:8]
+    predicted = pyfunc.predict(images)
+    keras_model = load_model(str(folder / "run" / "checkpoints" / "best.keras"))
+    assert predicted["class"].tolist() == keras_model.predict(images, verbose=0).argmax(-1).tolist()
+    assert set(predicted["label"]) <= {f"pattern_{i}" for i in range(4)}
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/tiny-vit/1",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()[-3000:]
+                time.sleep(1)
+        body = json.dumps({"inputs": images[:1].tolist()}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert answer["predictions"][0]["class"] == predicted["class"][0]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,309 @@
+"""Training speed, side by side, in one command: the textbook's way against vitexp's.
+
+    python -m vitexp.bench [--steps 60] [--model vit] [--out bench] [--tracking-uri URI]
+
+Each configuration trains the same model in its own process (so peak memory is its own):
+
+- `textbook`: numpy float arrays (`x / 255.`) into `fit`, batch 64, `validation_split=0.2`,
+  sparse labels and metrics, default compile: how the chapter trains.
+- `vitexp`: `python -m vitexp`'s own path at the same batch and precision: uint8 tf.data,
+  MLflow tracking, atomic checkpoints and validation every epoch.
+- `vitexp_best`: vitexp at the settings fastest on this machine (`--best` overrides).
+
+Each trains two epochs of `--steps` steps (validating on a quarter as many images): the
+first pays for the graph trace, the second is timed, end of epoch work included. Also
+measured in the same run: a dense matmul peak (float32 and bfloat16) and the model's
+training FLOPs per image, so the achieved FLOP/s reads as a fraction of what the machine
+can do. Results: a table on stdout, `bench/bench.json`, an MLflow run; the last line is
+`speedup_same_batch=<x> speedup_best=<y>`.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+BEST = ["trainer.precision=auto", "trainer.batch_size=128", "optimizer.learning_rate=1.4e-3"]
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Time from process start to the first step, and the wall time of each epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.first_step_s = None
+        self.epoch_s: list[float] = []
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.first_step_s is None:
+            self.first_step_s = time.perf_counter() - T0
+
+    def on_epoch_end(self, epoch, logs=None):  # runs after validation and vitexp's checkpoint
+        self.epoch_s.append(time.perf_counter() - self._start)
+
+
+def synthetic(count: int, shape, classes: int):
+    from vitexp.data.synthetic import load_synthetic
+
+    data = load_synthetic(num_classes=classes, image_shape=shape, num_train=count, num_test=64, seed=0)
+    return data.train_x, data.train_y
+
+
+def run_textbook(args) -> dict:
+    from vitexp.cli import compose
+    from vitexp.optim import WarmupCosine
+
+    cfg = compose([f"model={args.model}", *args.overrides])
+    baseline = rss_mb()
+    count = args.steps * 64 * 5 // 4
+    x, y = synthetic(count, tuple(cfg.data.image_shape), cfg.data.num_classes)
+    x = x / 255.0  # as the textbook: a float64 copy of the whole set
+    from hydra.utils import instantiate
+
+    model = instantiate(cfg.model, _convert_="all")
+    schedule = WarmupCosine(1e-3, args.steps * 2, 0.1)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(5, name="top-5-accuracy"),
+        ],
+    )
+    timer = EpochTimer()
+    history = model.fit(x, y, batch_size=64, epochs=2, validation_split=0.2, callbacks=[timer], verbose=0)
+    return result(timer, args.steps * 64, baseline, history.history["loss"], model.count_params())
+
+
+def run_vitexp(args, overrides) -> dict:
+    import tempfile
+
+    from vitexp.cli import compose
+    from vitexp.train import train
+
+    folder = Path(tempfile.mkdtemp(prefix="vitexp-bench-"))
+    batch = next((int(o.split("=")[1]) for o in overrides if o.startswith("trainer.batch_size=")), 64)
+    steps = args.steps * 64 // batch
+    count = steps * batch * 5 // 4
+    cfg = compose(
+        [
+            f"model={args.model}",
+            *args.overrides,
+            "data=synthetic",
+            f"data.num_train={count}",
+            "data.num_test=64",
+            "data.num_classes=100",
+            "data.image_shape=[32,32,3]",
+            "trainer.epochs=2",
+            "trainer.verbose=0",
+            "report.enabled=false",
+            "tracking.log_checkpoints=false",
+            "tracking.experiment=bench-runs",
+            f"tracking.uri=sqlite:///{folder / 'mlflow.db'}",
+            *overrides,
+        ]
+    )
+    baseline = rss_mb()
+    timer = EpochTimer()
+    train(cfg, callbacks=(timer,))
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("bench-runs").experiment_id])[0]
+    losses = [
+        m.value
+        for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)
+    ]
+    return result(
+        timer,
+        steps * batch,
+        baseline,
+        losses,
+        int(run.data.params["num_params"]),
+        precision=run.data.params["precision"],
+    )
+
+
+def result(timer, images: int, baseline_mb: float, losses, params: int, precision: str = "float32") -> dict:
+    return {
+        "images_per_s": images / timer.epoch_s[-1],
+        "epoch_s": timer.epoch_s[-1],
+        "first_step_s": timer.first_step_s,
+        "peak_rss_mb": rss_mb(),
+        "rss_above_tf_mb": rss_mb() - baseline_mb,
+        "loss_per_epoch": [float(v) for v in losses],
+        "num_params": params,
+        "precision": precision,
+    }
+
+
+def matmul_peak() -> dict:
+    """Dense matmul throughput at 2048x2048 in float32 and bfloat16, GFLOP/s."""
+    import tensorflow as tf
+
+    peaks = {}
+    for dtype in (tf.float32, tf.bfloat16):
+        a = tf.random.normal((2048, 2048), dtype=tf.float32)
+        a = tf.cast(a, dtype)
+        step = tf.function(lambda m: tf.linalg.matmul(m, m))
+        step(a).numpy()
+        start, reps = time.perf_counter(), 20
+        for _ in range(reps):
+            out = step(a)
+        out.numpy()
+        peaks[dtype.name] = 2 * 2048**3 * reps / (time.perf_counter() - start) / 1e9
+    return peaks
+
+
+def training_flops(model_name: str, overrides: list[str]) -> float:
+    """Forward FLOPs of one image (TensorFlow's graph profiler), times 3 for training."""
+    import tensorflow as tf
+    from hydra.utils import instantiate
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from vitexp.cli import compose
+
+    cfg = compose([f"model={model_name}", *overrides])
+    model = instantiate(cfg.model, _convert_="all")
+    spec = tf.TensorSpec([1, *cfg.data.image_shape], tf.float32)
+    frozen = convert_variables_to_constants_v2(tf.function(lambda x: model(x)).get_concrete_function(spec))
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    profile = tf.compat.v1.profiler.profile(graph=frozen.graph, options=opts)
+    return 3.0 * profile.total_float_ops
+
+
+def worker(args) -> None:
+    if args.worker == "textbook":
+        out = run_textbook(args)
+    elif args.worker == "machine":
+        out = {
+            "peak_gflops": matmul_peak(),
+            "train_flops_per_image": training_flops(args.model, args.overrides),
+        }
+    else:
+        out = run_vitexp(args, BEST if args.worker == "vitexp_best" else [])
+    print("BENCH " + json.dumps(out))
+
+
+def spawn(name: str, args) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "vitexp.bench",
+        "--worker",
+        name,
+        "--steps",
+        str(args.steps),
+        "--model",
+        args.model,
+        *[f"--override={o}" for o in args.overrides],
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"bench worker {name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][6:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vitexp.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed training steps at batch 64")
+    parser.add_argument("--model", default="vit")
+    parser.add_argument(
+        "--override",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="a config override for every configuration (repeatable)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench"))
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+
+    machine = spawn("machine", args)
+    results = {name: spawn(name, args) for name in ("textbook", "vitexp", "vitexp_best")}
+    flops = machine["train_flops_per_image"]
+    for r in results.values():
+        peak = machine["peak_gflops"]["bfloat16" if "bfloat16" in r["precision"] else "float32"]
+        r["achieved_gflops"] = r["images_per_s"] * flops / 1e9
+        r["fraction_of_matmul_peak"] = r["achieved_gflops"] / peak
+    ref = results["textbook"]["images_per_s"]
+    summary = {
+        "speedup_same_batch": results["vitexp"]["images_per_s"] / ref,
+        "speedup_best": results["vitexp_best"]["images_per_s"] / ref,
+    }
+    report = {
+        "model": args.model,
+        "steps": args.steps,
+        "best_overrides": BEST,
+        **machine,
+        "results": results,
+        **summary,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=1))
+    peak = machine["peak_gflops"]
+    print(
+        f"model {args.model}: {flops / 1e9:.3f} GFLOP per training image; matmul peak "
+        f"{peak['float32']:.0f} GFLOP/s float32, {peak['bfloat16']:.0f} bfloat16"
+    )
+    print(
+        f"{'config':<13}{'precision':<16}{'images/s':>10}{'first step s':>14}{'peak RSS MB':>13}"
+        f"{'GFLOP/s':>9}{'of peak':>9}   loss per epoch"
+    )
+    for name, r in results.items():
+        print(
+            f"{name:<13}{r['precision']:<16}{r['images_per_s']:>10.1f}{r['first_step_s']:>14.1f}"
+            f"{r['peak_rss_mb']:>13.0f}{r['achieved_gflops']:>9.1f}{r['fraction_of_matmul_peak']:>9.2f}"
+            f"   {', '.join(f'{v:.3f}' for v in r['loss_per_epoch'])}"
+        )
+    log_to_mlflow(report, args)
+    print(
+        f"speedup_same_batch={summary['speedup_same_batch']:.2f} speedup_best={summary['speedup_best']:.2f}"
+    )
+
+
+def log_to_mlflow(report: dict, args) -> None:
+    from vitexp.tracking import Tracker, flatten
+
+    tracker = Tracker(args.tracking_uri, "bench")
+    run_id = tracker.start_run(f"bench-{args.model}", {"vitexp.command": " ".join(sys.argv)})
+    metrics = {
+        f"{name}.{k}": v
+        for name, r in report["results"].items()
+        for k, v in r.items()
+        if isinstance(v, int | float)
+    }
+    metrics.update({k: report[k] for k in ("speedup_same_batch", "speedup_best", "train_flops_per_image")})
+    tracker.log_metrics(run_id, metrics, step=0)
+    tracker.log_params(
+        run_id, flatten({"model": args.model, "steps": args.steps, "best": report["best_overrides"]})
+    )
+    tracker.log_artifact(run_id, args.out / "bench.json")
+    tracker.flush()
+    tracker.end_run(run_id)
+
+
+if __name__ == "__main__":
+    main()

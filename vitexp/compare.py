@@ -1,0 +1,161 @@
+"""Compare runs side by side: a table sorted by a metric, as CSV and Markdown, and plots.
+
+    python -m vitexp.compare <experiment name | sweep parent run id> [--sort test_top1]
+        [--out DIR] [--tracking-uri URI]
+
+Columns: the swept parameters (those that differ between the runs), parameter count,
+best validation top-1, test top-1/top-5, epochs, training time and images/s. The plot
+shows test top-1 against each swept parameter and against the parameter count. For a
+sweep, the table and plot are also logged to the parent run.
+"""
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from vitexp.tracking import resolve_uri  # noqa: E402
+
+METRICS = ("best_val_top1", "test_top1", "test_top5")
+IGNORED_PARAMS = ("tracking.", "hydra", "run_name", "resume", "class_names", "test_images")
+
+
+def collect(client: MlflowClient, target: str) -> tuple[list, str | None]:
+    """The training runs of a sweep (by parent id) or of an experiment (by name)."""
+    try:
+        parent = client.get_run(target)
+    except Exception:
+        parent = None
+    if parent is not None:
+        runs = client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{target}'",
+            max_results=5000,
+        )
+        return [r for r in runs if "vitexp.evaluates" not in r.data.tags], target
+    experiment = client.get_experiment_by_name(target)
+    if experiment is None:
+        raise ValueError(f"{target!r} is neither a run id nor an experiment name")
+    runs = client.search_runs([experiment.experiment_id], max_results=5000)
+    return [
+        r for r in runs if r.data.tags.get("vitexp.sweep") != "true" and "vitexp.evaluates" not in r.data.tags
+    ], None
+
+
+def swept_params(runs) -> list[str]:
+    """Parameters whose values differ between the runs (what the comparison is about)."""
+    keys = sorted({k for r in runs for k in r.data.params if not k.startswith(IGNORED_PARAMS)})
+    return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+
+
+def table(client: MlflowClient, runs, sort: str) -> tuple[list[str], list[list]]:
+    swept = swept_params(runs)
+    header = ["run", "status", *swept, "num_params", *METRICS, "epochs", "train_time_s", "images_per_s"]
+    rows = []
+    for run in runs:
+        m = run.data.metrics
+        times = [p.value for p in client.get_metric_history(run.info.run_id, "epoch_time_s")]
+        speeds = [p.value for p in client.get_metric_history(run.info.run_id, "images_per_s")]
+        rows.append(
+            [
+                run.info.run_name,
+                run.info.status,
+                *[run.data.params.get(k, "") for k in swept],
+                int(run.data.params.get("num_params", 0)),
+                *[m.get(k) for k in METRICS],
+                len(times),
+                round(sum(times), 1),
+                round(sum(speeds) / len(speeds), 1) if speeds else None,
+            ]
+        )
+    column = header.index(sort) if sort in header else header.index("test_top1")
+    rows.sort(
+        key=lambda r: (r[column] is None, -(r[column] or 0) if isinstance(r[column], int | float) else 0)
+    )
+    return header, rows
+
+
+def _cell(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def write_outputs(header, rows, swept: list[str], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "comparison.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    axes_keys = [*swept, "num_params"]
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(4.5 * len(axes_keys), 4), squeeze=False)
+    acc = header.index("test_top1")
+    for ax, key in zip(axes[0], axes_keys):
+        col = header.index(key)
+        points = [(r[col], r[acc]) for r in rows if r[acc] is not None]
+        xs = [_number(x) for x, _ in points]
+        ax.scatter(
+            xs if all(isinstance(x, float) for x in xs) else [str(x) for x, _ in points],
+            [y for _, y in points],
+            s=40,
+        )
+        if key == "num_params":
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel("test top-1")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Test top-1 of {len(rows)} runs")
+    fig.tight_layout()
+    fig.savefig(out / "comparison.png", dpi=100)
+    plt.close(fig)
+    return [out / "comparison.csv", out / "comparison.md", out / "comparison.png"]
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def compare(
+    target: str, tracking_uri: str | None, sort: str, out: Path
+) -> tuple[list[str], list[list], list[Path]]:
+    client = MlflowClient(resolve_uri(tracking_uri))
+    runs, parent = collect(client, target)
+    if not runs:
+        raise ValueError(f"no training runs under {target!r}")
+    header, rows = table(client, runs, sort)
+    paths = write_outputs(header, rows, swept_params(runs), out)
+    if parent is not None:
+        for path in paths:
+            client.log_artifact(parent, str(path), "comparison")
+    return header, rows, paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vitexp.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("target", help="an experiment name or a sweep's parent run id")
+    parser.add_argument("--sort", default="test_top1", help="column to sort by, best first")
+    parser.add_argument("--out", type=Path, default=Path("comparison"))
+    parser.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args(argv)
+    try:
+        header, rows, paths = compare(args.target, args.tracking_uri, args.sort, args.out)
+    except ValueError as err:
+        print(f"vitexp.compare: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    widths = [max(len(str(h)), *(len(_cell(r[i])) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
+    for row in rows:
+        print("  ".join(_cell(v).ljust(w) for v, w in zip(row, widths)))
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Classify your images with a trained run: top-k class names and probabilities.
+
+python -m vitexp.predict <run id> <image files ...> [--top 5] [--json] [--tracking-uri URI]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def top_k(probs: np.ndarray, class_names: list[str], k: int) -> list[list[dict]]:
+    """Per image, the k most probable classes as `{"class", "label", "probability"}`."""
+    order = np.argsort(probs, axis=-1)[:, ::-1][:, :k]
+    return [
+        [{"class": int(c), "label": class_names[c], "probability": float(p[c])} for c in row]
+        for p, row in zip(probs, order)
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vitexp.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("run_id")
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    parser.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args(argv)
+
+    from vitexp.report import softmax
+    from vitexp.runs import RunError, load_run, read_images
+
+    try:
+        run = load_run(args.run_id, args.tracking_uri, args.checkpoint)
+        images = read_images(args.images, run.image_shape)
+    except RunError as err:
+        print(f"vitexp.predict: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    probs = softmax(run.model.predict(images, verbose=0).astype(np.float64))
+    results = top_k(probs, run.class_names, min(args.top, probs.shape[-1]))
+    if args.json:
+        print(json.dumps([{"image": p, "top": r} for p, r in zip(args.images, results)], indent=1))
+        return
+    for path, ranked in zip(args.images, results):
+        print(Path(path).name)
+        for rank, item in enumerate(ranked, 1):
+            print(f"  {rank}. {item['label']:<24} {item['probability']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

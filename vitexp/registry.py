@@ -1,0 +1,123 @@
+"""Hand a trained model on: register the best run as an MLflow pyfunc model, ready to serve.
+
+    python -m vitexp.registry <run id | experiment name> [--name MODEL] [--metric test_top1]
+        [--tracking-uri URI]
+
+Given an experiment (or a sweep's parent run), the child/run with the highest metric is
+registered. The model takes uint8 images `(n, height, width, channels)` of the trained
+shape and returns, per image, the class index, its name and its probability. Serve it with
+`mlflow models serve -m models:/<name>/<version> --env-manager local -h 127.0.0.1`.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class VitexpClassifier(mlflow.pyfunc.PythonModel):
+    """A vitexp checkpoint behind MLflow's pyfunc interface."""
+
+    def load_context(self, context):
+        from vitexp.models import load_model
+
+        self.model = load_model(context.artifacts["checkpoint"])
+        self.class_names = Path(context.artifacts["class_names"]).read_text().splitlines()
+
+    def predict(self, context, model_input, params=None):
+        from vitexp.report import softmax
+
+        images = np.asarray(model_input, dtype=np.uint8)
+        probs = softmax(self.model.predict(images, verbose=0).astype(np.float64))
+        best = probs.argmax(-1)
+        return pd.DataFrame(
+            {"class": best, "label": [self.class_names[i] for i in best], "probability": probs.max(-1)}
+        )
+
+
+def best_run(client, target: str, metric: str):
+    """`target` is a run id (a sweep parent picks its best child) or an experiment name."""
+    try:
+        run = client.get_run(target)
+    except Exception:
+        run = None
+    if run is not None and run.data.tags.get("vitexp.sweep") != "true":
+        return run
+    if run is not None:
+        query, experiments = f"tags.`mlflow.parentRunId` = '{target}'", [run.info.experiment_id]
+    else:
+        experiment = client.get_experiment_by_name(target)
+        if experiment is None:
+            raise ValueError(f"{target!r} is neither a run id nor an experiment name")
+        query, experiments = "", [experiment.experiment_id]
+    runs = client.search_runs(experiments, filter_string=query, order_by=[f"metrics.`{metric}` DESC"])
+    finished = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
+    if not finished:
+        raise ValueError(f"no FINISHED run with metric {metric} under {target!r}")
+    return finished[0]
+
+
+def register(run_id: str, name: str, tracking_uri: str | None = None) -> str:
+    """Logs the run's best checkpoint as a pyfunc model and registers it; returns its URI."""
+    import tempfile
+
+    from mlflow.models import infer_signature
+
+    from vitexp.runs import load_run
+    from vitexp.tracking import resolve_uri
+
+    loaded = load_run(run_id, tracking_uri)
+    mlflow.set_tracking_uri(resolve_uri(tracking_uri))
+    with tempfile.TemporaryDirectory() as tmp:
+        names = Path(tmp) / "class_names.txt"
+        names.write_text("\n".join(loaded.class_names) + "\n")
+        example = np.zeros((1, *loaded.image_shape), dtype=np.uint8)
+        classifier = VitexpClassifier()
+        classifier.model, classifier.class_names = loaded.model, loaded.class_names
+        signature = infer_signature(example, classifier.predict(None, example))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=VitexpClassifier(),
+                artifacts={"checkpoint": str(loaded.checkpoint), "class_names": str(names)},
+                code_paths=[str(PACKAGE_DIR)],
+                signature=signature,
+                input_example=example,
+                registered_model_name=name,
+            )
+    return f"models:/{name}/{info.registered_model_version}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vitexp.registry", description=__doc__.split("\n")[0])
+    parser.add_argument("target", help="a run id, a sweep's parent run id, or an experiment name")
+    parser.add_argument("--name", default="vitexp-classifier", help="registered model name")
+    parser.add_argument("--metric", default="test_top1", help="what 'best' means (higher is better)")
+    parser.add_argument("--tracking-uri", default=None)
+    args = parser.parse_args(argv)
+
+    from mlflow.tracking import MlflowClient
+
+    from vitexp.runs import RunError
+    from vitexp.tracking import resolve_uri
+
+    try:
+        run = best_run(MlflowClient(resolve_uri(args.tracking_uri)), args.target, args.metric)
+        uri = register(run.info.run_id, args.name, args.tracking_uri)
+    except (RunError, ValueError) as err:
+        print(f"vitexp.registry: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(
+        f"registered run {run.info.run_id} ({run.info.run_name}, {args.metric}="
+        f"{run.data.metrics.get(args.metric, float('nan')):.4f}) as {uri}"
+    )
+    print(f"serve it: mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5001")
+
+
+if __name__ == "__main__":
+    main()
