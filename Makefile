@@ -6,9 +6,13 @@ STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 STORE ?= sqlite:///$(CURDIR)/mlflow.db
+ARTIFACTS ?= $(CURDIR)/mlartifacts
+ALLOWED_HOSTS ?=
+CORS_ORIGINS ?=
 ARGS ?=
+MODEL ?= models:/vitexp-classifier/latest
 
-.PHONY: install train test ui server sweep bench lint clean
+.PHONY: install train test ui server serve sweep bench lint clean
 
 install: $(STAMP)
 
@@ -29,8 +33,12 @@ ui: install  ## the MLflow UI over the project's store, on 127.0.0.1 only
 
 server: install  ## a shared tracking server (STORE=postgresql://... for another SQL backend)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
-	  --backend-store-uri $(STORE) --host $(HOST) --port $(PORT) --workers 2 \
-	  --allowed-hosts "$(HOST):$(PORT),localhost:$(PORT)" --cors-allowed-origins "http://$(HOST):$(PORT)"
+	  --backend-store-uri $(STORE) --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) \
+	  --workers 2 $(if $(ALLOWED_HOSTS),--allowed-hosts "$(ALLOWED_HOSTS)" --cors-allowed-origins "$(CORS_ORIGINS)")
+
+serve: install  ## serve a registered model on 127.0.0.1:5001 (MODEL=models:/my-vit/1)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH MLFLOW_TRACKING_URI=$(STORE) $(VENV)/bin/mlflow models serve \
+	  -m $(MODEL) --env-manager local -h $(HOST) -p 5001
 
 sweep: install  ## an example patch-size x depth grid, grouped under one MLflow parent run
 	$(PY) -m vitexp -m patch_size=4,6,8 depth=2,4 $(ARGS)

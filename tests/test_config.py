@@ -76,6 +76,8 @@ def test_every_target_is_inside_vitexp():
         (["optimizer.learning_rate=-1"], "positive learning rate"),
         (["data=image_folder"], "is required"),
         (["tracking.uri=ftp://x"], "tracking.uri"),
+        (["model.tokenizer=conv", "patch_size=6"], "stride must be 2, 4, 8 or 16"),
+        (["model.tokenizer=cnn"], "model.tokenizer"),
     ],
 )
 def test_check_config_rejects(overrides, message):

@@ -136,28 +136,41 @@ def test_a_diverging_job_fails_without_stopping_the_sweep(tmp_path, store):
 
 
 @pytest.mark.skipif(not Path(DEBIAN_DIR).is_dir(), reason="install dataset-fashion-mnist")
-def test_real_fashion_mnist_run_learns(tmp_path, store):
+def test_real_fashion_mnist_recipe_shortened_learns(tmp_path, store):
+    """experiment=vit_fashion_mnist on 8,000 real images for 4 epochs (the full recipe: README)."""
     uri, client = store
     run_vitexp(
         [
-            "model=vit_tiny",
-            "data=fashion_mnist",
-            "model.image_size=28",
-            "patch_size=7",
-            "depth=2",
+            "experiment=vit_fashion_mnist",
             "data.train_limit=8000",
             "data.test_limit=2000",
-            "trainer.epochs=3",
-            "trainer.batch_size=128",
-            "optimizer.learning_rate=2e-3",
+            "trainer.epochs=4",
             "report.enabled=false",
             f"tracking.uri={uri}",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
         tmp_path,
     )
-    (run,) = runs_of(client)
-    # chance is 0.10; this 3-epoch run on 6,400 images reached 0.767 when calibrated
-    assert run.data.metrics["test_top1"] > 0.6
+    (run,) = runs_of(client, "vit_fashion_mnist")
+    # chance is 0.10; calibration runs of exactly this gave 0.711 and 0.672 (seeds 1, 2)
+    assert run.data.metrics["test_top1"] > 0.55
     assert run.data.params["class_names"].split(",")[0] == "T-shirt/top"
     assert np.isfinite(run.data.metrics["test_loss"])
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path, store):
+    uri, client = store
+    run_vitexp(
+        [
+            *TINY,
+            "trainer.epochs=2",
+            "trainer.strategy=mirrored",
+            "trainer.logical_cpus=2",
+            f"tracking.uri={uri}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
+    (run,) = runs_of(client)
+    assert run.info.status == "FINISHED" and run.data.params["replicas"] == "2"
+    assert [s for s, _ in metric_steps(client, run.info.run_id, "val_top1")] == [1, 2]

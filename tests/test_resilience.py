@@ -48,7 +48,7 @@ def check_complete(client, run_id, epochs=5):
     assert run.info.status == "FINISHED"
     for key in ("val_top1", "train_loss", "lr", "optimizer_step"):
         assert steps(client, run_id, key) == list(range(1, epochs + 1)), key  # each epoch once
-    per_epoch = 3072 * 8 // 10 // 32  # training images after the split, batch 32
+    per_epoch = -(-int(3072 * 0.8) // 32)  # training images after the split, batch 32
     optimizer_steps = [
         m.value for m in sorted(client.get_metric_history(run_id, "optimizer_step"), key=lambda m: m.step)
     ]
@@ -127,6 +127,7 @@ def test_fixed_seed_is_deterministic(tmp_path, store):
             "data.augment.random_crop_padding=2",
             "data.augment.mixup_alpha=0.4",
             "trainer.seed=11,11",
+            "tracking.skip_finished=false",  # the same config twice, on purpose
             f"tracking.uri={uri}",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
@@ -170,7 +171,7 @@ def write_bad_files(root: Path) -> dict[str, Path]:
 BAD_DATA = [
     (["data.path={truncated}"], "truncated.tar.gz: truncated or corrupt archive"),
     (["data=fashion_mnist", "data.path={magic}"], "wrong idx magic number"),
-    (["data=fashion_mnist", "data.path={labels}"], "labels span [0, 12], outside [0, 9]"),
+    (["data=fashion_mnist", "data.path={labels}"], "labels span [0, 11], outside [0, 9]"),
     (["data=image_folder", "data.path={folder}", "data.num_classes=3"], "x.png: not a readable image"),
     (["data.path=/no/such/cifar.tar.gz"], "does not exist"),
     (["tracking.uri=http://127.0.0.1:9"], "is unreachable"),

@@ -131,7 +131,9 @@ def test_register_load_and_serve(trained):
     assert set(predicted["label"]) <= {f"pattern_{i}" for i in range(4)}
 
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # the scoring server is started through the environment's `uvicorn`, as `make serve` does
+    path = f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
     server = subprocess.Popen(
         [
             sys.executable,

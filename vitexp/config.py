@@ -51,6 +51,7 @@ class ViTConfig(ModelConfig):
     pos_embedding: str = "learned"
     shifted_patches: bool = False
     locality_attention: bool = False
+    tokenizer: str = "patch"
 
 
 @dataclass
@@ -164,10 +165,12 @@ class TrainerConfig:
     seed: int = 42
     deterministic: bool = False
     label_smoothing: float = 0.0
-    precision: str = "float32"
+    precision: str = "auto"
     jit_compile: str = "auto"
     steps_per_execution: int = 1
     steps_per_epoch: int | None = None
+    strategy: str = "auto"
+    logical_cpus: int | None = None
     threads: int | None = None
     keep_checkpoints: int = 2
     verbose: int = 1

@@ -6,7 +6,7 @@
 Given an experiment (or a sweep's parent run), the child/run with the highest metric is
 registered. The model takes uint8 images `(n, height, width, channels)` of the trained
 shape and returns, per image, the class index, its name and its probability. Serve it with
-`mlflow models serve -m models:/<name>/<version> --env-manager local -h 127.0.0.1`.
+`make serve MODEL=models:/<name>/<version>` (mlflow models serve, local environment).
 """
 
 import argparse
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         f"registered run {run.info.run_id} ({run.info.run_name}, {args.metric}="
         f"{run.data.metrics.get(args.metric, float('nan')):.4f}) as {uri}"
     )
-    print(f"serve it: mlflow models serve -m {uri} --env-manager local -h 127.0.0.1 -p 5001")
+    print(f"serve it: make serve MODEL={uri}")
 
 
 if __name__ == "__main__":

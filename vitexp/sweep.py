@@ -37,6 +37,18 @@ class MlflowSweepCallback(Callback):
         self.tracker.log_params(self.parent_id, {"sweep.overrides": " ".join(config.hydra.overrides.task)})
         os.environ[PARENT_ENV] = self.parent_id
         atexit.register(self.close, interrupted=True)
+        self.close_stale(command_line())
+
+    def close_stale(self, command: str) -> None:
+        """Marks FAILED the parents of earlier runs of this same sweep left RUNNING by a kill."""
+        stale = self.tracker.client.search_runs(
+            [self.tracker.experiment_id],
+            filter_string="tags.`vitexp.sweep` = 'true' and attributes.status = 'RUNNING'",
+        )
+        for run in stale:
+            if run.info.run_id != self.parent_id and run.data.tags.get("vitexp.command") == command:
+                self.tracker.set_tags(run.info.run_id, {"vitexp.superseded_by": self.parent_id})
+                self.tracker.end_run(run.info.run_id, FAILED)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.tracker is not None and self.parent_id is not None:

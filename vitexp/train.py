@@ -1,5 +1,6 @@
 """One training job: check the config, load data, build, fit, evaluate, record in MLflow."""
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -35,8 +36,9 @@ from vitexp.tracking import (
 from vitexp.validate import ConfigError, check_config
 
 USER_ERRORS = (ConfigError, DataError, TrackingError, DivergenceError)
-# Keys that change where a run is recorded or how it resumes, not what it computes.
-NOT_HASHED = ("tracking", "resume", "report")
+# Keys that change where a run is recorded or how it resumes, not what it computes (the
+# shortcuts act through model.*, which is hashed).
+NOT_HASHED = ("tracking", "resume", "report", "patch_size", "depth")
 
 
 @dataclass
@@ -66,6 +68,15 @@ def setup_tensorflow(trainer: DictConfig) -> None:
     Jobs that a parallel launcher runs side by side share the CPU cores evenly and, on a
     machine with several GPUs, each take one GPU (by job number).
     """
+    keras.backend.clear_session()  # a sweep's jobs may share this process
+    if trainer.logical_cpus:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * trainer.logical_cpus
+            )
+        except RuntimeError:
+            pass  # devices already initialised in this process
     jobs = parallel_jobs()
     threads = trainer.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)
     try:
@@ -83,10 +94,37 @@ def setup_tensorflow(trainer: DictConfig) -> None:
     keras.mixed_precision.set_global_policy(resolve_precision(trainer.precision))
 
 
+def distribution(name: str) -> tf.distribute.Strategy | None:
+    """The tf.distribute strategy for `trainer.strategy`; None trains on the default device.
+
+    `auto` mirrors over all GPUs when there are several. `mirrored` uses every GPU, else
+    every logical CPU device (`trainer.logical_cpus`). `trainer.batch_size` is the global
+    batch, split over the replicas; the learning rate is not changed for you: when you
+    scale the batch by k, scale `optimizer.learning_rate` by k too (the linear rule), with
+    the warmup the schedule already has.
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else None
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    if name == "mirrored":
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
 def resolve_precision(precision: str) -> str:
+    """`auto`: bfloat16 compute on GPUs that have it (Ampere and newer), float16 with loss
+    scaling on older GPUs, float32 on the CPU (where mixed precision buys little for small
+    models; see `make bench`). Logits and softmax stay float32 in every case."""
     if precision != "auto":
         return precision
-    return "mixed_bfloat16" if tf.config.list_physical_devices("GPU") else "float32"
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "float32"
+    major, _ = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+    return "mixed_bfloat16" if major >= 8 else "mixed_float16"
 
 
 def jit_setting(value: str) -> bool | str:
@@ -104,7 +142,14 @@ def in_multirun() -> bool:
 
 
 def build_model(cfg: DictConfig, train_images: np.ndarray) -> keras.Model:
-    model = instantiate(cfg.model, _convert_="all")
+    from hydra.errors import InstantiationException
+
+    try:
+        model = instantiate(cfg.model, _convert_="all")
+    except InstantiationException as err:  # a factory's own one-line error, unwrapped
+        if isinstance(err.__cause__, USER_ERRORS):
+            raise err.__cause__ from None
+        raise
     adapt_input_norm(model, train_images)
     return model
 
@@ -136,15 +181,16 @@ def run_tags(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
     import mlflow
 
     job = HydraConfig.get().job.name if HydraConfig.initialized() else "vitexp"
+    commit = git_commit()
     return {
         "vitexp.command": command_line(),
-        "vitexp.git_commit": git_commit(),
+        "vitexp.git_commit": commit,
         "vitexp.hydra_job": job,
         "vitexp.output_dir": str(out_dir),
         "vitexp.config_hash": config_hash(cfg),
         "vitexp.model": cfg.model.name,
         "vitexp.data": cfg.data.name,
-        "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.git.commit": commit,
         "version.tensorflow": tf.__version__,
         "version.keras": keras.__version__,
         "version.mlflow": mlflow.__version__,
@@ -362,10 +408,13 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     data = load_data(cfg.data)
     splits = split(data, cfg.trainer.validation_split)
     steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
-    model = build_model(cfg, splits.train[0])
-    schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
+    strategy = distribution(cfg.trainer.strategy)
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model = build_model(cfg, splits.train[0])
+        schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
+        if resume:
+            restore(model, resume)
     if resume:
-        restore(model, resume)
         run_id, out_dir, first_epoch = resume.run_id, resume.out_dir, resume.epoch
         tracker.client.update_run(run_id, status="RUNNING")
         replay_missing(tracker, run_id, CheckpointDir(out_dir / "checkpoints"))
@@ -376,7 +425,10 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     try:
         if not resume:
             log_setup(tracker, run_id, cfg, model, splits, out_dir)
-            tracker.log_params(run_id, {"class_names": ",".join(data.class_names)[:6000]})
+            replicas = strategy.num_replicas_in_sync if strategy else 1
+            tracker.log_params(
+                run_id, {"class_names": ",".join(data.class_names)[:6000], "replicas": str(replicas)}
+            )
         result = fit_and_record(
             cfg,
             tracker,

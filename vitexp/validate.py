@@ -6,6 +6,7 @@ second for every job of a sweep. Each problem is one line that says what to chan
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +19,7 @@ class ConfigError(ValueError):
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16", "auto")
 JIT_CHOICES = ("auto", "true", "false")
 POOLINGS = ("flatten", "cls", "gap")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 POS_EMBEDDINGS = ("learned", "sincos")
 
 
@@ -89,6 +91,12 @@ def check_vit(m: Any) -> None:
         f"model.transformer_units={list(m.transformer_units)} must end with projection_dim="
         f"{m.projection_dim} (the MLP output is added back to the tokens)",
     )
+    _require(m.tokenizer in ("patch", "conv"), f"model.tokenizer={m.tokenizer!r}: use 'patch' or 'conv'")
+    if m.tokenizer == "conv":
+        _require(
+            m.patch_size in (2, 4, 8, 16),
+            f"model.patch_size={m.patch_size}: the conv tokenizer's stride must be 2, 4, 8 or 16",
+        )
     _require(m.pooling in POOLINGS, f"model.pooling={m.pooling!r}: use one of {POOLINGS}")
     _require(
         m.pos_embedding in POS_EMBEDDINGS,
@@ -118,6 +126,11 @@ def check_swin(m: Any) -> None:
         m.embed_dim % m.num_heads[0] == 0,
         f"model.embed_dim={m.embed_dim} is not divisible by num_heads[0]={m.num_heads[0]}",
     )
+    if m.weights not in (None, "imagenet"):
+        _require(
+            Path(m.weights).expanduser().is_file(),
+            f"model.weights={m.weights}: no such file; give an .h5 weights file, imagenet or null",
+        )
     if m.weights == "imagenet":
         _require(
             m.patch_size == 4 and list(m.depths[:2]) == [2, 2] and m.depth in (6, 18),
@@ -157,6 +170,9 @@ def check_trainer(t: Any) -> None:
         f"trainer.jit_compile={t.jit_compile!r}: use one of {JIT_CHOICES}",
     )
     _require(t.steps_per_execution >= 1, "trainer.steps_per_execution must be at least 1")
+    _require(t.strategy in STRATEGIES, f"trainer.strategy={t.strategy!r}: use one of {STRATEGIES}")
+    if t.logical_cpus is not None:
+        _require(t.logical_cpus >= 1, "trainer.logical_cpus must be at least 1 or null")
     if t.steps_per_epoch is not None:
         _require(t.steps_per_epoch >= 1, "trainer.steps_per_epoch must be positive or null")
     _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints must be at least 1")

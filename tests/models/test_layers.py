@@ -6,6 +6,7 @@ import pytest
 
 from vitexp.models.layers import (
     ClassToken,
+    ConvTokenizer,
     DropPath,
     MultiHeadSelfAttention,
     PatchTokenization,
@@ -123,3 +124,12 @@ def test_layers_reload_inside_a_model(tmp_path):
     again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
     images = RNG.random((2, 8, 8, 3)).astype("float32")
     np.testing.assert_array_equal(model(images), again(images))
+
+
+def test_conv_tokenizer():
+    layer = ConvTokenizer(patch_size=4, projection_dim=16)
+    tokens = layer(RNG.random((2, 28, 28, 1)).astype("float32"))
+    assert tokens.shape == (2, 49, 16)  # 28 / 4 = 7 cells a side
+    assert roundtrip(layer).patch_size == 4
+    with pytest.raises(ValueError, match="power of two"):
+        ConvTokenizer(patch_size=6, projection_dim=16)

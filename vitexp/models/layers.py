@@ -90,6 +90,56 @@ class PatchTokenization(layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ConvTokenizer(layers.Layer):
+    """A convolutional tokenizer: a stem of strided 3x3 convolutions in place of patches.
+
+    `log2(patch_size)` stages of 3x3 convolution with stride 2 + ReLU (the convolutional
+    stem of Xiao et al., 2021, "Early convolutions help transformers see better"; Compact
+    Convolutional Transformers, Hassani et al., 2021, tokenize likewise), so each token
+    summarises a `patch_size` x `patch_size` cell like a patch, but with the locality and
+    overlap that let a transformer learn from little data.
+
+    Args:
+        patch_size: a power of two: the total stride, as for patch tokenization.
+        projection_dim: width of the tokens (the last stage's filters; earlier ones half).
+
+    Returns:
+        `(batch, (H / patch_size) * (W / patch_size), projection_dim)` tokens.
+    """
+
+    def __init__(self, patch_size, projection_dim, **kwargs):
+        super().__init__(**kwargs)
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(f"patch_size={patch_size}: the conv tokenizer needs a power of two (2, 4, 8)")
+        self.patch_size = patch_size
+        self.projection_dim = projection_dim
+
+    def build(self, input_shape):
+        stages = int(math.log2(self.patch_size))
+        self.stages = []
+        shape = tuple(input_shape)
+        for i in range(stages):
+            filters = self.projection_dim if i == stages - 1 else max(self.projection_dim // 2, 16)
+            conv = layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name=f"c{i}")
+            conv.build(shape)
+            shape = (shape[0], -(-shape[1] // 2), -(-shape[2] // 2), filters)
+            self.stages.append(conv)
+
+    def call(self, images):
+        x = images
+        for conv in self.stages:
+            x = conv(x)
+        return ops.reshape(x, (-1, x.shape[1] * x.shape[2], x.shape[3]))
+
+    def compute_output_shape(self, input_shape):
+        _, height, width, _ = input_shape
+        return (input_shape[0], (height // self.patch_size) * (width // self.patch_size), self.projection_dim)
+
+    def get_config(self):
+        return {**super().get_config(), "patch_size": self.patch_size, "projection_dim": self.projection_dim}
+
+
 def sincos_table(num_positions: int, dim: int) -> np.ndarray:
     """The fixed sinusoidal encoding: PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos."""
     pos = np.arange(num_positions, dtype=np.float64)[:, None]

@@ -6,6 +6,7 @@ from keras import layers
 
 from vitexp.models.layers import (
     ClassToken,
+    ConvTokenizer,
     PatchTokenization,
     PositionEmbedding,
     TokenPooling,
@@ -32,6 +33,7 @@ def build_vit(
     pos_embedding="learned",
     shifted_patches=False,
     locality_attention=False,
+    tokenizer="patch",
     name="vit",
 ):
     """Builds a ViT classifier that maps raw pixels (any scale, uint8 welcome) to logits.
@@ -59,6 +61,8 @@ def build_vit(
         pos_embedding: `learned` (textbook) or `sincos`.
         shifted_patches: shifted patch tokenization (Lee et al., 2021).
         locality_attention: locality self-attention (Lee et al., 2021).
+        tokenizer: `patch` (linear projection of patches) or `conv` (a convolutional
+            tokenizer of total stride `patch_size`, as in Compact Convolutional Transformers).
         name: model name.
 
     Returns:
@@ -68,7 +72,10 @@ def build_vit(
     x = layers.Normalization(axis=-1, name="input_norm")(inputs)
     if tuple(input_shape[:2]) != (image_size, image_size):
         x = layers.Resizing(image_size, image_size, name="resize")(x)
-    tokens, _ = PatchTokenization(patch_size, projection_dim, shifted=shifted_patches, name="patches")(x)
+    if tokenizer == "conv":
+        tokens = ConvTokenizer(patch_size, projection_dim, name="patches")(x)
+    else:
+        tokens, _ = PatchTokenization(patch_size, projection_dim, shifted=shifted_patches, name="patches")(x)
     if pooling == "cls":
         tokens = ClassToken(name="cls_token")(tokens)
     x = PositionEmbedding(pos_embedding, name="pos_embedding")(tokens)
