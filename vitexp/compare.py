@@ -23,7 +23,19 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from vitexp.tracking import resolve_uri  # noqa: E402
 
 METRICS = ("best_val_top1", "test_top1", "test_top5")
-IGNORED_PARAMS = ("tracking.", "hydra", "run_name", "resume", "class_names", "test_images")
+IGNORED_PARAMS = ("tracking.", "hydra", "run_name", "resume", "class_names")
+# measured or derived, not chosen: shown in their own columns or through model.*
+DERIVED_PARAMS = {
+    "patch_size",
+    "depth",
+    "num_params",
+    "trainable_params",
+    "train_images",
+    "val_images",
+    "test_images",
+    "replicas",
+    "precision",
+}
 
 
 def collect(client: MlflowClient, target: str) -> tuple[list, str | None]:
@@ -50,7 +62,14 @@ def collect(client: MlflowClient, target: str) -> tuple[list, str | None]:
 
 def swept_params(runs) -> list[str]:
     """Parameters whose values differ between the runs (what the comparison is about)."""
-    keys = sorted({k for r in runs for k in r.data.params if not k.startswith(IGNORED_PARAMS)})
+    keys = sorted(
+        {
+            k
+            for r in runs
+            for k in r.data.params
+            if not k.startswith(IGNORED_PARAMS) and k not in DERIVED_PARAMS
+        }
+    )
     return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
 
 

@@ -9,6 +9,7 @@ job, Ctrl-C): FAILED if any child failed or the sweep was cut short, else FINISH
 import atexit
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.tracker = Tracker.from_config(config.tracking)
-        name = f"sweep-{config.model.name}-{os.path.basename(config.hydra.sweep.dir)}"
+        name = f"sweep-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.parent_id = self.tracker.start_run(
             name,
             tags={
