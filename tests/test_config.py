@@ -94,14 +94,24 @@ BAD_COMMANDS = [
     (["model.projection_dim=30"], "not divisible by num_heads=4"),
     (["-m", "patch_size=4,7"], "[patch_size=7]"),
     (["optimizer=adam"], "use one of: adamw, sgd"),
+    (["trainer.validation_split=0"], "use a fraction in (0, 1)"),
+    (["schedule.warmup_fraction=1.5"], "warmup must be shorter than training"),
+    (["data=image_folder"], "data.num_classes is required"),
+    (["+trainer.foo=1"], "unknown config key trainer.foo"),
+    (["model.pooling=max"], "model.pooling='max'"),
+    (["trainer.precision=fp8"], "trainer.precision='fp8'"),
+    (["model=swin", "model.image_size=16"], "at least 32 pixels"),
+    (["-m", "depth=1,2", "tracking.uri=http://127.0.0.1:9"], "is unreachable"),
 ]
 
 
 @pytest.mark.parametrize("args, message", BAD_COMMANDS)
 def test_bad_command_line_fails_in_one_line(args, message, tmp_path, store):
     uri, client = store
+    if not any(a.startswith("tracking.uri=") for a in args):
+        args = [*args, f"tracking.uri={uri}"]
     proc = subprocess.run(
-        [sys.executable, "-m", "vitexp", *args, f"tracking.uri={uri}"],
+        [sys.executable, "-m", "vitexp", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,

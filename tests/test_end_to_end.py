@@ -90,10 +90,12 @@ def test_single_run_records_everything(tmp_path, store):
 
 
 def test_multirun_is_one_parent_with_a_child_per_job(tmp_path, store):
+    """Two jobs side by side (joblib) writing to one sqlite store: no metric is lost."""
     uri, client = store
     run_vitexp(
         [
             "-m",
+            "hydra/launcher=parallel",
             *TINY,
             "trainer.epochs=1",
             "depth=1,2",
@@ -108,6 +110,9 @@ def test_multirun_is_one_parent_with_a_child_per_job(tmp_path, store):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.params["model.depth"] for r in children) == ["1", "2"]
     assert all(r.info.status == "FINISHED" for r in children) and len(runs) == 3
+    for child in children:
+        for key in ("train_loss", "val_loss", "val_top1", "lr", "optimizer_step", "images_per_s"):
+            assert [s for s, _ in metric_steps(client, child.info.run_id, key)] == [1], key
 
 
 def test_a_diverging_job_fails_without_stopping_the_sweep(tmp_path, store):
@@ -174,3 +179,26 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, store):
     (run,) = runs_of(client)
     assert run.info.status == "FINISHED" and run.data.params["replicas"] == "2"
     assert [s for s, _ in metric_steps(client, run.info.run_id, "val_top1")] == [1, 2]
+
+
+def test_swin_run_is_recorded_like_a_vit_run(tmp_path, store):
+    uri, client = store
+    run_vitexp(
+        [
+            "model=swin_micro",
+            "data=synthetic",
+            "data.image_shape=[32,32,3]",
+            "trainer.epochs=2",
+            "trainer.batch_size=64",
+            f"tracking.uri={uri}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
+    (run,) = runs_of(client)
+    assert run.info.status == "FINISHED" and run.info.run_name == "swin_micro-p4-d2"
+    assert [s for s, _ in metric_steps(client, run.info.run_id, "val_top1")] == [1, 2]
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert names == {"checkpoints/best.keras", "checkpoints/last.keras"}
+    report = {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "report")}
+    assert report == {"samples.png", "patches.png", "confusion.png", "errors.png"}  # no attention for Swin

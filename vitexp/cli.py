@@ -62,17 +62,27 @@ def preflight(argv: list[str]) -> None:
         jobs = _job_overrides(args)
     except Exception as err:
         fail(f"cannot parse the overrides: {_first_line(err)}")
+    servers = set()
     for job in jobs:
         try:
             cfg = compose(job)
         except Exception as err:
             fail(_explain_compose_error(err))
+        if str(cfg.tracking.uri).startswith(("http://", "https://")):
+            servers.add((cfg.tracking.uri, cfg.tracking.timeout_s))
         try:
             check_config(cfg)
         except ConfigError as err:
             swept = [ov for ov in job if ov not in args]  # this job's values of the sweep axes
             prefix = f"[{' '.join(swept)}] " if swept else ""
             fail(f"{prefix}{err}")
+    for uri, timeout in sorted(servers):  # before a sweep creates its parent run
+        from vitexp.tracking import TrackingError, check_reachable
+
+        try:
+            check_reachable(uri, timeout)
+        except TrackingError as err:
+            fail(str(err))
 
 
 def _first_line(err: BaseException) -> str:

@@ -92,3 +92,30 @@ def test_local_weights_file_must_exist(tmp_path):
 def test_swin_rejects_what_it_cannot_take(overrides, message):
     with pytest.raises(ConfigError, match=message):
         check_config(compose(overrides))
+
+
+VIT_OPTIONS = [
+    {"pooling": "flatten"},
+    {"pooling": "cls"},
+    {"pooling": "gap"},
+    {"pos_embedding": "learned"},
+    {"pos_embedding": "sincos"},
+    {"shifted_patches": True},
+    {"locality_attention": True},
+    {"tokenizer": "conv"},
+    {"drop_path": 0.2},
+    {"head_units": [64, 32]},
+    {"head_dim": 8},
+]
+
+
+@pytest.mark.parametrize("option", VIT_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_each_vit_design_choice_builds_and_trains(option):
+    cfg = small("vit_tiny")
+    for key, value in option.items():
+        cfg.model[key] = value
+    check_config(cfg)
+    model = instantiate(cfg.model, _convert_="all")
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    labels = keras.ops.one_hot(np.array([0, 1, 2, 6]), 7)
+    assert np.isfinite(eager_step(model, keras.optimizers.AdamW(1e-3), images, labels))
