@@ -5,7 +5,8 @@
 Each configuration trains the same model in its own process (so peak memory is its own):
 
 - `textbook`: numpy float arrays (`x / 255.`) into `fit`, batch 64, `validation_split=0.2`,
-  sparse labels and metrics, default compile: how the chapter trains.
+  sparse labels and metrics, default compile: how the chapter trains (with the input
+  normalisation adapted, so that both train the same model and their losses compare).
 - `vitexp`: `python -m vitexp`'s own path at the same batch and precision: uint8 tf.data,
   MLflow tracking, atomic checkpoints and validation every epoch.
 - `vitexp_best`: vitexp at the settings fastest on this machine (`--best` overrides).
@@ -75,10 +76,15 @@ def run_textbook(args) -> dict:
     cfg = compose([f"model={args.model}", *args.overrides])
     baseline = rss_mb()
     x, y = synthetic(args.images, tuple(cfg.data.image_shape), cfg.data.num_classes)
-    x = x / 255.0  # as the textbook: a float64 copy of the whole set
     from hydra.utils import instantiate
 
+    from vitexp.models import adapt_input_norm
+
     model = instantiate(cfg.model, _convert_="all")
+    # the same model as vitexp trains (its normalisation adapted, not the textbook's identity),
+    # fed the textbook's way: a float64 copy of the whole set, sliced batch by batch by Keras
+    x = x / 255.0
+    adapt_input_norm(model, x[: int(len(x) * 0.8)])
     schedule = WarmupCosine(1e-3, args.steps * 2, 0.1)
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=1e-4),

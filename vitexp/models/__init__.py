@@ -5,7 +5,7 @@ import numpy as np
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and variance of uint8 images, in chunks (no float copy of the set)."""
+    """Per-channel mean and variance of images (uint8 or float), in chunks (no float copy of the set)."""
     channels = images.shape[-1]
     total = np.zeros(channels)
     total_sq = np.zeros(channels)

@@ -1,0 +1,35 @@
+"""The benchmark runs end to end (its figures are for `make bench`, never asserted here)."""
+
+import json
+import re
+
+import pytest
+from conftest import run_vitexp
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_runs_and_reports(tmp_path):
+    out = run_vitexp(
+        [
+            "--model",
+            "vit_tiny",
+            "--steps",
+            "4",
+            "--images",
+            "1000",
+            "--out",
+            str(tmp_path / "bench"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        tmp_path,
+        module="vitexp.bench",
+    )
+    last = out.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"speedup_same_batch=\d+\.\d\d speedup_best=\d+\.\d\d", last), last
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert set(report["results"]) == {"textbook", "vitexp", "vitexp_best"}
+    for result in report["results"].values():
+        assert result["images_per_s"] > 0 and result["peak_rss_mb"] > 0 and len(result["loss_per_epoch"]) == 2
+    assert report["train_flops_per_image"] > 1e6 and report["peak_gflops"]["float32"] > 0
