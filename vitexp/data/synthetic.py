@@ -5,10 +5,15 @@ import numpy as np
 from vitexp.data import ImageData
 
 
-def _make(prototypes, count, noise, rng):
+def _make(prototypes, count, noise, rng, chunk=2048):
+    """Noisy copies of the class prototypes, made in chunks: never a float copy of the set."""
     labels = rng.integers(0, len(prototypes), size=count).astype(np.int32)
-    images = prototypes[labels] + noise * rng.standard_normal((count, *prototypes.shape[1:]))
-    return np.clip(np.rint(images * 255), 0, 255).astype(np.uint8), labels
+    images = np.empty((count, *prototypes.shape[1:]), dtype=np.uint8)
+    for start in range(0, count, chunk):
+        part = labels[start : start + chunk]
+        noisy = prototypes[part] + noise * rng.standard_normal((len(part), *prototypes.shape[1:]))
+        images[start : start + chunk] = np.clip(np.rint(noisy * 255), 0, 255)
+    return images, labels
 
 
 def load_synthetic(
