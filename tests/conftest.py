@@ -52,6 +52,19 @@ def run_vitexp(args, tmp_path, module="vitexp", timeout=600, check=True, env=Non
     return proc
 
 
+def start_vitexp(args, cwd):
+    """Starts `python -m vitexp ARGS` in the background, for tests that signal or race it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "vitexp", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.fixture
 def store(tmp_path):
     """A fresh sqlite MLflow store in a temporary folder: (uri, client)."""

@@ -1,31 +1,16 @@
 """Runs that survive: kill and resume, Ctrl-C, divergence, determinism, bad inputs."""
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, run_vitexp, runs_of
+from conftest import TINY, run_vitexp, runs_of, start_vitexp
 
 pytestmark = pytest.mark.slow
 
 LONG = [*TINY, "data.num_train=3072", "trainer.epochs=5"]  # ~100 steps an epoch
-
-
-def start(args, tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "vitexp", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def wait_for(condition, proc, timeout=300, poll=0.01):
@@ -60,7 +45,7 @@ def test_sigkill_in_third_epoch_then_resume(tmp_path, store):
     uri, client = store
     run_dir = tmp_path / "run"
     args = [*LONG, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"]
-    proc = start(args, tmp_path)
+    proc = start_vitexp(args, tmp_path)
     wait_for(lambda: (run_dir / "checkpoints" / "epoch_0002.keras").exists(), proc)
     time.sleep(0.3)  # into the third epoch
     proc.send_signal(signal.SIGKILL)
@@ -79,7 +64,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, store):
     run_dir = tmp_path / "run"
     big = [*LONG, "model.head_units=[2048,2048]"]  # a checkpoint large enough to catch mid-write
     args = [*big, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"]
-    proc = start(args, tmp_path)
+    proc = start_vitexp(args, tmp_path)
     partial = run_dir / "checkpoints" / ".epoch_0002.keras.tmp.keras"
     wait_for(partial.exists, proc, poll=0.002)
     proc.send_signal(signal.SIGKILL)
@@ -93,7 +78,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, store):
 def test_ctrl_c_ends_killed_with_a_usable_checkpoint(tmp_path, store):
     uri, client = store
     run_dir = tmp_path / "run"
-    proc = start([*LONG, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], tmp_path)
+    proc = start_vitexp([*LONG, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], tmp_path)
     wait_for(lambda: (run_dir / "checkpoints" / "epoch_0001.keras").exists(), proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)

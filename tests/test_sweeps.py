@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import ARTIFACTS, TINY, run_vitexp, runs_of
+from conftest import ARTIFACTS, TINY, run_vitexp, runs_of, start_vitexp
 
 pytestmark = pytest.mark.slow
 
@@ -126,12 +126,8 @@ def test_parallel_grid_into_a_tracking_server(server, grid):
 def test_tracking_server_down_mid_run_loses_nothing(server, tmp_path):
     uri, client, start, stop = server
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
+    proc = start_vitexp(
         [
-            sys.executable,
-            "-m",
-            "vitexp",
             *TINY,
             "data.num_train=3072",
             "trainer.epochs=5",
@@ -139,11 +135,7 @@ def test_tracking_server_down_mid_run_loses_nothing(server, tmp_path):
             f"tracking.uri={uri}",
             f"hydra.run.dir={run_dir}",
         ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        tmp_path,
     )
     checkpoints = run_dir / "checkpoints"
     while not (checkpoints / "epoch_0001.json").exists():
@@ -196,15 +188,7 @@ def test_killed_sweep_resumes_without_repeating_jobs_and_compares(tmp_path, stor
         f"tracking.uri={uri}",
         f"hydra.sweep.dir={tmp_path / 's'}",
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vitexp", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_vitexp(args, tmp_path)
     deadline = time.monotonic() + 300
     while not any(
         r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags for r in runs_of(client)

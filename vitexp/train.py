@@ -233,72 +233,84 @@ def metric_history(tracker: Tracker, run_id: str, keys: list[str]) -> dict[str, 
     return history
 
 
-def fit_and_record(
-    cfg,
-    tracker,
-    run_id,
-    model,
-    schedule,
-    splits,
-    steps,
-    out_dir,
-    first_epoch,
-    class_names,
-    extra_callbacks=(),
-) -> dict:
-    t = cfg.trainer
-    num_classes = cfg.data.num_classes
-    checkpoints = CheckpointDir(out_dir / "checkpoints", keep=t.keep_checkpoints)
+@dataclass
+class Job:
+    """What a training job holds once its model is built and its MLflow run exists."""
+
+    cfg: DictConfig
+    tracker: Tracker
+    run_id: str
+    model: keras.Model
+    schedule: object
+    splits: Splits
+    steps: int
+    out_dir: Path
+    first_epoch: int
+    class_names: list[str]
+
+
+def fit_and_record(job: Job, extra_callbacks=()) -> dict:
+    t = job.cfg.trainer
+    num_classes = job.cfg.data.num_classes
+    checkpoints = CheckpointDir(job.out_dir / "checkpoints", keep=t.keep_checkpoints)
     callbacks = [
-        DivergenceGuard(schedule),
-        EpochRecorder(tracker, run_id, schedule, steps * t.batch_size, checkpoints),
+        DivergenceGuard(job.schedule),
+        EpochRecorder(job.tracker, job.run_id, job.schedule, job.steps * t.batch_size, checkpoints),
         *extra_callbacks,
     ]
-    if model.optimizer.use_ema:  # validate and checkpoint the averaged weights
+    if job.model.optimizer.use_ema:  # validate and checkpoint the averaged weights
         callbacks.insert(1, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    if first_epoch < t.epochs:
-        augment = build_augment(cfg.data.augment)
-        model.fit(
+    if job.first_epoch < t.epochs:
+        augment = build_augment(job.cfg.data.augment)
+        job.model.fit(
             train_dataset(
-                *splits.train,
+                *job.splits.train,
                 num_classes,
                 t.batch_size,
                 t.seed,
-                first_epoch,
+                job.first_epoch,
                 t.epochs,
-                steps=steps,
+                steps=job.steps,
                 augment=augment,
             ),
             epochs=t.epochs,
-            initial_epoch=first_epoch,
-            steps_per_epoch=steps,
-            validation_data=eval_dataset(*splits.val, num_classes, t.batch_size),
+            initial_epoch=job.first_epoch,
+            steps_per_epoch=job.steps,
+            validation_data=eval_dataset(*job.splits.val, num_classes, t.batch_size),
             shuffle=False,  # the dataset is already a seeded permutation per epoch
             callbacks=callbacks,
             verbose=t.verbose if t.verbose != 1 or sys.stdout.isatty() else 2,
         )
-    logits = model.predict(eval_dataset(*splits.test, num_classes, t.batch_size), verbose=0)
+    logits = job.model.predict(eval_dataset(*job.splits.test, num_classes, t.batch_size), verbose=0)
     probs = softmax(logits.astype(np.float64))
-    test = score_predictions(probs, splits.test[1])
+    test = score_predictions(probs, job.splits.test[1])
     best, best_epoch = checkpoints.best_so_far()
-    tracker.log_metrics(run_id, {f"test_{k}": float(v) for k, v in test.items()}, step=t.epochs)
-    tracker.log_metrics(run_id, {"best_val_top1": best, "best_epoch": best_epoch}, step=t.epochs)
-    if not tracker.flush_with_retry():
+    job.tracker.log_metrics(job.run_id, {f"test_{k}": float(v) for k, v in test.items()}, step=t.epochs)
+    job.tracker.log_metrics(job.run_id, {"best_val_top1": best, "best_epoch": best_epoch}, step=t.epochs)
+    if not job.tracker.flush_with_retry():
         raise TrackingError(
-            f"tracking store {tracker.uri} stayed unreachable; metrics are kept in {checkpoints.folder}"
+            f"tracking store {job.tracker.uri} stayed unreachable; metrics are kept in {checkpoints.folder}"
         )
     keys = [f"{s}_{m}" for s in ("train", "val") for m in ("loss", "top1", "top5")]
-    curves = plot_curves(metric_history(tracker, run_id, keys), out_dir / "curves.png", cfg.run_name)
-    tracker.log_artifact(run_id, curves)
-    if cfg.report.enabled:
+    curves = plot_curves(
+        metric_history(job.tracker, job.run_id, keys), job.out_dir / "curves.png", job.cfg.run_name
+    )
+    job.tracker.log_artifact(job.run_id, curves)
+    if job.cfg.report.enabled:
         pictures = write_report(
-            model, cfg, *splits.train, *splits.test, probs, class_names, out_dir / "report"
+            job.model,
+            job.cfg,
+            *job.splits.train,
+            *job.splits.test,
+            probs,
+            job.class_names,
+            job.out_dir / "report",
         )
         for path in pictures:
-            tracker.log_artifact(run_id, path, "report")
-    if cfg.tracking.log_checkpoints:
+            job.tracker.log_artifact(job.run_id, path, "report")
+    if job.cfg.tracking.log_checkpoints:
         for path in (checkpoints.best, checkpoints.last):
-            tracker.log_artifact(run_id, path, "checkpoints")
+            job.tracker.log_artifact(job.run_id, path, "checkpoints")
     return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": checkpoints.best}
 
 
@@ -429,19 +441,10 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
             tracker.log_params(
                 run_id, {"class_names": ",".join(data.class_names)[:6000], "replicas": str(replicas)}
             )
-        result = fit_and_record(
-            cfg,
-            tracker,
-            run_id,
-            model,
-            schedule,
-            splits,
-            steps,
-            out_dir,
-            first_epoch,
-            data.class_names,
-            callbacks,
+        job = Job(
+            cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names
         )
+        result = fit_and_record(job, callbacks)
     except KeyboardInterrupt:
         tracker.flush(raise_errors=False)
         tracker.end_run(run_id, KILLED)
