@@ -32,4 +32,7 @@ def test_bench_runs_and_reports(tmp_path):
     assert set(report["results"]) == {"textbook", "vitexp", "vitexp_best"}
     for result in report["results"].values():
         assert result["images_per_s"] > 0 and result["peak_rss_mb"] > 0 and len(result["loss_per_epoch"]) == 2
+        assert result["train_images_per_s"] > result["images_per_s"]  # validation costs time
+        # every configuration validates on the same held-out 20% of the same 1,000 images
+        assert result["val_images"] == 200
     assert report["train_flops_per_image"] > 1e6 and report["peak_gflops"]["float32"] > 0

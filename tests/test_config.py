@@ -78,6 +78,8 @@ def test_every_target_is_inside_vitexp():
         (["tracking.uri=ftp://x"], "tracking.uri"),
         (["model.tokenizer=conv", "patch_size=6"], "stride must be 2, 4, 8 or 16"),
         (["model.tokenizer=cnn"], "model.tokenizer"),
+        (["model.tokenizer=conv", "patch_size=8", "model.stem_channels=[8]"], "needs at least 3 stride-2"),
+        (["model.stem_channels=[8,8]"], "add model.tokenizer=conv"),
     ],
 )
 def test_check_config_rejects(overrides, message):

@@ -52,6 +52,7 @@ class ViTConfig(ModelConfig):
     shifted_patches: bool = False
     locality_attention: bool = False
     tokenizer: str = "patch"
+    stem_channels: list[int] = field(default_factory=list)
 
 
 @dataclass

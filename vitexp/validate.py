@@ -97,6 +97,16 @@ def check_vit(m: Any) -> None:
             m.patch_size in (2, 4, 8, 16),
             f"model.patch_size={m.patch_size}: the conv tokenizer's stride must be 2, 4, 8 or 16",
         )
+        strided = m.patch_size.bit_length() - 1
+        _require(
+            not m.stem_channels or len(m.stem_channels) >= strided,
+            f"model.stem_channels={list(m.stem_channels)}: patch_size={m.patch_size} needs at least "
+            f"{strided} stride-2 stages; give {strided} or more entries, or [] for the plain stem",
+        )
+    _require(
+        not m.stem_channels or m.tokenizer == "conv",
+        "model.stem_channels is for the conv tokenizer: add model.tokenizer=conv or drop stem_channels",
+    )
     _require(m.pooling in POOLINGS, f"model.pooling={m.pooling!r}: use one of {POOLINGS}")
     _require(
         m.pos_embedding in POS_EMBEDDINGS,

@@ -133,3 +133,23 @@ def test_conv_tokenizer():
     assert roundtrip(layer).patch_size == 4
     with pytest.raises(ValueError, match="power of two"):
         ConvTokenizer(patch_size=6, projection_dim=16)
+
+
+def test_conv_tokenizer_with_batchnorm_stem(tmp_path):
+    layer = ConvTokenizer(patch_size=4, projection_dim=16, channels=[8, 8, 12])
+    images = RNG.random((2, 28, 28, 1)).astype("float32")
+    assert layer(images).shape == (2, 49, 16)
+    kinds = [type(s).__name__ for s in layer.stages]
+    # 3x3 conv + BN + ReLU per entry (stride 2, 2, then 1), then a 1x1 projection
+    assert kinds == ["Conv2D", "BatchNormalization", "ReLU"] * 3 + ["Conv2D"]
+    assert [s.strides for s in layer.stages if type(s).__name__ == "Conv2D"] == [(2, 2), (2, 2), (1, 1), (1, 1)]
+    assert layer.stages[-1].kernel_size == (1, 1)
+    # BatchNorm uses batch statistics in training and its moving averages in inference
+    assert not np.allclose(layer(images, training=True), layer(images, training=False))
+    inputs = keras.Input((28, 28, 1))
+    model = keras.Model(inputs, layer(inputs))
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_array_equal(model(images), again(images))
+    with pytest.raises(ValueError, match="at least 2 stages"):
+        ConvTokenizer(patch_size=4, projection_dim=16, channels=[8])

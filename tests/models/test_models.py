@@ -103,6 +103,7 @@ VIT_OPTIONS = [
     {"shifted_patches": True},
     {"locality_attention": True},
     {"tokenizer": "conv"},
+    {"tokenizer": "conv", "patch_size": 4, "stem_channels": [8, 16, 16]},
     {"drop_path": 0.2},
     {"head_units": [64, 32]},
     {"head_dim": 8},

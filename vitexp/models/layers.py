@@ -94,42 +94,73 @@ class PatchTokenization(layers.Layer):
 class ConvTokenizer(layers.Layer):
     """A convolutional tokenizer: a stem of strided 3x3 convolutions in place of patches.
 
-    `log2(patch_size)` stages of 3x3 convolution with stride 2 + ReLU (the convolutional
-    stem of Xiao et al., 2021, "Early convolutions help transformers see better"; Compact
+    By default `log2(patch_size)` stages of 3x3 convolution with stride 2 + ReLU (Compact
     Convolutional Transformers, Hassani et al., 2021, tokenize likewise), so each token
     summarises a `patch_size` x `patch_size` cell like a patch, but with the locality and
-    overlap that let a transformer learn from little data.
+    overlap that let a transformer learn from little data. With `channels`, the stem of
+    Xiao et al., 2021 ("Early convolutions help transformers see better"): one 3x3
+    convolution + BatchNorm + ReLU per entry, stride 2 until the total stride reaches
+    `patch_size` and 1 after that, then a 1x1 convolution to `projection_dim`.
 
     Args:
         patch_size: a power of two: the total stride, as for patch tokenization.
         projection_dim: width of the tokens (the last stage's filters; earlier ones half).
+        channels: filters of each 3x3 stage (at least `log2(patch_size)` entries); empty
+            for the plain stem.
 
     Returns:
         `(batch, (H / patch_size) * (W / patch_size), projection_dim)` tokens.
     """
 
-    def __init__(self, patch_size, projection_dim, **kwargs):
+    def __init__(self, patch_size, projection_dim, channels=(), **kwargs):
         super().__init__(**kwargs)
         if patch_size < 2 or patch_size & (patch_size - 1):
             raise ValueError(f"patch_size={patch_size}: the conv tokenizer needs a power of two (2, 4, 8)")
+        strided = int(math.log2(patch_size))
+        if channels and len(channels) < strided:
+            raise ValueError(
+                f"channels={list(channels)}: a stride of {patch_size} needs at least {strided} stages"
+            )
         self.patch_size = patch_size
         self.projection_dim = projection_dim
+        self.channels = tuple(int(c) for c in channels)
 
     def build(self, input_shape):
-        stages = int(math.log2(self.patch_size))
+        strided = int(math.log2(self.patch_size))
+        if self.channels:
+            plan = [(c, 2 if i < strided else 1, True) for i, c in enumerate(self.channels)]
+            plan.append((self.projection_dim, 1, False))
+        else:
+            plan = [
+                (self.projection_dim if i == strided - 1 else max(self.projection_dim // 2, 16), 2, False)
+                for i in range(strided)
+            ]
         self.stages = []
         shape = tuple(input_shape)
-        for i in range(stages):
-            filters = self.projection_dim if i == stages - 1 else max(self.projection_dim // 2, 16)
-            conv = layers.Conv2D(filters, 3, strides=2, padding="same", activation="relu", name=f"c{i}")
+        for i, (filters, stride, norm) in enumerate(plan):
+            last_projection = self.channels and i == len(plan) - 1
+            conv = layers.Conv2D(
+                filters,
+                1 if last_projection else 3,
+                strides=stride,
+                padding="same",
+                activation=None if norm or last_projection else "relu",
+                use_bias=not norm,
+                name=f"c{i}",
+            )
             conv.build(shape)
-            shape = (shape[0], -(-shape[1] // 2), -(-shape[2] // 2), filters)
+            shape = (shape[0], -(-shape[1] // stride), -(-shape[2] // stride), filters)
             self.stages.append(conv)
+            if norm:
+                bn = layers.BatchNormalization(name=f"bn{i}")
+                bn.build(shape)
+                self.stages.append(bn)
+                self.stages.append(layers.ReLU(name=f"relu{i}"))
 
-    def call(self, images):
+    def call(self, images, training=None):
         x = images
-        for conv in self.stages:
-            x = conv(x)
+        for stage in self.stages:
+            x = stage(x, training=training) if isinstance(stage, layers.BatchNormalization) else stage(x)
         return ops.reshape(x, (-1, x.shape[1] * x.shape[2], x.shape[3]))
 
     def compute_output_shape(self, input_shape):
@@ -137,7 +168,12 @@ class ConvTokenizer(layers.Layer):
         return (input_shape[0], (height // self.patch_size) * (width // self.patch_size), self.projection_dim)
 
     def get_config(self):
-        return {**super().get_config(), "patch_size": self.patch_size, "projection_dim": self.projection_dim}
+        return {
+            **super().get_config(),
+            "patch_size": self.patch_size,
+            "projection_dim": self.projection_dim,
+            "channels": list(self.channels),
+        }
 
 
 def sincos_table(num_positions: int, dim: int) -> np.ndarray:

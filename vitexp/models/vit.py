@@ -34,6 +34,7 @@ def build_vit(
     shifted_patches=False,
     locality_attention=False,
     tokenizer="patch",
+    stem_channels=(),
     name="vit",
 ):
     """Builds a ViT classifier that maps raw pixels (any scale, uint8 welcome) to logits.
@@ -63,6 +64,8 @@ def build_vit(
         locality_attention: locality self-attention (Lee et al., 2021).
         tokenizer: `patch` (linear projection of patches) or `conv` (a convolutional
             tokenizer of total stride `patch_size`, as in Compact Convolutional Transformers).
+        stem_channels: with `tokenizer="conv"`, the filters of each 3x3 conv + BatchNorm
+            stage (Xiao et al., 2021); empty for the plain strided stem.
         name: model name.
 
     Returns:
@@ -73,7 +76,7 @@ def build_vit(
     if tuple(input_shape[:2]) != (image_size, image_size):
         x = layers.Resizing(image_size, image_size, name="resize")(x)
     if tokenizer == "conv":
-        tokens = ConvTokenizer(patch_size, projection_dim, name="patches")(x)
+        tokens = ConvTokenizer(patch_size, projection_dim, stem_channels, name="patches")(x)
     else:
         tokens, _ = PatchTokenization(patch_size, projection_dim, shifted=shifted_patches, name="patches")(x)
     if pooling == "cls":
