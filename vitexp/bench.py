@@ -16,9 +16,10 @@ out for validation) and trains two epochs of `--steps` steps, validating on all 
 images after each: the first pays for the graph trace, the second is timed. Reported: the
 training steps' images/s, the epoch's time outside its steps (validation, and vitexp's
 checkpoint and tracking), and from both the images/s of a whole epoch over the held
-images, which the speedups compare. Also measured in the same run: a dense matmul peak (float32 and bfloat16) and the model's
-training FLOPs per image, so the achieved FLOP/s reads as a fraction of what the machine
-can do. Results: a table on stdout, `bench/bench.json`, an MLflow run; the last line is
+images, which the speedups compare. Also measured in the same run: a dense matmul peak
+(float32 and bfloat16) and the model's training FLOPs per image, so the achieved FLOP/s of
+the training steps reads as a fraction of what the machine can do. Results: a table on
+stdout, `bench/bench.json`, an MLflow run; the last line is
 `speedup_same_batch=<x> speedup_best=<y>`.
 """
 
@@ -112,9 +113,7 @@ def run_textbook(args) -> dict:
         verbose=0,
     )
     held_out = len(x) - int(len(x) * (1 - 0.2))  # Keras' validation_split takes the last 20%
-    return result(
-        timer, args.steps * 64, baseline, history.history["loss"], model.count_params(), held_out
-    )
+    return result(timer, args.steps * 64, baseline, history.history["loss"], model.count_params(), held_out)
 
 
 def run_vitexp(args, overrides) -> dict:
@@ -292,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = {
         "speedup_same_batch": results["vitexp"]["images_per_s"] / ref,
         "speedup_best": results["vitexp_best"]["images_per_s"] / ref,
-        "train_speedup_same_batch": results["vitexp"]["train_images_per_s"] / results["textbook"]["train_images_per_s"],
+        "train_speedup_same_batch": results["vitexp"]["train_images_per_s"]
+        / results["textbook"]["train_images_per_s"],
     }
     report = {
         "model": args.model,

@@ -142,7 +142,8 @@ def test_conv_tokenizer_with_batchnorm_stem(tmp_path):
     kinds = [type(s).__name__ for s in layer.stages]
     # 3x3 conv + BN + ReLU per entry (stride 2, 2, then 1), then a 1x1 projection
     assert kinds == ["Conv2D", "BatchNormalization", "ReLU"] * 3 + ["Conv2D"]
-    assert [s.strides for s in layer.stages if type(s).__name__ == "Conv2D"] == [(2, 2), (2, 2), (1, 1), (1, 1)]
+    strides = [s.strides for s in layer.stages if type(s).__name__ == "Conv2D"]
+    assert strides == [(2, 2), (2, 2), (1, 1), (1, 1)]
     assert layer.stages[-1].kernel_size == (1, 1)
     # BatchNorm uses batch statistics in training and its moving averages in inference
     assert not np.allclose(layer(images, training=True), layer(images, training=False))
