@@ -35,4 +35,5 @@ def test_bench_runs_and_reports(tmp_path):
         assert result["train_images_per_s"] > result["images_per_s"]  # validation costs time
         # every configuration validates on the same held-out 20% of the same 1,000 images
         assert result["val_images"] == 200
+        assert result["first_step_mb"] > 0  # the first step allocates its activations
     assert report["train_flops_per_image"] > 1e6 and report["peak_gflops"]["float32"] > 0

@@ -28,6 +28,9 @@ def test_single_run_records_everything(tmp_path, store):
     assert params["model.depth"] == "1" and params["trainer.epochs"] == "3"
     assert params["model.transformer_units"] == "[64, 32]"
     assert int(params["trainable_params"]) > 1000 and params["class_names"].startswith("pattern_0")
+    # the CPU defaults, resolved from trainer.precision=auto and trainer.jit_compile=auto
+    assert params["trainer.jit_compile"] == "auto" and params["xla"] == "False"
+    assert params["precision"] == "float32"
     for key in ("train_loss", "val_loss", "train_top1", "val_top1", "train_top5", "val_top5", "lr"):
         assert [s for s, _ in metric_steps(client, run.info.run_id, key)] == [1, 2, 3], key
     lrs = [v for _, v in metric_steps(client, run.info.run_id, "lr")]

@@ -4,9 +4,10 @@
 
 Each configuration trains the same model in its own process (so peak memory is its own):
 
-- `textbook`: numpy float arrays (`x / 255.`) into `fit`, batch 64, `validation_split=0.2`,
-  sparse labels and metrics, default compile: how the chapter trains (with the input
-  normalisation adapted, so that both train the same model and their losses compare).
+- `textbook`: numpy arrays into `fit`, `validation_split=0.2`, sparse labels and metrics,
+  default compile: how the chapter trains. For its ViT, float arrays (`x / 255.`) at batch
+  64 (with the input normalisation adapted, so that both train the same model and their
+  losses compare); for its Swin, the uint8 arrays at batch 128 (`--batch 128`).
 - `vitexp`: `python -m vitexp`'s own path at the same batch and precision: uint8 tf.data,
   MLflow tracking, atomic checkpoints and validation every epoch.
 - `vitexp_best`: vitexp at the settings fastest on this machine (`--best` overrides).
@@ -41,7 +42,14 @@ BEST = ["trainer.precision=mixed_bfloat16"]
 
 
 def rss_mb() -> float:
+    """Peak resident memory of this process so far, MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        line = next(ln for ln in status if ln.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -53,6 +61,11 @@ class EpochTimer(keras.callbacks.Callback):
         self.epoch_s: list[float] = []
         self.train_s: list[float] = []
         self._start = 0.0
+        self.rss_at_train_begin_mb = 0.0
+        self.rss_after_first_step_mb = 0.0
+
+    def on_train_begin(self, logs=None):  # data, pipeline, model and optimizer are built
+        self.rss_at_train_begin_mb = current_rss_mb()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = time.perf_counter()
@@ -64,6 +77,7 @@ class EpochTimer(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.first_step_s is None:
             self.first_step_s = time.perf_counter() - T0
+            self.rss_after_first_step_mb = current_rss_mb()
 
     def on_epoch_end(self, epoch, logs=None):  # runs after validation and vitexp's checkpoint
         self.epoch_s.append(time.perf_counter() - self._start)
@@ -89,9 +103,11 @@ def run_textbook(args) -> dict:
 
     model = instantiate(cfg.model, _convert_="all")
     # the same model as vitexp trains (its normalisation adapted, not the textbook's identity),
-    # fed the textbook's way: a float64 copy of the whole set, sliced batch by batch by Keras
-    x = x / 255.0
-    adapt_input_norm(model, x[: int(len(x) * 0.8)])
+    # fed the textbook's way: for the ViT a float64 copy of the whole set, sliced batch by
+    # batch by Keras; Swin (no `input_norm`: tfswin normalises 0-255 pixels) gets the uint8 set
+    if any(layer.name == "input_norm" for layer in model.layers):
+        x = x / 255.0
+        adapt_input_norm(model, x[: int(len(x) * 0.8)])
     schedule = WarmupCosine(1e-3, args.steps * 2, 0.1)
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=1e-4),
@@ -105,7 +121,7 @@ def run_textbook(args) -> dict:
     history = model.fit(
         x,
         y,
-        batch_size=64,
+        batch_size=args.batch,
         epochs=2,
         steps_per_epoch=args.steps,
         validation_split=0.2,
@@ -113,7 +129,9 @@ def run_textbook(args) -> dict:
         verbose=0,
     )
     held_out = len(x) - int(len(x) * (1 - 0.2))  # Keras' validation_split takes the last 20%
-    return result(timer, args.steps * 64, baseline, history.history["loss"], model.count_params(), held_out)
+    return result(
+        timer, args.steps * args.batch, baseline, history.history["loss"], model.count_params(), held_out
+    )
 
 
 def run_vitexp(args, overrides) -> dict:
@@ -123,11 +141,12 @@ def run_vitexp(args, overrides) -> dict:
     from vitexp.train import train
 
     folder = Path(tempfile.mkdtemp(prefix="vitexp-bench-"))
-    batch = next((int(o.split("=")[1]) for o in overrides if o.startswith("trainer.batch_size=")), 64)
-    steps = args.steps * 64 // batch
+    batch = next((int(o.split("=")[1]) for o in overrides if o.startswith("trainer.batch_size=")), args.batch)
+    steps = args.steps * args.batch // batch
     cfg = compose(
         [
             f"model={args.model}",
+            f"trainer.batch_size={args.batch}",
             *args.overrides,
             "data=synthetic",
             f"data.num_train={args.images}",
@@ -177,6 +196,9 @@ def result(
         "first_step_s": timer.first_step_s,
         "peak_rss_mb": rss_mb(),
         "rss_above_tf_mb": rss_mb() - baseline_mb,
+        # where it goes: what the data and model hold before training, what the first step adds
+        "setup_mb": timer.rss_at_train_begin_mb - baseline_mb,
+        "first_step_mb": timer.rss_after_first_step_mb - timer.rss_at_train_begin_mb,
         "loss_per_epoch": [float(v) for v in losses],
         "num_params": params,
         "precision": precision,
@@ -241,6 +263,8 @@ def spawn(name: str, args) -> dict:
         name,
         "--steps",
         str(args.steps),
+        "--batch",
+        str(args.batch),
         "--model",
         args.model,
         "--images",
@@ -256,7 +280,10 @@ def spawn(name: str, args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vitexp.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="timed training steps at batch 64")
+    parser.add_argument("--steps", type=int, default=60, help="timed training steps at --batch")
+    parser.add_argument(
+        "--batch", type=int, default=64, help="batch size (the textbook's: 64 for its ViT, 128 for its Swin)"
+    )
     parser.add_argument("--model", default="vit")
     parser.add_argument(
         "--images", type=int, default=50000, help="training images held in memory (CIFAR: 50000)"
@@ -297,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "model": args.model,
         "steps": args.steps,
+        "batch": args.batch,
         "best_overrides": BEST,
         **machine,
         "results": results,
@@ -311,14 +339,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{'config':<13}{'precision':<16}{'train img/s':>12}{'overhead s':>11}{'epoch img/s':>12}"
-        f"{'first step s':>13}{'peak RSS MB':>12}{'GFLOP/s':>9}{'of peak':>9}   loss per epoch"
+        f"{'first step s':>13}{'GFLOP/s':>9}{'of peak':>9}   loss per epoch"
     )
     for name, r in results.items():
         print(
             f"{name:<13}{r['precision']:<16}{r['train_images_per_s']:>12.1f}{r['epoch_overhead_s']:>11.1f}"
             f"{r['images_per_s']:>12.1f}{r['first_step_s']:>13.1f}"
-            f"{r['peak_rss_mb']:>12.0f}{r['achieved_gflops']:>9.1f}{r['fraction_of_matmul_peak']:>9.2f}"
+            f"{r['achieved_gflops']:>9.1f}{r['fraction_of_matmul_peak']:>9.2f}"
             f"   {', '.join(f'{v:.3f}' for v in r['loss_per_epoch'])}"
+        )
+    print(f"{'memory, MB':<13}{'peak RSS':>10}{'above TF':>10}{'before training':>17}{'first step':>12}")
+    for name, r in results.items():
+        print(
+            f"{name:<13}{r['peak_rss_mb']:>10.0f}{r['rss_above_tf_mb']:>10.0f}"
+            f"{r['setup_mb']:>17.0f}{r['first_step_mb']:>12.0f}"
         )
     log_to_mlflow(report, args)
     print(
@@ -340,7 +374,10 @@ def log_to_mlflow(report: dict, args) -> None:
     metrics.update({k: report[k] for k in ("speedup_same_batch", "speedup_best", "train_flops_per_image")})
     tracker.log_metrics(run_id, metrics, step=0)
     tracker.log_params(
-        run_id, flatten({"model": args.model, "steps": args.steps, "best": report["best_overrides"]})
+        run_id,
+        flatten(
+            {"model": args.model, "steps": args.steps, "batch": args.batch, "best": report["best_overrides"]}
+        ),
     )
     tracker.log_artifact(run_id, args.out / "bench.json")
     tracker.flush()

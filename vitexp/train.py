@@ -209,6 +209,8 @@ def log_setup(tracker: Tracker, run_id: str, cfg: DictConfig, model, splits: Spl
             "val_images": str(len(splits.val[0])),
             "test_images": str(len(splits.test[0])),
             "precision": keras.mixed_precision.global_policy().name,
+            # what trainer.jit_compile=auto became: Keras turns XLA on with a GPU, off on the CPU
+            "xla": str(bool(model.jit_compile)),
         }
     )
     tracker.log_params(run_id, params)

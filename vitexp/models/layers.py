@@ -152,7 +152,7 @@ class ConvTokenizer(layers.Layer):
             shape = (shape[0], -(-shape[1] // stride), -(-shape[2] // stride), filters)
             self.stages.append(conv)
             if norm:
-                bn = layers.BatchNormalization(name=f"bn{i}")
+                bn = layers.BatchNormalization(momentum=0.9, name=f"bn{i}")
                 bn.build(shape)
                 self.stages.append(bn)
                 self.stages.append(layers.ReLU(name=f"relu{i}"))
