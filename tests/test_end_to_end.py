@@ -160,7 +160,8 @@ def test_real_fashion_mnist_recipe_shortened_learns(tmp_path, store):
         tmp_path,
     )
     (run,) = runs_of(client, "vit_fashion_mnist")
-    # chance is 0.10; calibration runs of exactly this gave 0.711 and 0.672 (seeds 1, 2)
+    # chance is 0.10; this run gave 0.758 in a fresh-clone CI run (the earlier plain-stem recipe:
+    # 0.711 and 0.672)
     assert run.data.metrics["test_top1"] > 0.55
     assert run.data.params["class_names"].split(",")[0] == "T-shirt/top"
     assert np.isfinite(run.data.metrics["test_loss"])
