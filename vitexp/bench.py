@@ -39,6 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 BEST = ["trainer.precision=mixed_bfloat16"]
+VALIDATION_SPLIT = 0.2  # the textbook's, and vitexp's default
 
 
 def rss_mb() -> float:
@@ -99,6 +100,7 @@ def run_textbook(args) -> dict:
     x, y = synthetic(args.images, tuple(cfg.data.image_shape), cfg.data.num_classes)
     from hydra.utils import instantiate
 
+    from vitexp.data.pipeline import split_validation
     from vitexp.models import adapt_input_norm
 
     model = instantiate(cfg.model, _convert_="all")
@@ -124,11 +126,11 @@ def run_textbook(args) -> dict:
         batch_size=args.batch,
         epochs=2,
         steps_per_epoch=args.steps,
-        validation_split=0.2,
+        validation_split=VALIDATION_SPLIT,
         callbacks=[timer],
         verbose=0,
     )
-    held_out = len(x) - int(len(x) * (1 - 0.2))  # Keras' validation_split takes the last 20%
+    held_out = len(split_validation(x, y, VALIDATION_SPLIT)[1][0])  # Keras' split: the last 20%
     return result(
         timer, args.steps * args.batch, baseline, history.history["loss"], model.count_params(), held_out
     )
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     machine = spawn("machine", args)
     results = {name: spawn(name, args) for name in ("textbook", "vitexp", "vitexp_best")}
     flops = machine["train_flops_per_image"]
-    train_images = int(args.images * (1 - 0.2))
+    train_images = int(args.images * (1 - VALIDATION_SPLIT))
     for r in results.values():
         peak = machine["peak_gflops"]["bfloat16" if "bfloat16" in r["precision"] else "float32"]
         # a whole epoch over the held images: the timed steps' rate, plus what the timed

@@ -160,7 +160,7 @@ class ConvTokenizer(layers.Layer):
     def call(self, images, training=None):
         x = images
         for stage in self.stages:
-            x = stage(x, training=training) if isinstance(stage, layers.BatchNormalization) else stage(x)
+            x = stage(x, training=training)  # Keras passes `training` on only where `call` takes it
         return ops.reshape(x, (-1, x.shape[1] * x.shape[2], x.shape[3]))
 
     def compute_output_shape(self, input_shape):
