@@ -30,6 +30,10 @@ def test_bench_runs_and_reports(tmp_path):
     assert re.fullmatch(r"speedup_same_batch=\d+\.\d\d speedup_best=\d+\.\d\d", last), last
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert set(report["results"]) == {"textbook", "vitexp", "vitexp_best"}
+    # the best settings: bfloat16 at twice the batch, the learning rate scaled alike
+    assert "trainer.batch_size=128" in report["best_overrides"]
+    assert "optimizer.learning_rate=0.002" in report["best_overrides"]
+    assert report["results"]["vitexp_best"]["precision"] == "mixed_bfloat16"
     for result in report["results"].values():
         assert result["images_per_s"] > 0 and result["peak_rss_mb"] > 0 and len(result["loss_per_epoch"]) == 2
         assert result["train_images_per_s"] > result["images_per_s"]  # validation costs time

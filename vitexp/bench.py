@@ -10,7 +10,8 @@ Each configuration trains the same model in its own process (so peak memory is i
   losses compare); for its Swin, the uint8 arrays at batch 128 (`--batch 128`).
 - `vitexp`: `python -m vitexp`'s own path at the same batch and precision: uint8 tf.data,
   MLflow tracking, atomic checkpoints and validation every epoch.
-- `vitexp_best`: vitexp at the settings fastest on this machine (`--best` overrides).
+- `vitexp_best`: vitexp at the settings fastest on this machine: mixed_bfloat16 at twice
+  the batch with twice the learning rate (the linear scaling rule); see `best_overrides`.
 
 Each holds the same `--images` training images (CIFAR-sized by default, the last 20% held
 out for validation) and trains two epochs of `--steps` steps, validating on all held-out
@@ -38,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 
-BEST = ["trainer.precision=mixed_bfloat16"]
+BEST_BATCH_FACTOR = 2  # vitexp_best trains at twice --batch, the learning rate scaled alike
 VALIDATION_SPLIT = 0.2  # the textbook's, and vitexp's default
 
 
@@ -243,6 +244,18 @@ def training_flops(model_name: str, overrides: list[str]) -> float:
     return 3.0 * profile.total_float_ops
 
 
+def best_overrides(args) -> list[str]:
+    """mixed_bfloat16, and the batch and learning rate both scaled by BEST_BATCH_FACTOR."""
+    from vitexp.cli import compose
+
+    lr = compose([f"model={args.model}", *args.overrides]).optimizer.learning_rate
+    return [
+        "trainer.precision=mixed_bfloat16",
+        f"trainer.batch_size={BEST_BATCH_FACTOR * args.batch}",
+        f"optimizer.learning_rate={BEST_BATCH_FACTOR * lr:g}",
+    ]
+
+
 def worker(args) -> None:
     if args.worker == "textbook":
         out = run_textbook(args)
@@ -252,7 +265,7 @@ def worker(args) -> None:
             "train_flops_per_image": training_flops(args.model, args.overrides),
         }
     else:
-        out = run_vitexp(args, BEST if args.worker == "vitexp_best" else [])
+        out = run_vitexp(args, best_overrides(args) if args.worker == "vitexp_best" else [])
     print("BENCH " + json.dumps(out))
 
 
@@ -327,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "steps": args.steps,
         "batch": args.batch,
-        "best_overrides": BEST,
+        "best_overrides": best_overrides(args),
         **machine,
         "results": results,
         **summary,

@@ -7,6 +7,7 @@ import pytest
 from vitexp.models.layers import (
     ClassToken,
     ConvTokenizer,
+    Dropout,
     DropPath,
     MultiHeadSelfAttention,
     PatchTokenization,
@@ -154,3 +155,43 @@ def test_conv_tokenizer_with_batchnorm_stem(tmp_path):
     np.testing.assert_array_equal(model(images), again(images))
     with pytest.raises(ValueError, match="at least 2 stages"):
         ConvTokenizer(patch_size=4, projection_dim=16, channels=[8])
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_drops_at_its_rate_and_keeps_the_expectation(rate):
+    layer = Dropout(rate, seed=3)
+    x = np.ones((8, 4, 96, 97), "float32")  # an odd last axis: two elements per 32-bit draw
+    y = keras.ops.convert_to_numpy(layer(x, training=True))
+    dropped = (y == 0).mean()
+    assert abs(dropped - rate) < 0.005
+    kept = y[y != 0]
+    np.testing.assert_allclose(kept, 1 / (1 - round(rate * 65536) / 65536), rtol=1e-6)
+    assert abs(y.mean() - 1.0) < 0.01
+    again = keras.ops.convert_to_numpy(layer(x, training=True))
+    assert (again == 0).mean() == pytest.approx(rate, abs=0.005)
+    assert ((again == 0) != (y == 0)).mean() > rate  # each call draws a new mask
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x, training=False)), x)
+
+
+def test_dropout_mask_is_the_gradient_and_works_on_unknown_shapes_and_bfloat16():
+    import tensorflow as tf
+
+    layer = Dropout(0.25, seed=0, dtype="mixed_bfloat16")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.bfloat16)])
+    def forward_and_grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            total = tf.reduce_sum(tf.cast(y, tf.float32))
+        return y, tape.gradient(total, x)
+
+    x = tf.cast(tf.random.uniform((3, 5, 33)) + 1.0, tf.bfloat16)
+    y, grad = forward_and_grad(x)
+    assert y.shape == x.shape and y.dtype == tf.bfloat16
+    scale = 1 / (1 - round(0.25 * 65536) / 65536)
+    expected = np.where(y.numpy() == 0, 0.0, scale).astype("float32")
+    np.testing.assert_allclose(tf.cast(grad, tf.float32).numpy(), expected, rtol=1e-2)
+    assert 0.15 < (y.numpy() == 0).mean() < 0.35
+    clone = roundtrip(layer)
+    assert isinstance(clone, Dropout) and clone.rate == 0.25 and clone.compute_dtype == "bfloat16"

@@ -235,6 +235,48 @@ class ClassToken(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
+class Dropout(layers.Dropout):
+    """Keras' `Dropout`, with a mask that costs half the random bits under TensorFlow.
+
+    TensorFlow's dropout draws a 32-bit number per element and turns it into a float; on
+    the CPU that is most of the cost of a ViT's attention dropout (5.3 million weights per
+    block at batch 64). Here each 32-bit draw gives two elements 16 bits each, compared
+    as integers: ~2x cheaper forward and backward. The drop rate is realised to 1/65536
+    (0.1 becomes 6554/65536) and kept values are scaled by the realised keep probability,
+    so the expectation is unchanged. Other backends, and a `noise_shape`, use Keras' own.
+    """
+
+    def call(self, inputs, training=False):
+        if (
+            not training
+            or self.rate == 0
+            or self.noise_shape is not None
+            or keras.backend.backend() != "tensorflow"
+        ):
+            return super().call(inputs, training=training)
+        import tensorflow as tf
+
+        if self.rate >= 1:
+            return tf.zeros_like(inputs)
+        threshold = min(round(self.rate * 65536), 65535)
+        keep = 1.0 - threshold / 65536
+        seed = keras.random.randint((2,), 0, 2**31 - 1, dtype="int32", seed=self.seed_generator)
+        shape = tf.shape(inputs)
+        last = inputs.shape[-1]
+        draws = tf.random.stateless_uniform(
+            tf.concat([shape[:-1], [((last or shape[-1]) + 1) // 2]], axis=0),
+            seed,
+            minval=None,
+            maxval=None,
+            dtype=tf.uint32,
+        )
+        bits = tf.reshape(tf.bitcast(draws, tf.uint16), tf.concat([shape[:-1], [-1]], axis=0))
+        if last is None or last % 2:
+            bits = bits[..., : shape[-1]]
+        return tf.where(bits >= threshold, inputs * tf.cast(1.0 / keep, inputs.dtype), tf.zeros_like(inputs))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class MultiHeadSelfAttention(layers.Layer):
     """Multi-head self-attention that can hand back its attention weights.
 
@@ -265,7 +307,7 @@ class MultiHeadSelfAttention(layers.Layer):
             dense.build(input_shape)
         self.output_dense = layers.Dense(dim, name="attention_output")
         self.output_dense.build((None, None, inner))
-        self.attention_dropout = layers.Dropout(self.dropout)
+        self.attention_dropout = Dropout(self.dropout)
         if self.locality:
             self.log_temperature = self.add_weight(
                 shape=(),
@@ -387,7 +429,7 @@ class TransformerBlock(layers.Layer):
         for i, units in enumerate(self.mlp_units):
             dense = layers.Dense(units, activation="gelu", name=f"mlp_{i}")
             dense.build((None, None, width))
-            self.mlp.append((dense, layers.Dropout(self.dropout)))
+            self.mlp.append((dense, Dropout(self.dropout)))
             width = units
         self.path_drop = DropPath(self.drop_path)
 

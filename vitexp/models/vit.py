@@ -7,6 +7,7 @@ from keras import layers
 from vitexp.models.layers import (
     ClassToken,
     ConvTokenizer,
+    Dropout,
     PatchTokenization,
     PositionEmbedding,
     TokenPooling,
@@ -96,10 +97,10 @@ def build_vit(
         )(x)
     x = layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x)
     x = TokenPooling(pooling, name="pool")(x)
-    x = layers.Dropout(head_dropout, name="head_dropout")(x)
+    x = Dropout(head_dropout, name="head_dropout")(x)
     for i, units in enumerate(head_units):
         x = layers.Dense(units, activation="gelu", name=f"head_{i}")(x)
-        x = layers.Dropout(head_dropout, name=f"head_dropout_{i}")(x)
+        x = Dropout(head_dropout, name=f"head_dropout_{i}")(x)
     logits = layers.Dense(num_classes, dtype="float32", name="logits")(x)
     return keras.Model(inputs, logits, name=name)
 
@@ -121,7 +122,7 @@ def attention_maps(model: keras.Model, images) -> list:
             continue
         if isinstance(layer, TransformerBlock):
             x, weights = layer(x, training=False, return_attention=True)
-            maps.append(keras.ops.convert_to_numpy(weights))
+            maps.append(keras.ops.convert_to_numpy(keras.ops.cast(weights, "float32")))
         elif maps:
             break
         else:
