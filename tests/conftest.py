@@ -1,6 +1,7 @@
 """Shared helpers: compose the real config, a temporary MLflow store, a real subprocess."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,9 @@ def start_vitexp(args, cwd):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background job ignores SIGINT and Python keeps an ignored SIGINT ignored;
+        # give the run Ctrl-C as a terminal would, however the suite itself was started
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

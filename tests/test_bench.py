@@ -18,6 +18,8 @@ def test_bench_runs_and_reports(tmp_path):
             "4",
             "--images",
             "1000",
+            "--best-batch-factor",
+            "2",
             "--out",
             str(tmp_path / "bench"),
             "--tracking-uri",
