@@ -249,15 +249,13 @@ class Dropout(layers.Dropout):
     def call(self, inputs, training=False):
         if (
             not training
-            or self.rate == 0
+            or not 0 < self.rate < 1
             or self.noise_shape is not None
             or keras.backend.backend() != "tensorflow"
         ):
             return super().call(inputs, training=training)
         import tensorflow as tf
 
-        if self.rate >= 1:
-            return tf.zeros_like(inputs)
         threshold = min(round(self.rate * 65536), 65535)
         keep = 1.0 - threshold / 65536
         seed = keras.random.randint((2,), 0, 2**31 - 1, dtype="int32", seed=self.seed_generator)
@@ -273,7 +271,8 @@ class Dropout(layers.Dropout):
         bits = tf.reshape(tf.bitcast(draws, tf.uint16), tf.concat([shape[:-1], [-1]], axis=0))
         if last is None or last % 2:
             bits = bits[..., : shape[-1]]
-        return tf.where(bits >= threshold, inputs * tf.cast(1.0 / keep, inputs.dtype), tf.zeros_like(inputs))
+        zero = tf.zeros((), inputs.dtype)  # broadcast by the select: no tensor of zeros
+        return tf.where(bits >= threshold, inputs * tf.cast(1.0 / keep, inputs.dtype), zero)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
