@@ -52,3 +52,11 @@ lint: install
 clean:
 	rm -rf outputs mlruns mlflow.db .pytest_cache test-artifacts bench
 	find multirun -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+
+.PHONY: slurm-up slurm-down
+
+slurm-up:  ## a one-node Slurm cluster on this machine (root; apt-get install -y slurm-wlm munge)
+	scripts/slurm-local.sh up
+
+slurm-down:
+	scripts/slurm-local.sh down

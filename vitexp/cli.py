@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 import vitexp.config  # noqa: F401  (registers the schemas and the `shortcut` resolver)
+from vitexp.cluster import launcher_problem
 from vitexp.validate import ConfigError, check_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -76,6 +77,8 @@ def preflight(argv: list[str]) -> None:
             swept = [ov for ov in job if ov not in args]  # this job's values of the sweep axes
             prefix = f"[{' '.join(swept)}] " if swept else ""
             fail(f"{prefix}{err}")
+    if problem := launcher_problem(argv, cfg.tracking.uri):  # a Slurm sweep: cluster and store
+        fail(problem)
     for uri, timeout in sorted(servers):  # before a sweep creates its parent run
         from vitexp.tracking import TrackingError, check_reachable
 

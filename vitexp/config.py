@@ -5,6 +5,7 @@ wrong type fails when Hydra composes the config. Keys added with ``+key=`` slip 
 Hydra's struct mode; :func:`vitexp.validate.check_config` catches those.
 """
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ def _shortcut(key: str, default: Any, *, _root_: Any) -> Any:
 
 if not OmegaConf.has_resolver("shortcut"):
     OmegaConf.register_new_resolver("shortcut", _shortcut)
+if not OmegaConf.has_resolver("pid"):  # run folders: two runs started in the same second differ
+    OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
 
 
 # ---------------------------------------------------------------- model

@@ -4,6 +4,7 @@ By default every run lands in `sqlite:///<project>/mlflow.db` with artifacts in
 `<project>/mlruns`, the store `make ui` opens, whatever directory Hydra runs a job in.
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -62,6 +63,24 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
             raise TrackingError(f"tracking.uri={uri}: folder {folder} does not exist or is not writable")
 
 
+def open_client(uri: str) -> MlflowClient:
+    """The MLflow client for `uri`; a new sqlite store is created once, whoever starts first.
+
+    MLflow creates a sqlite store's tables when the first client opens it, and processes that
+    do so at the same moment race in the schema migration (`_alembic_tmp_... already exists`).
+    The database file itself is the lock: the first process creates the tables while the
+    others wait, then find them made.
+    """
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    with open(uri[len("sqlite:///") :], "ab") as db:  # sqlite takes an empty file as a new database
+        fcntl.flock(db, fcntl.LOCK_EX)  # independent of sqlite's own fcntl byte-range locks
+        try:
+            return MlflowClient(tracking_uri=uri)
+        finally:
+            fcntl.flock(db, fcntl.LOCK_UN)
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     """`{"model": {"depth": 4}}` -> `{"model.depth": "4"}`, for MLflow params."""
     if isinstance(tree, dict):
@@ -109,7 +128,7 @@ class Tracker:
     def __init__(self, uri: str | None, experiment: str, timeout: float = 10.0):
         self.uri = resolve_uri(uri)
         check_reachable(self.uri, timeout)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = open_client(self.uri)
         self.experiment = experiment
         self._experiment_id: str | None = None
         self._pending: list[tuple[str, list[Metric]]] = []

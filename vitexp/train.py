@@ -21,6 +21,7 @@ from vitexp.data import DataError, ImageData, load_data
 from vitexp.data.augment import build_augment
 from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
 from vitexp.models import adapt_input_norm
+from vitexp.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, requeued, slurm_job_id
 from vitexp.report import plot_curves, score_predictions, softmax, write_report
 from vitexp.tracking import (
     FAILED,
@@ -325,6 +326,8 @@ class Resume:
 
 def find_resume(tracker: Tracker, cfg: DictConfig) -> Resume | None:
     """The interrupted run that `resume=true` / `resume=<run id>` asks to continue."""
+    if requeued():  # Slurm runs this job again after a pre-emption: continue its run
+        return requeued_run(tracker)
     if cfg.resume is False or str(cfg.resume).lower() == "false":
         return None
     wanted = config_hash(cfg)
@@ -361,10 +364,26 @@ def find_resume(tracker: Tracker, cfg: DictConfig) -> Resume | None:
     return found
 
 
+def requeued_run(tracker: Tracker) -> Resume | None:
+    """The unfinished run this Slurm job wrote before it was requeued, if any."""
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.`{SLURM_TAG}` = '{slurm_job_id()}' and attributes.status != 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return _resumable(runs[0]) if runs else None
+
+
 def _resumable(run) -> Resume | None:
-    out_dir = Path(run.data.tags.get("vitexp.output_dir", ""))
+    """The run's last committed epoch; a run stopped (KILLED) in its first epoch starts over
+    in the same run and folder."""
+    folder = run.data.tags.get("vitexp.output_dir")
+    if not folder:
+        return None
+    out_dir = Path(folder)
     epoch = CheckpointDir(out_dir / "checkpoints").latest_epoch() if out_dir.is_dir() else 0
-    return Resume(run.info.run_id, out_dir, epoch) if epoch else None
+    return Resume(run.info.run_id, out_dir, epoch) if epoch or run.info.status == KILLED else None
 
 
 def restore(model: keras.Model, resume: Resume) -> None:
@@ -409,6 +428,7 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         callbacks: Keras callbacks to add to `fit`, after vitexp's own.
     """
     check_config(cfg)
+    STOP.install()
     setup_tensorflow(cfg.trainer)
     tracker = Tracker.from_config(cfg.tracking)
     done = finished_before(tracker, cfg)
@@ -426,7 +446,7 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     with strategy.scope() if strategy else contextlib.nullcontext():
         model = build_model(cfg, splits.train[0])
         schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
-        if resume:
+        if resume and resume.epoch:
             restore(model, resume)
     if resume:
         run_id, out_dir, first_epoch = resume.run_id, resume.out_dir, resume.epoch
@@ -435,7 +455,8 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         print(f"vitexp: resuming run {run_id} after epoch {first_epoch}", file=sys.stderr)
     else:
         out_dir, first_epoch = job_dir(), 0
-        run_id = tracker.start_run(cfg.run_name, run_tags(cfg, out_dir), os.environ.get(PARENT_ENV))
+        tags = {**run_tags(cfg, out_dir), **({SLURM_TAG: slurm_job_id()} if slurm_job_id() else {})}
+        run_id = tracker.start_run(cfg.run_name, tags, os.environ.get(PARENT_ENV))
     try:
         if not resume:
             log_setup(tracker, run_id, cfg, model, splits, out_dir)
@@ -446,13 +467,16 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         job = Job(
             cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names
         )
-        result = fit_and_record(job, callbacks)
-    except KeyboardInterrupt:
+        result = fit_and_record(job, (*callbacks, StopAtStepEnd()))
+    except KeyboardInterrupt as stop:
         tracker.flush(raise_errors=False)
         tracker.end_run(run_id, KILLED)
+        how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        requeued_job = getattr(stop, "requeue", False)
+        then = requeue() if requeued_job else f"continue it with: {command_line(resume=True)}"
         print(
-            f"vitexp: interrupted; run {run_id} is KILLED, its last checkpoint is in "
-            f"{out_dir / 'checkpoints'}; continue it with: {command_line(resume=True)}",
+            f"vitexp: {how}; run {run_id} is KILLED, its last checkpoint is in "
+            f"{out_dir / 'checkpoints'}; {then}",
             file=sys.stderr,
         )
         raise
@@ -468,9 +492,11 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
 
 def run_job(cfg: DictConfig) -> float:
     """Hydra's task function: user errors end a single run in one line with exit code 2,
-    Ctrl-C ends it (and a sweep) with 130."""
+    Ctrl-C ends it (and a sweep) with 130, SIGTERM with 143."""
     try:
         return train(cfg)
+    except Terminated:
+        sys.exit(143)
     except KeyboardInterrupt:
         sys.exit(130)
     except USER_ERRORS as err:

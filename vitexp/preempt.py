@@ -1,0 +1,88 @@
+"""Stopping well: SIGTERM like Ctrl-C, and pre-emption under Slurm.
+
+Outside Slurm, SIGTERM (what Kubernetes and pre-emptible VMs send before a kill) stops a
+run at once, as Ctrl-C does: the run ends KILLED with the command that resumes it, exit 143.
+
+Inside a Slurm batch job, SIGTERM (`scancel --signal=TERM`, pre-emption) and the time-limit
+warning (`sbatch --signal=USR2@90`, what submitit asks for) stop training at the next step
+boundary; the job requeues itself (`scontrol requeue`) and the requeued job resumes the
+same MLflow run from the last committed epoch checkpoint, so each epoch's metrics are
+logged once and the optimizer step continues. The steps of the interrupted epoch are
+trained again.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import keras
+
+SLURM_TAG = "vitexp.slurm_job_id"
+
+
+class Terminated(KeyboardInterrupt):
+    """The run was stopped by SIGTERM (or Slurm's warning signal); `requeue` when Slurm
+    should run the job again."""
+
+    def __init__(self, requeue: bool = False):
+        super().__init__()
+        self.requeue = requeue
+
+
+def slurm_job_id() -> str | None:
+    """This Slurm batch job's id (an array task has its own), None outside a batch job."""
+    if "SLURM_JOB_ID" not in os.environ or os.environ.get("SLURM_PROCID", "0") != "0":
+        return None
+    return os.environ["SLURM_JOB_ID"]
+
+
+def requeued() -> bool:
+    """True in a Slurm job that runs again after a requeue."""
+    return slurm_job_id() is not None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+class StopSignal:
+    """Installs the handlers; under Slurm the signal is remembered until a step ends."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def install(self) -> None:
+        self.received = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if slurm_job_id() is None:
+            signal.signal(signal.SIGTERM, self._raise)
+            return
+        for signum in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(signum, self._remember)
+
+    def _raise(self, signum, frame) -> None:
+        raise Terminated()
+
+    def _remember(self, signum, frame) -> None:
+        self.received = signum
+
+
+STOP = StopSignal()
+
+
+class StopAtStepEnd(keras.callbacks.Callback):
+    """Ends training at the step boundary after a remembered stop signal (Slurm)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if STOP.received is not None:
+            raise Terminated(requeue=True)
+
+
+def requeue() -> str:
+    """Asks Slurm to run this job again; returns what to tell the user."""
+    job = slurm_job_id()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue signals this process too
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        print(f"vitexp: warning: scontrol requeue {job} failed: {done.stderr.strip()}", file=sys.stderr)
+        return f"Slurm job {job} could not be requeued"
+    return f"Slurm job {job} requeued; it resumes this run"
