@@ -1,7 +1,6 @@
 """Concurrent runs lose nothing: many processes at once on a new sqlite store or one server."""
 
-import subprocess
-import sys
+import multiprocessing
 
 import pytest
 from conftest import TINY, runs_of, start_vitexp
@@ -13,20 +12,19 @@ EPOCHS = 2
 WRITERS = 8
 WRITER_STEPS = 20
 
-# One writer: vitexp's own tracker, as a training job uses it (a run, params, a metric per
-# step, the end), without TensorFlow, so eight of them fit on two cores at once.
-WRITER = """
-import sys
-from vitexp.tracking import Tracker
 
-tracker = Tracker(sys.argv[1], "writers")
-run_id = tracker.start_run(f"writer-{sys.argv[2]}", tags={"writer": sys.argv[2]})
-tracker.log_params(run_id, {"writer": sys.argv[2]})
-for step in range(1, int(sys.argv[3]) + 1):
-    tracker.log_metrics(run_id, {"value": float(step), "writer": float(sys.argv[2])}, step=step)
-assert tracker.flush()
-tracker.end_run(run_id)
-"""
+def write_run(uri: str, writer: int) -> None:
+    """One writer: vitexp's own tracker as a training job uses it (a run, params, a metric per
+    step, the end), without TensorFlow, so eight of them fit on two cores at once."""
+    from vitexp.tracking import Tracker
+
+    tracker = Tracker(uri, "writers")
+    run_id = tracker.start_run(f"writer-{writer}", tags={"writer": str(writer)})
+    tracker.log_params(run_id, {"writer": str(writer)})
+    for step in range(1, WRITER_STEPS + 1):
+        tracker.log_metrics(run_id, {"value": float(step), "writer": float(writer)}, step=step)
+    assert tracker.flush()
+    tracker.end_run(run_id)
 
 
 def test_four_runs_started_at_once_on_a_new_store(tmp_path):
@@ -63,15 +61,15 @@ def test_eight_writers_at_once_lose_nothing(backend, request, tmp_path):
         uri = request.getfixturevalue("server")[0]
     else:
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # created by whichever writer comes first
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WRITER, uri, str(i), str(WRITER_STEPS)], stderr=subprocess.PIPE, text=True
-        )
-        for i in range(WRITERS)
-    ]
+    import vitexp.tracking  # noqa: F401  (imported once; the forked writers share it)
+
+    fork = multiprocessing.get_context("fork")  # eight processes without eight imports of MLflow
+    procs = [fork.Process(target=write_run, args=(uri, i)) for i in range(WRITERS)]
     for proc in procs:
-        _, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr[-3000:]
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=300)
+        assert proc.exitcode == 0
     client = MlflowClient(uri)
     runs = runs_of(client, "writers")
     assert len(runs) == WRITERS and {r.info.status for r in runs} == {"FINISHED"}
