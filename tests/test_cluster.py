@@ -1,10 +1,17 @@
 """Beyond one machine: SIGTERM, a real one-node Slurm cluster, pre-emption."""
 
+import os
+import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
-from conftest import TINY, run_vitexp, runs_of, start_vitexp
+from conftest import ROOT, TINY, run_vitexp, runs_of, start_vitexp
 from test_resilience import wait_for
+from test_sweeps import server  # noqa: F401, F811  (a real `mlflow server` on 127.0.0.1)
 
 pytestmark = pytest.mark.slow
 
@@ -37,3 +44,95 @@ def test_sigterm_in_the_first_epoch_ends_killed_and_resumes(tmp_path, store):
     assert again.info.status == "FINISHED"
     steps = history(client, run.info.run_id, "optimizer_step")
     assert steps == [(e, float(PER_EPOCH * e)) for e in range(1, EPOCHS + 1)]  # each epoch once
+
+
+# ----------------------------------------------------------------- a real one-node Slurm cluster
+SCRIPT = ROOT / "scripts" / "slurm-local.sh"
+# what a job asks of the local cluster: no GPU, one core, a little memory
+LOCAL_JOBS = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.timeout_min=30",
+]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The one-node cluster of `make slurm-up`; its job-completion log."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (it starts munged, slurmctld and slurmd)")
+    if shutil.which("slurmctld") is None or shutil.which("munged") is None:
+        pytest.skip("Slurm is not installed: apt-get install -y slurm-wlm munge")
+    was_up = subprocess.run([SCRIPT, "status"]).returncode == 0
+    subprocess.run([SCRIPT, "up"], check=True, capture_output=True, timeout=120)
+    yield Path(os.environ.get("SLURM_LOCAL", "/var/lib/vitexp-slurm")) / "jobcomp.log"
+    if not was_up:
+        subprocess.run([SCRIPT, "down"], capture_output=True, timeout=120)
+
+
+def job_states(jobcomp: Path, job_ids) -> dict[str, list[str]]:
+    """Each job's states in the job-completion log, oldest first."""
+    states = {job: [] for job in job_ids}
+    for line in jobcomp.read_text().splitlines() if jobcomp.exists() else []:
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if fields.get("JobId") in states:
+            states[fields["JobId"]].append(fields["JobState"])
+    return states
+
+
+def wait_until(condition, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def test_slurm_sweep_reports_to_a_tracking_server(slurm, server, tmp_path):  # noqa: F811
+    uri, client, _, _ = server
+    args = [*LOCAL_JOBS, *TINY, "trainer.epochs=1", "patch_size=4,8", "tracking.experiment=slurm"]
+    run_vitexp(["-m", *args, f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    runs = runs_of(client, "slurm")
+    (parent,) = [r for r in runs if r.data.tags.get("vitexp.sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.params["model.patch_size"] for r in children) == ["4", "8"]
+    assert {r.info.status for r in children} == {"FINISHED"}
+    jobs = [r.data.tags["vitexp.slurm_job_id"] for r in children]
+    assert len(set(jobs)) == 2  # each point its own Slurm job
+    wait_until(lambda: all("COMPLETED" in s for s in job_states(slurm, jobs).values()))
+
+
+@pytest.mark.parametrize("cluster", ["no_sbatch", "controller_down"])
+def test_slurm_sweep_without_a_cluster_fails_in_one_line(cluster, tmp_path):
+    env = {}
+    if cluster == "no_sbatch":
+        env["PATH"] = str(Path(sys.executable).parent)
+    else:  # a cluster whose controller does not answer
+        conf = tmp_path / "slurm.conf"
+        conf.write_text(
+            "ClusterName=gone\nSlurmctldHost=localhost\nSlurmctldPort=9\nMessageTimeout=2\n"
+            "AuthType=auth/munge\nNodeName=localhost CPUs=1\nPartitionName=debug Nodes=localhost\n"
+        )
+        env["SLURM_CONF"] = str(conf)
+    args = ["-m", *LOCAL_JOBS, *TINY, "patch_size=4,8", "tracking.uri=http://127.0.0.1:9"]
+    proc = run_vitexp(args, tmp_path, check=False, env=env)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("vitexp: error: hydra/launcher=slurm: ")
+    assert ("sbatch is not on the PATH" if cluster == "no_sbatch" else "does not answer") in line
+    assert not (tmp_path / "multirun").exists()  # nothing launched
+
+
+def test_slurm_sweep_into_a_sqlite_file_fails_in_one_line(tmp_path):
+    db = tmp_path / "mlflow.db"
+    proc = run_vitexp(
+        ["-m", *LOCAL_JOBS, *TINY, "patch_size=4,8", f"tracking.uri=sqlite:///{db}"], tmp_path, check=False
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "start a server" in line and line.startswith(
+        "vitexp: error: hydra/launcher=slurm: tracking.uri is sqlite"
+    )
+    assert not db.exists()  # before any run
