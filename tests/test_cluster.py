@@ -1,5 +1,6 @@
 """Beyond one machine: SIGTERM, a real one-node Slurm cluster, pre-emption."""
 
+import json
 import os
 import shutil
 import signal
@@ -8,10 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ROOT, TINY, run_vitexp, runs_of, start_vitexp
 from test_resilience import wait_for
-from test_sweeps import server  # noqa: F401, F811  (a real `mlflow server` on 127.0.0.1)
+from test_sweeps import free_port, server  # noqa: F401, F811  (a real `mlflow server` on 127.0.0.1)
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +84,11 @@ def job_states(jobcomp: Path, job_ids) -> dict[str, list[str]]:
     return states
 
 
+def squeue(job: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
 def wait_until(condition, timeout=120):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -136,3 +143,87 @@ def test_slurm_sweep_into_a_sqlite_file_fails_in_one_line(tmp_path):
         "vitexp: error: hydra/launcher=slurm: tracking.uri is sqlite"
     )
     assert not db.exists()  # before any run
+
+
+def test_preempted_slurm_job_requeues_and_resumes_its_run(slurm, server, tmp_path):  # noqa: F811
+    uri, client, _, _ = server
+    sweep = tmp_path / "sweep"
+    epochs = 3
+    args = [*LOCAL_JOBS, *LONG, f"trainer.epochs={epochs}", "tracking.experiment=preempt"]
+    proc = start_vitexp(["-m", *args, f"tracking.uri={uri}", f"hydra.sweep.dir={sweep}"], tmp_path)
+    wait_for((sweep / "0" / "checkpoints" / "epoch_0001.keras").exists, proc, timeout=600)
+    (run,) = [r for r in runs_of(client, "preempt") if "vitexp.slurm_job_id" in r.data.tags]
+    job = run.data.tags["vitexp.slurm_job_id"]
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)  # pre-empted in epoch 2
+    # Slurm holds a requeued job back for two minutes (reason BeginTime); the test lets it start now
+    wait_until(lambda: squeue(job) == "PENDING BeginTime", timeout=300)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    (again,) = [r for r in runs_of(client, "preempt") if "vitexp.slurm_job_id" in r.data.tags]
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert again.data.tags["vitexp.slurm_restarts"] == "1"  # Slurm ran the job a second time
+    steps = history(client, run.info.run_id, "optimizer_step")
+    assert steps == [(e, float(PER_EPOCH * e)) for e in range(1, epochs + 1)]  # each epoch once
+    wait_until(lambda: "COMPLETED" in job_states(slurm, [job])[job])
+
+
+# ----------------------------------------------------------------- multi-worker data parallelism
+def start_worker(args, cwd, tf_config, wait_s="60"):
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "TF_CONFIG": json.dumps(tf_config),
+        "VITEXP_PEER_WAIT_S": wait_s,
+    }
+    cmd = [sys.executable, "-m", "vitexp", *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_workers_write_one_run_and_end_with_the_same_weights(tmp_path, store):
+    uri, client = store
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    args = [*TINY, f"trainer.epochs={EPOCHS}", "trainer.strategy=multi_worker", f"tracking.uri={uri}"]
+    procs = [
+        start_worker(
+            [*args, f"hydra.run.dir={tmp_path / f'w{i}'}"],
+            tmp_path,
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}},
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+    (run,) = runs_of(client)  # the chief's alone
+    assert run.info.status == "FINISHED" and run.data.params["replicas"] == "2"
+    assert [s for s, _ in history(client, run.info.run_id, "val_top1")] == list(range(1, EPOCHS + 1))
+    from vitexp.models import load_model
+
+    chief, other = (load_model(str(tmp_path / f"w{i}" / "checkpoints" / "last.keras")) for i in range(2))
+    for a, b in zip(chief.get_weights(), other.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["no_cluster", "unreachable_worker"])
+def test_multi_worker_without_its_workers_fails_in_one_line(case, tmp_path, store):
+    uri, client = store
+    args = [*TINY, "trainer.strategy=multi_worker", f"tracking.uri={uri}"]
+    if case == "no_cluster":
+        proc = run_vitexp(args, tmp_path, check=False, env={"TF_CONFIG": ""})
+        code, stderr = proc.returncode, proc.stderr
+        expected = "trainer.strategy=multi_worker needs its workers"
+    else:
+        absent = f"127.0.0.1:{free_port()}"  # nothing listens there
+        tf_config = {
+            "cluster": {"worker": [f"127.0.0.1:{free_port()}", absent]},
+            "task": {"type": "worker", "index": 0},
+        }
+        proc = start_worker(args, tmp_path, tf_config, wait_s="3")
+        stderr = proc.communicate(timeout=300)[1]
+        code = proc.returncode
+        expected = f"worker {absent} did not answer"
+    assert code == 2
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("vitexp: error: ") and expected in last
+    assert runs_of(client) == []  # before any run

@@ -21,6 +21,7 @@ from vitexp.data import DataError, ImageData, load_data
 from vitexp.data.augment import build_augment
 from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
 from vitexp.models import adapt_input_norm
+from vitexp.multiworker import start_workers
 from vitexp.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, requeued, slurm_job_id
 from vitexp.report import plot_curves, score_predictions, softmax, write_report
 from vitexp.tracking import (
@@ -112,7 +113,17 @@ def distribution(name: str) -> tf.distribute.Strategy | None:
     if name == "mirrored":
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"{name}: multi_worker comes from vitexp.multiworker.start_workers")
+
+
+def worker_config(cfg: DictConfig) -> DictConfig:
+    """A non-chief worker's config: the same job, recorded in a private store in its own folder
+    (the chief alone writes the MLflow run)."""
+    folder = job_dir() / "worker-store"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.copy()
+    cfg.tracking.uri = f"sqlite:///{folder / 'mlflow.db'}"
+    return cfg
 
 
 def resolve_precision(precision: str) -> str:
@@ -372,7 +383,10 @@ def requeued_run(tracker: Tracker) -> Resume | None:
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    return _resumable(runs[0]) if runs else None
+    if not runs:
+        return None
+    tracker.set_tags(runs[0].info.run_id, {"vitexp.slurm_restarts": os.environ["SLURM_RESTART_COUNT"]})
+    return _resumable(runs[0])
 
 
 def _resumable(run) -> Resume | None:
@@ -429,7 +443,10 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     """
     check_config(cfg)
     STOP.install()
+    workers = start_workers() if cfg.trainer.strategy == "multi_worker" else None  # before TF's devices
     setup_tensorflow(cfg.trainer)
+    if workers and not workers.is_chief:
+        cfg = worker_config(cfg)
     tracker = Tracker.from_config(cfg.tracking)
     done = finished_before(tracker, cfg)
     if done is not None:  # a re-run sweep: this job already finished, join it to this sweep
@@ -442,7 +459,7 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     data = load_data(cfg.data)
     splits = split(data, cfg.trainer.validation_split)
     steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
-    strategy = distribution(cfg.trainer.strategy)
+    strategy = workers.strategy if workers else distribution(cfg.trainer.strategy)
     with strategy.scope() if strategy else contextlib.nullcontext():
         model = build_model(cfg, splits.train[0])
         schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
