@@ -16,7 +16,14 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp.callbacks import CheckpointDir, DivergenceError, DivergenceGuard, EpochRecorder, replay_missing
+from vitexp.callbacks import (
+    CheckpointDir,
+    DivergenceError,
+    DivergenceGuard,
+    EpochRecorder,
+    SwapEMAWeights,
+    replay_missing,
+)
 from vitexp.data import DataError, ImageData, load_data
 from vitexp.data.augment import build_augment
 from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
@@ -261,7 +268,7 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
         *extra_callbacks,
     ]
     if job.model.optimizer.use_ema:  # validate and checkpoint the averaged weights
-        callbacks.insert(1, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+        callbacks.insert(1, SwapEMAWeights(restored=job.first_epoch > 0))
     if job.first_epoch < t.epochs:
         augment = build_augment(job.cfg.data.augment)
         job.model.fit(
