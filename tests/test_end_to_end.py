@@ -143,6 +143,42 @@ def test_a_diverging_job_fails_without_stopping_the_sweep(tmp_path, store):
     assert "epoch 1, step" in diverged.data.tags["vitexp.error"]
 
 
+def test_a_job_whose_data_fails_is_recorded_and_the_sweep_goes_on(tmp_path, store):
+    from data.test_loaders import write_png_folder
+
+    uri, client = store
+    write_png_folder(tmp_path / "good", classes=("cat", "dog", "owl", "emu"))
+    write_png_folder(tmp_path / "bad", classes=("cat", "dog", "owl", "emu"))
+    (tmp_path / "bad" / "owl" / "x.png").write_bytes(b"garbage")
+    proc = run_vitexp(
+        [
+            "-m",
+            *TINY,
+            "trainer.epochs=1",
+            "data=image_folder",
+            "data.num_classes=4",
+            "data.image_shape=[16,16,3]",
+            f"data.path={tmp_path / 'bad'},{tmp_path / 'good'}",  # the failing job first
+            f"tracking.uri={uri}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vitexp: error: 1 of 2 jobs failed") and "x.png: not a readable image" in last
+    runs = {r.data.params.get("data.path"): r for r in runs_of(client)}
+    parent = runs.pop(None)
+    assert parent.info.status == "FAILED"
+    assert runs[str(tmp_path / "good")].info.status == "FINISHED"
+    bad = runs[str(tmp_path / "bad")]
+    assert bad.info.status == "FAILED" and "x.png: not a readable image" in bad.data.tags["vitexp.error"]
+    assert bad.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert f"python -m vitexp.compare {parent.info.run_id}" in proc.stderr
+
+
 @pytest.mark.skipif(not Path(DEBIAN_DIR).is_dir(), reason="install dataset-fashion-mnist")
 def test_real_fashion_mnist_recipe_shortened_learns(tmp_path, store):
     """experiment=vit_fashion_mnist on 8,000 real images for 4 epochs (the full recipe: README)."""

@@ -408,6 +408,21 @@ def finished_before(tracker: Tracker, cfg: DictConfig):
     return runs[0] if runs else None
 
 
+def record_failed_job(tracker: Tracker, cfg: DictConfig, err: BaseException) -> str:
+    """A sweep job that failed before its run existed (data, model) still gets a FAILED run."""
+    run_id = tracker.start_run(cfg.run_name, run_tags(cfg, job_dir()), os.environ.get(PARENT_ENV))
+    tracker.log_params(run_id, flatten(OmegaConf.to_container(cfg, resolve=True)))
+    tracker.set_tags(run_id, {"vitexp.error": error_text(err)})
+    tracker.end_run(run_id, FAILED)
+    return run_id
+
+
+def error_text(err: BaseException) -> str:
+    """What a FAILED run records: the one-line message of a user error, else type and text."""
+    text = str(err) if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {err}"
+    return text[:5000]
+
+
 def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     """Runs one job end to end and returns its best validation top-1 (for sweepers).
 
@@ -426,15 +441,20 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         print(f"vitexp: {cfg.run_name} already FINISHED as run {done.info.run_id}; skipped", file=sys.stderr)
         return float(done.data.metrics.get("best_val_top1", float("nan")))
     resume = find_resume(tracker, cfg)
-    data = load_data(cfg.data)
-    splits = split(data, cfg.trainer.validation_split)
-    steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
-    strategy = distribution(cfg.trainer.strategy)
-    with strategy.scope() if strategy else contextlib.nullcontext():
-        model = build_model(cfg, splits.train[0])
-        schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
-        if resume:
-            restore(model, resume)
+    try:
+        data = load_data(cfg.data)
+        splits = split(data, cfg.trainer.validation_split)
+        steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
+        strategy = distribution(cfg.trainer.strategy)
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = build_model(cfg, splits.train[0])
+            schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
+            if resume:
+                restore(model, resume)
+    except Exception as err:
+        if in_multirun() and not resume:  # a sweep keeps a record of every job it ran
+            record_failed_job(tracker, cfg, err)
+        raise
     if resume:
         run_id, out_dir, first_epoch = resume.run_id, resume.out_dir, resume.epoch
         tracker.client.update_run(run_id, status="RUNNING")
@@ -465,7 +485,7 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         raise
     except BaseException as err:
         tracker.flush(raise_errors=False)
-        tracker.set_tags(run_id, {"vitexp.error": f"{type(err).__name__}: {err}"[:5000]})
+        tracker.set_tags(run_id, {"vitexp.error": error_text(err)})
         tracker.end_run(run_id, FAILED)
         raise
     tracker.end_run(run_id, FINISHED)
@@ -475,13 +495,20 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
 
 def run_job(cfg: DictConfig) -> float:
     """Hydra's task function: user errors end a single run in one line with exit code 2,
-    Ctrl-C ends it (and a sweep) with 130."""
+    Ctrl-C ends it (and a sweep) with 130. In a sweep, a failing job is recorded FAILED,
+    says why in one line and returns NaN, so every launcher goes on with the other jobs
+    (the sweep's callback reports the failures and exits non-zero at the end)."""
     try:
         return train(cfg)
     except KeyboardInterrupt:
         sys.exit(130)
-    except USER_ERRORS as err:
+    except Exception as err:
         if in_multirun():
+            job = HydraConfig.get().job
+            reason = error_text(err).splitlines()[0]
+            print(f"vitexp: error: job {job.num} ({job.override_dirname}): {reason}", file=sys.stderr)
+            return float("nan")
+        if not isinstance(err, USER_ERRORS):
             raise
         print(f"vitexp: error: {err}", file=sys.stderr)
         sys.exit(2)
