@@ -122,6 +122,21 @@ def test_interrupted_run_with_ema_and_stochastic_depth_resumes_identically(tmp_p
     assert cut.data.metrics["test_loss"] == whole.data.metrics["test_loss"]
 
 
+def test_ctrl_c_in_the_first_epoch_says_to_start_again(tmp_path, store):
+    uri, client = store
+    run_dir = tmp_path / "run"
+    proc = start_vitexp([*LONG, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], tmp_path)
+    wait_for(lambda: (run_dir / "model_summary.txt").exists(), proc)  # set up, not yet one epoch
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    last = stderr.strip().splitlines()[-1]
+    assert "no checkpoint" in last and "start it again" in last and "resume=true" not in last, last
+    assert not (run_dir / "checkpoints").exists()
+    (run,) = runs_of(client)
+    assert run.info.status == "KILLED"
+
+
 def test_divergence_fails_with_one_line(tmp_path, store):
     uri, client = store
     proc = run_vitexp([*TINY, "optimizer.learning_rate=1e12", f"tracking.uri={uri}"], tmp_path, check=False)

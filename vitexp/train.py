@@ -423,6 +423,39 @@ def error_text(err: BaseException) -> str:
     return text[:5000]
 
 
+def link_finished(tracker: Tracker, cfg: DictConfig, done) -> str | None:
+    """Gives the sweep a child that stands for an earlier FINISHED run of the same config.
+
+    The earlier run keeps its own place (its parent, or none); the link names it and
+    carries its params and final metrics, so the new sweep's table and plots are whole.
+    """
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return None
+    earlier = done.info.run_id
+    run_id = tracker.start_run(f"{cfg.run_name}-reused", {"vitexp.reused_run": earlier}, parent)
+    tracker.describe(run_id, f"Not trained again: the same config FINISHED earlier as run {earlier}.")
+    tracker.log_params(run_id, dict(done.data.params))
+    tracker.log_metrics(run_id, dict(done.data.metrics), step=cfg.trainer.epochs)
+    tracker.end_run(run_id, FINISHED)
+    return run_id
+
+
+def interrupted_message(run_id: str, out_dir: Path) -> str:
+    """What to do after an interruption: resume from the last checkpoint, or start again."""
+    checkpoints = CheckpointDir(out_dir / "checkpoints")
+    epoch = checkpoints.latest_epoch() if checkpoints.folder.is_dir() else 0
+    if not epoch:
+        return (
+            f"vitexp: interrupted in the first epoch; run {run_id} is KILLED with no checkpoint; "
+            f"start it again with: {command_line()}"
+        )
+    return (
+        f"vitexp: interrupted; run {run_id} is KILLED, its last checkpoint (epoch {epoch}) is in "
+        f"{checkpoints.folder}; continue it with: {command_line(resume=True)}"
+    )
+
+
 def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     """Runs one job end to end and returns its best validation top-1 (for sweepers).
 
@@ -434,10 +467,8 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     setup_tensorflow(cfg.trainer)
     tracker = Tracker.from_config(cfg.tracking)
     done = finished_before(tracker, cfg)
-    if done is not None:  # a re-run sweep: this job already finished, join it to this sweep
-        parent = os.environ.get(PARENT_ENV)
-        if parent:
-            tracker.set_tags(done.info.run_id, {"mlflow.parentRunId": parent})
+    if done is not None:  # a re-run sweep: this job already finished
+        link_finished(tracker, cfg, done)
         print(f"vitexp: {cfg.run_name} already FINISHED as run {done.info.run_id}; skipped", file=sys.stderr)
         return float(done.data.metrics.get("best_val_top1", float("nan")))
     resume = find_resume(tracker, cfg)
@@ -477,11 +508,7 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     except KeyboardInterrupt:
         tracker.flush(raise_errors=False)
         tracker.end_run(run_id, KILLED)
-        print(
-            f"vitexp: interrupted; run {run_id} is KILLED, its last checkpoint is in "
-            f"{out_dir / 'checkpoints'}; continue it with: {command_line(resume=True)}",
-            file=sys.stderr,
-        )
+        print(interrupted_message(run_id, out_dir), file=sys.stderr)
         raise
     except BaseException as err:
         tracker.flush(raise_errors=False)
