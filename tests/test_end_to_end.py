@@ -7,6 +7,7 @@ import pytest
 from conftest import TINY, run_vitexp, runs_of
 
 from vitexp.data.idx import DEBIAN_DIR
+from vitexp.machine import native_bfloat16
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,9 @@ def test_single_run_records_everything(tmp_path, store):
     assert int(params["trainable_params"]) > 1000 and params["class_names"].startswith("pattern_0")
     # the CPU defaults, resolved from trainer.precision=auto and trainer.jit_compile=auto
     assert params["trainer.jit_compile"] == "auto" and params["xla"] == "False"
-    assert params["precision"] == "float32"
+    # float32 on a CPU without native bfloat16, mixed_bfloat16 on one with it, and why
+    assert params["precision"] == ("mixed_bfloat16" if native_bfloat16() else "float32")
+    assert params["precision_reason"].startswith("auto: CPU")
     for key in ("train_loss", "val_loss", "train_top1", "val_top1", "train_top5", "val_top5", "lr"):
         assert [s for s, _ in metric_steps(client, run.info.run_id, key)] == [1, 2, 3], key
     lrs = [v for _, v in metric_steps(client, run.info.run_id, "lr")]

@@ -27,6 +27,7 @@ from vitexp.callbacks import (
 from vitexp.data import DataError, ImageData, load_data
 from vitexp.data.augment import build_augment
 from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
+from vitexp.machine import native_bfloat16
 from vitexp.models import adapt_input_norm
 from vitexp.report import plot_curves, score_predictions, softmax, write_report
 from vitexp.tracking import (
@@ -122,16 +123,31 @@ def distribution(name: str) -> tf.distribute.Strategy | None:
 
 
 def resolve_precision(precision: str) -> str:
-    """`auto`: bfloat16 compute on GPUs that have it (Ampere and newer), float16 with loss
-    scaling on older GPUs, float32 on the CPU (where mixed precision buys little for small
-    models; see `make bench`). Logits and softmax stay float32 in every case."""
+    return choose_precision(precision)[0]
+
+
+def choose_precision(precision: str) -> tuple[str, str]:
+    """The Keras policy for `trainer.precision`, and why (recorded as run params).
+
+    `auto`: bfloat16 compute on GPUs that have it (Ampere and newer), float16 with loss
+    scaling on older GPUs; on a CPU, bfloat16 where its instruction set runs bfloat16
+    matmuls natively (AVX-512 BF16, AMX: same accuracy, faster; see `make bench`), float32
+    elsewhere, where bfloat16 would be emulated. Logits and softmax stay float32 always.
+    """
     if precision != "auto":
-        return precision
+        return precision, "set by trainer.precision"
     gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "float32"
-    major, _ = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
-    return "mixed_bfloat16" if major >= 8 else "mixed_float16"
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        major, _ = details.get("compute_capability", (0, 0))
+        name = details.get("device_name", "GPU")
+        if major >= 8:
+            return "mixed_bfloat16", f"auto: {name} has bfloat16 (compute capability {major}.x)"
+        return "mixed_float16", f"auto: {name} has no bfloat16 (compute capability {major}.x)"
+    isa = native_bfloat16()
+    if isa:
+        return "mixed_bfloat16", f"auto: CPU runs bfloat16 natively ({isa})"
+    return "float32", "auto: CPU without native bfloat16 (no avx512_bf16 or amx_bf16)"
 
 
 def jit_setting(value: str) -> bool | str:
@@ -216,6 +232,7 @@ def log_setup(tracker: Tracker, run_id: str, cfg: DictConfig, model, splits: Spl
             "val_images": str(len(splits.val[0])),
             "test_images": str(len(splits.test[0])),
             "precision": keras.mixed_precision.global_policy().name,
+            "precision_reason": choose_precision(cfg.trainer.precision)[1],
             # what trainer.jit_compile=auto became: Keras turns XLA on with a GPU, off on the CPU
             "xla": str(bool(model.jit_compile)),
         }
