@@ -22,6 +22,7 @@ from vitexp.callbacks import (
     DivergenceGuard,
     EpochRecorder,
     SwapEMAWeights,
+    TargetWatch,
     replay_missing,
 )
 from vitexp.data import DataError, ImageData, load_data
@@ -518,6 +519,10 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
             tracker.log_params(
                 run_id, {"class_names": ",".join(data.class_names)[:6000], "replicas": str(replicas)}
             )
+        if cfg.trainer.target_top1 is not None:  # time to accuracy, on the test split
+            test_batches = eval_dataset(*splits.test, cfg.data.num_classes, cfg.trainer.batch_size)
+            watch = TargetWatch(tracker, run_id, test_batches, splits.test[1], cfg.trainer.target_top1)
+            callbacks = (*callbacks, watch)
         job = Job(
             cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names
         )
