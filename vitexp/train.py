@@ -3,6 +3,7 @@
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -559,5 +560,24 @@ def run_job(cfg: DictConfig) -> float:
             return float("nan")
         if not isinstance(err, USER_ERRORS):
             raise
+        discard_unused_job_dir()
         print(f"vitexp: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def discard_unused_job_dir() -> None:
+    """Removes the run folder Hydra made for a job that failed before it wrote anything of its
+    own (only Hydra's `.hydra/` and log are there), and the folders above it that this
+    leaves empty, up to the working directory."""
+    if not HydraConfig.initialized():
+        return
+    folder, cwd = Path(HydraConfig.get().runtime.output_dir).resolve(), Path.cwd().resolve()
+    if cwd == folder or cwd.is_relative_to(folder) or not folder.is_dir():
+        return
+    if any(p.name != ".hydra" and p.suffix != ".log" for p in folder.iterdir()):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if parent == cwd or not parent.is_relative_to(cwd) or any(parent.iterdir()):
+            break
+        parent.rmdir()
