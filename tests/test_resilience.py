@@ -237,10 +237,8 @@ def test_bad_inputs_fail_in_one_line_without_a_run(args, message, tmp_path, stor
     args = [a.format(**files) for a in args]
     if not any(a.startswith("tracking.uri=") for a in args):
         args.append(f"tracking.uri={uri}")
-    start_time = time.monotonic()
     proc = run_vitexp(args, tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("vitexp: error:") and message in last, last
-    assert runs_of(client) == []
-    assert time.monotonic() - start_time < 60
+    assert runs_of(client) == []  # it failed before a run was created, let alone trained
