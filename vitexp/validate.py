@@ -254,7 +254,7 @@ def check_config(cfg: DictConfig) -> None:
     _require(
         not extra,
         f"unknown config key {extra[0] if extra else ''}: check the spelling "
-        "(`python -m vitexp --cfg job` lists every key)",
+        "(`vitexp --cfg job` lists every key)",
     )
     missing = list(missing_keys(cfg))
     _require(
