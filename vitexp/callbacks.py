@@ -157,6 +157,22 @@ def replay_missing(tracker: Tracker, run_id: str, checkpoints: CheckpointDir) ->
     return missing
 
 
+class SwapEMAWeights(keras.callbacks.SwapEMAWeights):
+    """Keras' swap of averaged weights into the model for validation and checkpoints.
+
+    Checkpoints are written while the averaged weights are in the model (the raw ones sit
+    in the optimizer's average slots), so a model restored from one holds them the other
+    way round: with `restored=True` the first epoch swaps them back before it trains.
+
+    Args:
+        restored: the model was just loaded from one of this run's checkpoints.
+    """
+
+    def __init__(self, restored: bool = False):
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = restored
+
+
 class DivergenceGuard(keras.callbacks.Callback):
     """Stops training at the first NaN or infinite loss, naming epoch, step and learning rate."""
 
