@@ -109,7 +109,9 @@ def _hydra_args(argv: list[str]):
     except SystemExit:
         return None  # --version, or a flag Hydra rejects with its own usage message
     answers = (args.help, args.hydra_help, args.cfg, args.info, args.shell_completion)
-    return None if any(answers) or args.experimental_rerun else args
+    # a relative --config-path is relative to Hydra's calling module: Hydra resolves it
+    relative = args.config_path and not args.config_path.startswith(("/", "pkg://"))
+    return None if any(answers) or args.experimental_rerun or relative else args
 
 
 def preflight(argv: list[str]) -> None:
