@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from vitexp.machine import describe, one_line
+from vitexp.tool_args import ToolParser
 from vitexp.tracking import FAILED, FINISHED, PARENT_ENV, Tracker, flatten
 
 COLUMNS = ("time_to_target_s", "wall_s", "epochs", "test_top1", "images_per_s")
@@ -144,19 +145,24 @@ def record(tracker: Tracker, parent: str, report: dict, path: Path) -> None:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vitexp.speedrun", description=__doc__.split("\n")[0])
+    parser = ToolParser("vitexp.speedrun", __doc__)
     parser.add_argument(
         "--experiment", default="vit_fashion_mnist_speedrun", help="the recipe (conf/experiment/)"
     )
     parser.add_argument("--target", type=float, default=0.92, help="test top-1 to reach, in (0, 1]")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, one process each")
-    parser.add_argument("--tracking-uri", default=None)
-    parser.add_argument("--mlflow-experiment", default="speedrun")
+    parser.add_argument(
+        "--mlflow-experiment",
+        default=os.environ.get("MLFLOW_EXPERIMENT_NAME") or "speedrun",
+        help="where the parent and the seeds' runs go (default: $MLFLOW_EXPERIMENT_NAME, else speedrun)",
+    )
     parser.add_argument("--out", type=Path, default=Path("speedrun"))
     parser.add_argument("overrides", nargs="*", help="config overrides for every seed (Hydra syntax)")
-    args = parser.parse_args(argv)
-    if not 0 < args.target <= 1 or args.seeds < 1:
-        parser.error("--target must be in (0, 1] (a fraction: 0.92 for 92%%) and --seeds at least 1")
+    args = parser.parse(argv)
+    if not 0 < args.target <= 1:
+        parser.fail(f"--target {args.target}: give a fraction in (0, 1], e.g. 0.92 for 92%")
+    if args.seeds < 1:
+        parser.fail(f"--seeds {args.seeds}: give at least 1")
     return args
 
 
