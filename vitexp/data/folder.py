@@ -26,6 +26,21 @@ def _check_files(folder: Path) -> list[str]:
     return classes
 
 
+def load_image(path: str | Path, image_shape: list[int]) -> np.ndarray:
+    """One image file as `_read` gives it to training: uint8 `image_shape`.
+
+    The same steps as Keras' directory loader: decode to the channel count (grey to RGB,
+    RGB to grey, palette expanded, alpha dropped, 16-bit scaled to 8), bilinear resize
+    without antialiasing, round to uint8.
+    """
+    import tensorflow as tf
+
+    height, width, channels = image_shape
+    image = tf.io.decode_image(tf.io.read_file(str(path)), channels=channels, expand_animations=False)
+    resized = tf.image.resize(image, (height, width), method="bilinear")
+    return np.clip(np.rint(resized.numpy()), 0, 255).astype(np.uint8)
+
+
 def _read(folder: Path, image_shape: list[int], class_names: list[str]):
     import keras
 
