@@ -31,10 +31,10 @@ def write_image_folder(root: Path, per_class: int = 10) -> list[Path]:
             elif mode == 2:
                 image = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
             elif mode == 3:
-                image = Image.fromarray(np.dstack([rgb, np.full((20, 24), 128, np.uint8)]), "RGBA")
+                image = Image.fromarray(np.dstack([rgb, np.full((20, 24), 128, np.uint8)]))
             else:
                 grey = (np.asarray(Image.fromarray(rgb).convert("L"), np.uint16) * 257).astype(np.uint16)
-                image = Image.fromarray(grey, "I;16")
+                image = Image.fromarray(grey)
             path = root / name / f"img_{i:02d}.png"
             image.save(path)
             paths.append(path)
@@ -90,12 +90,15 @@ def test_class_names_with_commas_quotes_and_accents_reach_predict_intact(folder_
 
 
 @pytest.mark.slow
-def test_test_metrics_are_those_of_the_checkpoint_evaluate_uses(folder_run):
+def test_test_metrics_are_those_of_the_checkpoint_evaluate_uses(folder_run, capsys):
+    from vitexp import evaluate
+
     uri, client, run, _, tmp = folder_run
     metrics = run.data.metrics
     assert run.data.params["trainer.test_checkpoint"] == "best"
     assert metrics["test_epoch"] == metrics["best_epoch"]
-    run_vitexp(["--tracking-uri", uri, "--in-place", run.info.run_id], tmp, module="vitexp.evaluate")
+    evaluate.main(["--tracking-uri", uri, "--in-place", run.info.run_id])
+    assert "(best checkpoint)" in capsys.readouterr().out
     evaluated = client.get_run(run.info.run_id).data.metrics
     assert evaluated["eval_top1"] == metrics["test_top1"]
     assert evaluated["eval_loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)
@@ -154,16 +157,14 @@ def test_run_carries_system_metrics_datasets_source_tags_and_a_model(folder_run)
 def test_predict_reads_files_as_training_did(folder_run):
     """Grey, palette, alpha and 16-bit PNGs of 24x20 give predict the training tensors."""
     uri, _, run, files, tmp = folder_run
-    from vitexp.data.folder import load_image_folder
+    from vitexp.data.folder import _read
     from vitexp.runs import load_run, read_images
 
-    data = load_image_folder(str(tmp / "images"), SHAPE)
-    # the loader's order: class by class, files by name; every fifth file is held out as test
-    train_files = [str(p) for i, p in enumerate(files) if i % 5 != 4]
-    read = read_images(train_files, SHAPE)
-    np.testing.assert_array_equal(read, data.train_x)
+    trained, _ = _read(tmp / "images", SHAPE, CLASSES)  # class by class, files by name
+    read = read_images([str(p) for p in files], SHAPE)
+    np.testing.assert_array_equal(read, trained)
     model = load_run(run.info.run_id, uri).model
-    np.testing.assert_array_equal(model.predict(read, verbose=0), model.predict(data.train_x, verbose=0))
+    np.testing.assert_array_equal(model.predict(read, verbose=0), model.predict(trained, verbose=0))
 
 
 def test_early_stopping_counts_from_the_checkpoints_after_a_resume(tmp_path):

@@ -221,3 +221,35 @@ class EarlyStopping(keras.callbacks.Callback):
         if self.should_stop():
             self.model.stop_training = True
             self.stopped_epoch = epoch + 1
+
+
+class ProfileSteps(keras.callbacks.Callback):
+    """A TensorFlow profiler trace of training steps `first..last` (1-based, counted from
+    the start of this `fit`), written under `folder` (TensorBoard's profile plugin reads it).
+    """
+
+    def __init__(self, folder: Path, first: int, last: int):
+        super().__init__()
+        self.folder = Path(folder)
+        self.first, self.last = first, last
+        self.step = 0
+        self.tracing = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        import tensorflow as tf
+
+        self.step += 1
+        if self.step == self.first:
+            tf.profiler.experimental.start(str(self.folder))
+            self.tracing = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.step >= self.last:
+            self.on_train_end()
+
+    def on_train_end(self, logs=None):
+        import tensorflow as tf
+
+        if self.tracing:
+            tf.profiler.experimental.stop()
+            self.tracing = False

@@ -22,6 +22,7 @@ from vitexp.callbacks import (
     DivergenceGuard,
     EarlyStopping,
     EpochRecorder,
+    ProfileSteps,
     replay_missing,
 )
 from vitexp.data import DataError, ImageData, load_data
@@ -274,11 +275,7 @@ def training_callbacks(job: Job, checkpoints: CheckpointDir, extra=()) -> list:
     if stop.patience is not None:  # after EpochRecorder: it reads the committed metrics
         callbacks.append(EarlyStopping(checkpoints, stop.patience, str(stop.monitor), stop.min_delta))
     if t.profile:
-        callbacks.append(
-            keras.callbacks.TensorBoard(
-                str(job.out_dir / "profile"), profile_batch=tuple(t.profile_steps), write_graph=False
-            )
-        )
+        callbacks.append(ProfileSteps(job.out_dir / "profile", *t.profile_steps))
     return [*callbacks, *extra]
 
 
