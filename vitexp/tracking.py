@@ -264,6 +264,13 @@ class Tracker:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
 
+    def ui_link(self, run_id: str | None = None) -> str:
+        """The MLflow UI page of the experiment (or one run), in its model-training mode:
+        the store's own server, or `make ui` (127.0.0.1:5000) for a sqlite file."""
+        base = self.uri.rstrip("/") if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        page = f"runs/{run_id}" if run_id else "runs"
+        return f"{base}/#/experiments/{self.experiment_id}/{page}?workflowType=machine_learning"
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 

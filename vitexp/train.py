@@ -448,7 +448,8 @@ def print_summary(cfg, tracker: Tracker, run_id: str, result: dict) -> None:
         f"  test top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  loss {test['loss']:.4f}\n"
         f"  best val top-1 {result['best_val_top1']:.4f} at epoch {result['best_epoch']}\n"
         f"  checkpoint {result['checkpoint']}\n"
-        f"  tracking {tracker.uri} (experiment {tracker.experiment}); open the UI with: {ui}"
+        f"  tracking {tracker.uri} (experiment {tracker.experiment}); open the UI with: {ui}\n"
+        f"  then {tracker.ui_link(run_id)}"
     )
 
 
