@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY, run_vitexp, runs_of
 
 from vitexp.data.idx import DEBIAN_DIR
+from vitexp.machine import native_bfloat16
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,9 @@ def test_single_run_records_everything(tmp_path, store):
     assert int(params["trainable_params"]) > 1000 and params["trainer.test_checkpoint"] == "best"
     # the CPU defaults, resolved from trainer.precision=auto and trainer.jit_compile=auto
     assert params["trainer.jit_compile"] == "auto" and params["xla"] == "False"
-    assert params["precision"] == "float32"
+    # float32 on a CPU without native bfloat16, mixed_bfloat16 on one with it, and why
+    assert params["precision"] == ("mixed_bfloat16" if native_bfloat16() else "float32")
+    assert params["precision_reason"].startswith("auto: CPU")
     for key in ("train_loss", "val_loss", "train_top1", "val_top1", "train_top5", "val_top5", "lr"):
         assert [s for s, _ in metric_steps(client, run.info.run_id, key)] == [1, 2, 3], key
     lrs = [v for _, v in metric_steps(client, run.info.run_id, "lr")]
@@ -142,6 +145,42 @@ def test_a_diverging_job_fails_without_stopping_the_sweep(tmp_path, store):
     assert diverged.info.status == "FAILED"
     assert "training diverged: loss is" in diverged.data.tags["vitexp.error"]
     assert "epoch 1, step" in diverged.data.tags["vitexp.error"]
+
+
+def test_a_job_whose_data_fails_is_recorded_and_the_sweep_goes_on(tmp_path, store):
+    from data.test_loaders import write_png_folder
+
+    uri, client = store
+    write_png_folder(tmp_path / "good", classes=("cat", "dog", "owl", "emu"))
+    write_png_folder(tmp_path / "bad", classes=("cat", "dog", "owl", "emu"))
+    (tmp_path / "bad" / "owl" / "x.png").write_bytes(b"garbage")
+    proc = run_vitexp(
+        [
+            "-m",
+            *TINY,
+            "trainer.epochs=1",
+            "data=image_folder",
+            "data.num_classes=4",
+            "data.image_shape=[16,16,3]",
+            f"data.path={tmp_path / 'bad'},{tmp_path / 'good'}",  # the failing job first
+            f"tracking.uri={uri}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("vitexp: error: 1 of 2 jobs failed") and "x.png: not a readable image" in last
+    runs = {r.data.params.get("data.path"): r for r in runs_of(client)}
+    parent = runs.pop(None)
+    assert parent.info.status == "FAILED"
+    assert runs[str(tmp_path / "good")].info.status == "FINISHED"
+    bad = runs[str(tmp_path / "bad")]
+    assert bad.info.status == "FAILED" and "x.png: not a readable image" in bad.data.tags["vitexp.error"]
+    assert bad.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert f"python -m vitexp.compare {parent.info.run_id}" in proc.stderr
 
 
 @pytest.mark.skipif(not Path(DEBIAN_DIR).is_dir(), reason="install dataset-fashion-mnist")

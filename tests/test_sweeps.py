@@ -203,13 +203,19 @@ def test_killed_sweep_resumes_without_repeating_jobs_and_compares(tmp_path, stor
     out = run_vitexp(args, tmp_path)
     assert "already FINISHED" in out.stderr
     runs = runs_of(client)
-    trained = [r for r in runs if "model.depth" in r.data.params and r.info.status == "FINISHED"]
+    links = [r for r in runs if "vitexp.reused_run" in r.data.tags]
+    trained = [r for r in runs if "model.depth" in r.data.params and r not in links]
     assert sorted(r.data.params["model.depth"] for r in trained) == ["1", "2", "3"]  # depth=1 not repeated
+    assert all(r.info.status == "FINISHED" for r in trained)
     parents = sorted(
         (r for r in runs if r.data.tags.get("vitexp.sweep") == "true"), key=lambda r: r.info.start_time
     )
     assert [p.info.status for p in parents] == ["FAILED", "FINISHED"]  # the killed one is closed too
     assert len(children_of(client, parents[-1].info.run_id)) == 3  # the resumed sweep holds all its jobs
+    (link,) = links  # the earlier run keeps its place; the new sweep links to it
+    assert link.data.tags["vitexp.reused_run"] == first[0].info.run_id
+    assert link.data.tags["mlflow.parentRunId"] == parents[-1].info.run_id
+    assert client.get_run(first[0].info.run_id).data.tags["mlflow.parentRunId"] == parents[0].info.run_id
 
     compared = run_vitexp(
         [parents[-1].info.run_id, "--out", str(tmp_path / "cmp"), "--tracking-uri", uri],

@@ -1,6 +1,6 @@
 """Hand a trained model on: register the best run as an MLflow pyfunc model, ready to serve.
 
-    python -m vitexp.registry <run id | experiment name> [--name MODEL] [--metric test_top1]
+    python -m vitexp.registry [run id | experiment name] [--name MODEL] [--metric test_top1]
         [--tracking-uri URI]
 
 Given an experiment (or a sweep's parent run), the child/run with the highest metric is
@@ -9,14 +9,14 @@ shape and returns, per image, the class index, its name and its probability. Ser
 `make serve MODEL=models:/<name>/<version>` (mlflow models serve, local environment).
 """
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+
+from vitexp.tool_args import ToolParser, default_experiment
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -87,12 +87,17 @@ def register(run_id: str, name: str, tracking_uri: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vitexp.registry", description=__doc__.split("\n")[0])
-    parser.add_argument("target", help="a run id, a sweep's parent run id, or an experiment name")
+    parser = ToolParser("vitexp.registry", __doc__)
+    parser.add_argument(
+        "target",
+        nargs="?",
+        default=default_experiment(),
+        help="a run id, a sweep's parent run id, or an experiment name "
+        "(default: $MLFLOW_EXPERIMENT_NAME or vitexp)",
+    )
     parser.add_argument("--name", default="vitexp-classifier", help="registered model name")
     parser.add_argument("--metric", default="test_top1", help="what 'best' means (higher is better)")
-    parser.add_argument("--tracking-uri", default=None)
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
 
     from mlflow.tracking import MlflowClient
 
@@ -103,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         run = best_run(MlflowClient(resolve_uri(args.tracking_uri)), args.target, args.metric)
         uri = register(run.info.run_id, args.name, args.tracking_uri)
     except (RunError, ValueError) as err:
-        print(f"vitexp.registry: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        parser.fail(str(err))
     print(
         f"registered run {run.info.run_id} ({run.info.run_name}, {args.metric}="
         f"{run.data.metrics.get(args.metric, float('nan')):.4f}) as {uri}"
