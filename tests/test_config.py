@@ -30,13 +30,13 @@ def test_defaults_are_the_textbook():
     assert cfg.schedule.warmup_fraction == 0.1 and cfg.schedule.final_lr == 0.0
     assert (t.batch_size, t.validation_split, t.epochs) == (64, 0.2, 30)
     assert cfg.data.name == "cifar100" and cfg.data.num_classes == 100
-    assert cfg.run_name == "vit-p6-d4"
+    assert cfg.run_name == "vit-p6-d4-cifar100"
     check_config(cfg)
 
 
 def test_shortcuts_reach_the_model():
     cfg = compose(["patch_size=4", "depth=2"])
-    assert (cfg.model.patch_size, cfg.model.depth, cfg.run_name) == (4, 2, "vit-p4-d2")
+    assert (cfg.model.patch_size, cfg.model.depth, cfg.run_name) == (4, 2, "vit-p4-d2-cifar100")
     tiny = compose(["model=vit_tiny"])
     assert (tiny.model.patch_size, tiny.model.depth) == (4, 4)
 

@@ -281,3 +281,42 @@ def test_mlflow_ui_lists_the_sweep_in_a_real_browser(server, grid, tmp_path):
     assert not missing, f"missing from the compare page: {missing}"
     for shot in ("mlflow_ui_sweep_runs.png", "mlflow_ui_sweep_compare.png"):
         assert (ARTIFACTS / shot).stat().st_size > 20_000
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="install chromium (.ci/run does)")
+def test_mlflow_ui_opens_the_experiment_on_its_training_runs(server, grid, tmp_path):
+    """vitexp's link opens the experiment on its runs table, not on MLflow's GenAI overview."""
+    from vitexp.tracking import Tracker
+
+    uri, client, _, _ = server
+    assert grid.tags["mlflow.experimentKind"] == "custom_model_development"
+    link = Tracker(uri, "grid").ui_link()
+    runs = runs_of(client, "grid")
+    ARTIFACTS.mkdir(exist_ok=True)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=60000",
+        "--window-size=1600,1000",
+    ]
+    expected = f"<strong>{len(runs)}</strong> matching runs"
+    for _ in range(6):  # the UI loads the runs after its first paint
+        dom = subprocess.run(
+            ["chromium", *flags, "--dump-dom", link],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        ).stdout
+        if expected in dom:
+            break
+    (ARTIFACTS / "mlflow_ui_experiment_landing.html").write_text(dom)
+    assert expected in dom and "Detect Issues" not in dom  # the GenAI overview's button
+    (parent,) = [r for r in runs if r.data.tags.get("vitexp.sweep") == "true"]
+    assert parent.info.run_name in dom and "Run Name" in dom  # the sweep, its jobs folded in

@@ -244,3 +244,78 @@ class DivergenceGuard(keras.callbacks.Callback):
                 f"{batch + 1} (learning rate {lr:.3g}); lower optimizer.learning_rate or set "
                 "optimizer.clipnorm=1.0"
             )
+
+
+def epochs_since_best(history: dict[int, dict[str, float]], monitor: str, min_delta: float) -> int:
+    """Epochs since `monitor` last improved by more than `min_delta` (losses fall, accuracies
+    rise), counted over every committed epoch, so a resumed run counts as if never stopped."""
+    sign = -1.0 if monitor.endswith("loss") else 1.0
+    best, best_epoch = -math.inf, 0
+    for epoch in sorted(history):
+        value = sign * history[epoch].get(monitor, -sign * math.inf)
+        if value > best + min_delta:
+            best, best_epoch = value, epoch
+    return max(history, default=0) - best_epoch
+
+
+class EarlyStopping(keras.callbacks.Callback):
+    """Stops training once `monitor` has not improved for `patience` epochs.
+
+    It reads the committed checkpoints' metrics rather than keeping its own count, so it
+    gives the same answer after a resume. Place it after `EpochRecorder`.
+
+    Args:
+        checkpoints: the run's checkpoints, whose metrics it reads.
+        patience: epochs without improvement before stopping.
+        monitor: `val_top1`, `val_top5` or `val_loss`.
+        min_delta: the smallest change that counts as an improvement.
+    """
+
+    def __init__(self, checkpoints: CheckpointDir, patience: int, monitor: str, min_delta: float = 0.0):
+        super().__init__()
+        self.checkpoints = checkpoints
+        self.patience = patience
+        self.monitor = monitor
+        self.min_delta = min_delta
+        self.stopped_epoch = 0
+
+    def should_stop(self) -> bool:
+        history = self.checkpoints.metrics()
+        return bool(history) and epochs_since_best(history, self.monitor, self.min_delta) >= self.patience
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.should_stop():
+            self.model.stop_training = True
+            self.stopped_epoch = epoch + 1
+
+
+class ProfileSteps(keras.callbacks.Callback):
+    """A TensorFlow profiler trace of training steps `first..last` (1-based, counted from
+    the start of this `fit`), written under `folder` (TensorBoard's profile plugin reads it).
+    """
+
+    def __init__(self, folder: Path, first: int, last: int):
+        super().__init__()
+        self.folder = Path(folder)
+        self.first, self.last = first, last
+        self.step = 0
+        self.tracing = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        import tensorflow as tf
+
+        self.step += 1
+        if self.step == self.first:
+            tf.profiler.experimental.start(str(self.folder))
+            self.tracing = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.step >= self.last:
+            self.on_train_end()
+
+    def on_train_end(self, logs=None):
+        import tensorflow as tf
+
+        if self.tracing:
+            tf.profiler.experimental.stop()
+            self.tracing = False

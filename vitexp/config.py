@@ -6,6 +6,7 @@ Hydra's struct mode; :func:`vitexp.validate.check_config` catches those.
 """
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -158,6 +159,24 @@ class ConstantScheduleConfig:
 
 
 # ---------------------------------------------------------------- trainer, tracking
+class TestCheckpoint(StrEnum):
+    best = "best"
+    last = "last"
+
+
+class Monitor(StrEnum):
+    val_top1 = "val_top1"
+    val_top5 = "val_top5"
+    val_loss = "val_loss"
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int | None = MISSING
+    monitor: Monitor = MISSING
+    min_delta: float = MISSING
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = 30
@@ -175,6 +194,10 @@ class TrainerConfig:
     threads: int | None = None
     keep_checkpoints: int = 2
     verbose: int = 1
+    test_checkpoint: TestCheckpoint = MISSING
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    profile: bool = MISSING
+    profile_steps: list[int] = MISSING
     # a top-1 to reach on the test split, checked after each epoch for time-to-accuracy
     # figures (`make speedrun`); it never steers training
     target_top1: float | None = None
@@ -206,7 +229,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     patch_size: int | None = None
     depth: int | None = None
-    run_name: str = "${model.name}-p${model.patch_size}-d${model.depth}"
+    run_name: str = "${model.name}-p${model.patch_size}-d${model.depth}-${data.name}"
     resume: Any = False
 
 

@@ -51,7 +51,8 @@ def evaluate(run, data_cfg, batch_size: int = 256) -> dict:
     return {
         "scores": scores,
         "per_class": per_class,
-        "class_names": data.class_names,
+        # the model's classes, as the run recorded them, name its logits
+        "class_names": run.class_names if len(run.class_names) == len(per_class) else data.class_names,
         "count": len(data.test_y),
     }
 
@@ -60,7 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = ToolParser("vitexp.evaluate", __doc__)
     parser.add_argument("run_id")
     parser.add_argument("overrides", nargs="*", help="data=<option>, data.key=value or tracking.uri=URI")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    parser.add_argument(
+        "--checkpoint", choices=("best", "last"), default=None, help="default: the run's test checkpoint"
+    )
     parser.add_argument("--in-place", action="store_true", help="log to the run itself")
     args = parser.parse(argv)
     other = [o for o in args.overrides if not o.startswith(("data=", "data."))]
@@ -78,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     except (RunError, DataError) as err:
         parser.fail(str(err))
     scores = result["scores"]
-    print(f"run {args.run_id} ({args.checkpoint} checkpoint) on {cfg.name} test, {result['count']} images")
+    print(
+        f"run {args.run_id} ({run.checkpoint.stem} checkpoint) on {cfg.name} test, {result['count']} images"
+    )
     print(f"  top-1 {scores['top1']:.4f}  top-5 {scores['top5']:.4f}  loss {scores['loss']:.4f}")
     print("  per-class accuracy:")
     for name, acc in zip(result["class_names"], result["per_class"]):
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
             f"eval-{run.run.info.run_name}", {"vitexp.evaluates": args.run_id}, args.run_id
         )
         tracker.log_params(
-            target, {"checkpoint": args.checkpoint, "data": cfg.name, "overrides": " ".join(args.overrides)}
+            target,
+            {"checkpoint": run.checkpoint.stem, "data": cfg.name, "overrides": " ".join(args.overrides)},
         )
         prefix = "test_"
     tracker.log_metrics(target, {f"{prefix}{k}": v for k, v in scores.items()}, step=0)

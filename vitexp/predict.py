@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("images", nargs="+")
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    parser.add_argument(
+        "--checkpoint", choices=("best", "last"), default=None, help="default: the run's test checkpoint"
+    )
     args = parser.parse(argv)
 
     from vitexp.report import softmax

@@ -21,7 +21,9 @@ from vitexp.callbacks import (
     CheckpointDir,
     DivergenceError,
     DivergenceGuard,
+    EarlyStopping,
     EpochRecorder,
+    ProfileSteps,
     SwapEMAWeights,
     TargetWatch,
     replay_missing,
@@ -240,6 +242,9 @@ def log_setup(tracker: Tracker, run_id: str, cfg: DictConfig, model, splits: Spl
         }
     )
     tracker.log_params(run_id, params)
+    source = str(cfg.data.get("path") or cfg.data._target_)
+    inputs = {"training": splits.train, "validation": splits.val, "test": splits.test}
+    tracker.log_datasets(run_id, cfg.data.name, source, inputs)
     config_dir = out_dir / "config"
     config_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, config_dir / "config.yaml", resolve=True)
@@ -277,48 +282,104 @@ class Job:
     class_names: list[str]
 
 
-def fit_and_record(job: Job, extra_callbacks=()) -> dict:
+def training_callbacks(job: Job, checkpoints: CheckpointDir, extra=()) -> list:
+    """vitexp's callbacks in the order they must run, then `extra`."""
     t = job.cfg.trainer
-    num_classes = job.cfg.data.num_classes
-    checkpoints = CheckpointDir(job.out_dir / "checkpoints", keep=t.keep_checkpoints)
     callbacks = [
         DivergenceGuard(job.schedule),
         EpochRecorder(job.tracker, job.run_id, job.schedule, job.steps * t.batch_size, checkpoints),
-        *extra_callbacks,
     ]
     if job.model.optimizer.use_ema:  # validate and checkpoint the averaged weights
         callbacks.insert(1, SwapEMAWeights(restored=job.first_epoch > 0))
-    if job.first_epoch < t.epochs:
-        augment = build_augment(job.cfg.data.augment)
-        job.model.fit(
-            train_dataset(
-                *job.splits.train,
-                num_classes,
-                t.batch_size,
-                t.seed,
-                job.first_epoch,
-                t.epochs,
-                steps=job.steps,
-                augment=augment,
-            ),
-            epochs=t.epochs,
-            initial_epoch=job.first_epoch,
-            steps_per_epoch=job.steps,
-            validation_data=eval_dataset(*job.splits.val, num_classes, t.batch_size),
-            shuffle=False,  # the dataset is already a seeded permutation per epoch
-            callbacks=callbacks,
-            verbose=t.verbose if t.verbose != 1 or sys.stdout.isatty() else 2,
-        )
-    logits = job.model.predict(eval_dataset(*job.splits.test, num_classes, t.batch_size), verbose=0)
-    probs = softmax(logits.astype(np.float64))
-    test = score_predictions(probs, job.splits.test[1])
+    stop = t.early_stopping
+    if stop.patience is not None:  # after EpochRecorder: it reads the committed metrics
+        callbacks.append(EarlyStopping(checkpoints, stop.patience, str(stop.monitor), stop.min_delta))
+    if t.profile:
+        callbacks.append(ProfileSteps(job.out_dir / "profile", *t.profile_steps))
+    return [*callbacks, *extra]
+
+
+def fit(job: Job, callbacks: list) -> None:
+    t = job.cfg.trainer
+    num_classes = job.cfg.data.num_classes
+    stoppers = [c for c in callbacks if isinstance(c, EarlyStopping)]
+    if job.first_epoch >= t.epochs or any(s.should_stop() for s in stoppers):
+        return  # a resumed run that had already finished training (or stopped early)
+    job.model.fit(
+        train_dataset(
+            *job.splits.train,
+            num_classes,
+            t.batch_size,
+            t.seed,
+            job.first_epoch,
+            t.epochs,
+            steps=job.steps,
+            augment=build_augment(job.cfg.data.augment),
+        ),
+        epochs=t.epochs,
+        initial_epoch=job.first_epoch,
+        steps_per_epoch=job.steps,
+        validation_data=eval_dataset(*job.splits.val, num_classes, t.batch_size),
+        shuffle=False,  # the dataset is already a seeded permutation per epoch
+        callbacks=callbacks,
+        verbose=t.verbose if t.verbose != 1 or sys.stdout.isatty() else 2,
+    )
+
+
+def record_training(job: Job, checkpoints: CheckpointDir) -> None:
+    """Where training ended: the early stop's epoch, and the profiler trace."""
+    t = job.cfg.trainer
+    if t.early_stopping.patience is not None and checkpoints.latest_epoch() < t.epochs:
+        stopped = checkpoints.latest_epoch()
+        job.tracker.log_metrics(job.run_id, {"stopped_epoch": stopped}, step=stopped)
+        job.tracker.set_tags(job.run_id, {"vitexp.stopped_early": "true"})
+    if t.profile and (job.out_dir / "profile").is_dir():
+        job.tracker.log_artifacts(job.run_id, job.out_dir / "profile", "profile")
+
+
+def test_scores(job: Job, checkpoint: Path) -> tuple[dict, np.ndarray]:
+    """Test metrics of `checkpoint`'s weights, loaded into the job's model."""
+    t = job.cfg.trainer
+    job.model.load_weights(checkpoint)
+    test_ds = eval_dataset(*job.splits.test, job.cfg.data.num_classes, t.batch_size)
+    probs = softmax(job.model.predict(test_ds, verbose=0).astype(np.float64))
+    return score_predictions(probs, job.splits.test[1]), probs
+
+
+def fit_and_record(job: Job, extra_callbacks=()) -> dict:
+    t = job.cfg.trainer
+    checkpoints = CheckpointDir(job.out_dir / "checkpoints", keep=t.keep_checkpoints)
+    callbacks = training_callbacks(job, checkpoints, extra_callbacks)
+    monitor = job.tracker.monitor_system(job.run_id, resume=job.first_epoch > 0)
+    try:
+        fit(job, callbacks)
+        record_training(job, checkpoints)
+        chosen = checkpoints.best if t.test_checkpoint == "best" else checkpoints.last
+        test, probs = test_scores(job, chosen)
+    finally:
+        monitor.finish()
     best, best_epoch = checkpoints.best_so_far()
-    job.tracker.log_metrics(job.run_id, {f"test_{k}": float(v) for k, v in test.items()}, step=t.epochs)
-    job.tracker.log_metrics(job.run_id, {"best_val_top1": best, "best_epoch": best_epoch}, step=t.epochs)
+    last_epoch = checkpoints.latest_epoch()
+    job.tracker.log_metrics(job.run_id, {f"test_{k}": float(v) for k, v in test.items()}, step=last_epoch)
+    test_epoch = best_epoch if chosen == checkpoints.best else last_epoch
+    job.tracker.log_metrics(
+        job.run_id,
+        {"best_val_top1": best, "best_epoch": best_epoch, "test_epoch": test_epoch},
+        step=last_epoch,
+    )
     if not job.tracker.flush_with_retry():
         raise TrackingError(
             f"tracking store {job.tracker.uri} stayed unreachable; metrics are kept in {checkpoints.folder}"
         )
+    log_pictures(job, probs)
+    if job.cfg.tracking.log_checkpoints:
+        for path in (checkpoints.best, checkpoints.last):
+            job.tracker.log_artifact(job.run_id, path, "checkpoints")
+    job.tracker.log_model(job.run_id, chosen, job.class_names, job.model)
+    return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": chosen}
+
+
+def log_pictures(job: Job, probs: np.ndarray) -> None:
     keys = [f"{s}_{m}" for s in ("train", "val") for m in ("loss", "top1", "top5")]
     curves = plot_curves(
         metric_history(job.tracker, job.run_id, keys), job.out_dir / "curves.png", job.cfg.run_name
@@ -336,10 +397,6 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
         )
         for path in pictures:
             job.tracker.log_artifact(job.run_id, path, "report")
-    if job.cfg.tracking.log_checkpoints:
-        for path in (checkpoints.best, checkpoints.last):
-            job.tracker.log_artifact(job.run_id, path, "checkpoints")
-    return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": checkpoints.best}
 
 
 @dataclass
@@ -411,7 +468,8 @@ def print_summary(cfg, tracker: Tracker, run_id: str, result: dict) -> None:
         f"  test top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  loss {test['loss']:.4f}\n"
         f"  best val top-1 {result['best_val_top1']:.4f} at epoch {result['best_epoch']}\n"
         f"  checkpoint {result['checkpoint']}\n"
-        f"  tracking {tracker.uri} (experiment {tracker.experiment}); open the UI with: {ui}"
+        f"  tracking {tracker.uri} (experiment {tracker.experiment}); open the UI with: {ui}\n"
+        f"  then {tracker.ui_link(run_id)}"
     )
 
 
@@ -517,9 +575,8 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         if not resume:
             log_setup(tracker, run_id, cfg, model, splits, out_dir)
             replicas = strategy.num_replicas_in_sync if strategy else 1
-            tracker.log_params(
-                run_id, {"class_names": ",".join(data.class_names)[:6000], "replicas": str(replicas)}
-            )
+            tracker.log_params(run_id, {"replicas": str(replicas)})
+            tracker.log_class_names(run_id, data.class_names)
         if cfg.trainer.target_top1 is not None:  # time to accuracy, on the test split
             test_batches = eval_dataset(*splits.test, cfg.data.num_classes, cfg.trainer.batch_size)
             watch = TargetWatch(tracker, run_id, test_batches, splits.test[1], cfg.trainer.target_top1)

@@ -188,6 +188,15 @@ def check_trainer(t: Any) -> None:
         _require(t.steps_per_epoch >= 1, "trainer.steps_per_epoch must be positive or null")
     _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints must be at least 1")
     _check_range("trainer.label_smoothing", t.label_smoothing, 0.0, 1.0)
+    stop = t.early_stopping
+    if stop.patience is not None:
+        _require(stop.patience >= 1, "trainer.early_stopping.patience must be at least 1 or null (off)")
+    _require(stop.min_delta >= 0, "trainer.early_stopping.min_delta must be 0 or more")
+    steps = list(t.profile_steps)
+    _require(
+        len(steps) == 2 and 1 <= steps[0] <= steps[1],
+        f"trainer.profile_steps={steps}: give [first, last] steps, 1 <= first <= last, e.g. [2, 4]",
+    )
 
 
 def check_optimisation(opt: Any, sched: Any) -> None:
