@@ -173,6 +173,56 @@ class SwapEMAWeights(keras.callbacks.SwapEMAWeights):
         self._ema_weights_in_model = restored
 
 
+def command_started() -> float:
+    """When the command began (epoch seconds): `VITEXP_T0` if a harness set it, else when
+    this process started, from /proc (to a second), else now."""
+    if os.environ.get("VITEXP_T0"):
+        return float(os.environ["VITEXP_T0"])
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return time.time()
+
+
+class TargetWatch(keras.callbacks.Callback):
+    """Time to accuracy: after each epoch, top-1 on a fixed held-out split and the wall
+    time since the command started; the first epoch at or above `target` is logged too.
+
+    The split is the test set: training never sees it and nothing here steers training
+    (no early stop, no checkpoint choice), so the figure is what the speed records report.
+    Logs `target_top1` and `elapsed_s` per epoch, `time_to_target_s` and `target_epoch` once.
+
+    Args:
+        tracker: where to log.
+        run_id: the MLflow run.
+        dataset: batches of (images, one-hot labels) of the held-out split, in order.
+        labels: that split's integer labels.
+        target: the top-1 to reach, in [0, 1].
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, dataset, labels: np.ndarray, target: float):
+        super().__init__()
+        self.tracker = tracker
+        self.run_id = run_id
+        self.dataset = dataset
+        self.labels = np.asarray(labels)
+        self.target = target
+        self.started = command_started()
+        self.reached = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        logits = self.model.predict(self.dataset, verbose=0)
+        top1 = float(np.mean(np.argmax(logits, axis=-1) == self.labels))
+        elapsed = time.time() - self.started
+        metrics = {"target_top1": top1, "elapsed_s": elapsed}
+        if top1 >= self.target and not self.reached:
+            self.reached = True
+            metrics.update(time_to_target_s=elapsed, target_epoch=float(epoch + 1))
+        self.tracker.log_metrics(self.run_id, metrics, step=epoch + 1)
+
+
 class DivergenceGuard(keras.callbacks.Callback):
     """Stops training at the first NaN or infinite loss, naming epoch, step and learning rate."""
 

@@ -175,6 +175,9 @@ class TrainerConfig:
     threads: int | None = None
     keep_checkpoints: int = 2
     verbose: int = 1
+    # a top-1 to reach on the test split, checked after each epoch for time-to-accuracy
+    # figures (`make speedrun`); it never steers training
+    target_top1: float | None = None
 
 
 @dataclass

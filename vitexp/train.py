@@ -3,6 +3,7 @@
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from vitexp.callbacks import (
     DivergenceGuard,
     EpochRecorder,
     SwapEMAWeights,
+    TargetWatch,
     replay_missing,
 )
 from vitexp.data import DataError, ImageData, load_data
@@ -518,6 +520,10 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
             tracker.log_params(
                 run_id, {"class_names": ",".join(data.class_names)[:6000], "replicas": str(replicas)}
             )
+        if cfg.trainer.target_top1 is not None:  # time to accuracy, on the test split
+            test_batches = eval_dataset(*splits.test, cfg.data.num_classes, cfg.trainer.batch_size)
+            watch = TargetWatch(tracker, run_id, test_batches, splits.test[1], cfg.trainer.target_top1)
+            callbacks = (*callbacks, watch)
         job = Job(
             cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names
         )
@@ -554,5 +560,24 @@ def run_job(cfg: DictConfig) -> float:
             return float("nan")
         if not isinstance(err, USER_ERRORS):
             raise
+        discard_unused_job_dir()
         print(f"vitexp: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def discard_unused_job_dir() -> None:
+    """Removes the run folder Hydra made for a job that failed before it wrote anything of its
+    own (only Hydra's `.hydra/` and log are there), and the folders above it that this
+    leaves empty, up to the working directory."""
+    if not HydraConfig.initialized():
+        return
+    folder, cwd = Path(HydraConfig.get().runtime.output_dir).resolve(), Path.cwd().resolve()
+    if cwd == folder or cwd.is_relative_to(folder) or not folder.is_dir():
+        return
+    if any(p.name != ".hydra" and p.suffix != ".log" for p in folder.iterdir()):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if parent == cwd or not parent.is_relative_to(cwd) or any(parent.iterdir()):
+            break
+        parent.rmdir()
