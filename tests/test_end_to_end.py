@@ -9,6 +9,7 @@ from conftest import TINY, run_vitexp, runs_of
 
 from vitexp.data.idx import DEBIAN_DIR
 from vitexp.machine import native_bfloat16
+from vitexp.quiet import has_nvidia_device, noise_pattern
 
 pytestmark = pytest.mark.slow
 
@@ -25,6 +26,9 @@ def test_single_run_records_everything(tmp_path, store):
     (run,) = runs_of(client)
     assert run.info.status == "FINISHED" and run.info.run_name == "vit_tiny-p4-d1-synthetic"
     assert run.info.run_id in proc.stdout and "test top-1" in proc.stdout
+    # no start-up chatter from TensorFlow's native code or MLflow's new-store notice
+    assert not noise_pattern(has_nvidia_device()).search(proc.stderr), proc.stderr[:2000]
+    assert "Creating initial MLflow database tables" not in proc.stderr
 
     params = run.data.params
     assert params["model.depth"] == "1" and params["trainer.epochs"] == "3"

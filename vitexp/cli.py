@@ -22,6 +22,7 @@ import hydra
 from omegaconf import DictConfig, open_dict
 
 import vitexp.config  # noqa: F401  (registers the schemas and the `shortcut` resolver)
+from vitexp.quiet import filter_native_noise
 from vitexp.validate import ConfigError, check_config
 
 CONFIG_MODULE = "vitexp.conf"
@@ -185,5 +186,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    filter_native_noise()
     preflight(sys.argv[1:])
     _hydra_main()

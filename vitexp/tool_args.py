@@ -11,6 +11,7 @@ import os
 import sys
 from typing import NoReturn
 
+from vitexp.quiet import filter_native_noise
 from vitexp.validate import tracking_uri_problem
 
 DEFAULT_EXPERIMENT = "vitexp"
@@ -46,6 +47,7 @@ class ToolParser(argparse.ArgumentParser):
 
     def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
         """Parses options and positionals in any order and settles the tracking URI."""
+        filter_native_noise()
         args = self.parse_intermixed_args(argv)
         overrides = getattr(args, "overrides", None)
         if overrides is not None:  # `tracking.uri=...` reads like the training command's
