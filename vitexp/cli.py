@@ -76,6 +76,7 @@ def preflight(argv: list[str]) -> None:
             swept = [ov for ov in job if ov not in args]  # this job's values of the sweep axes
             prefix = f"[{' '.join(swept)}] " if swept else ""
             fail(f"{prefix}{err}")
+    _check_search(argv)
     for uri, timeout in sorted(servers):  # before a sweep creates its parent run
         from vitexp.tracking import TrackingError, check_reachable
 
@@ -83,6 +84,18 @@ def preflight(argv: list[str]) -> None:
             check_reachable(uri, timeout)
         except TrackingError as err:
             fail(str(err))
+
+
+def _check_search(argv: list[str]) -> None:
+    """An Optuna search (hparams_search=...): its space, sampler, pruner, storage and study name."""
+    from vitexp.search import SearchError, check
+
+    try:
+        check(argv)
+    except SearchError as err:
+        fail(str(err))
+    except Exception as err:  # a hydra.* override that does not compose
+        fail(_explain_compose_error(err))
 
 
 def _first_line(err: BaseException) -> str:

@@ -76,6 +76,8 @@ def swept_params(runs) -> list[str]:
 def table(client: MlflowClient, runs, sort: str) -> tuple[list[str], list[list]]:
     swept = swept_params(runs)
     header = ["run", "status", *swept, "num_params", *METRICS, "epochs", "train_time_s", "images_per_s"]
+    pruned = any("vitexp.pruned_epoch" in r.data.tags for r in runs)  # trials an Optuna pruner stopped
+    header += ["pruned_epoch"] if pruned else []
     rows = []
     for run in runs:
         m = run.data.metrics
@@ -91,6 +93,7 @@ def table(client: MlflowClient, runs, sort: str) -> tuple[list[str], list[list]]
                 len(times),
                 round(sum(times), 1),
                 round(sum(speeds) / len(speeds), 1) if speeds else None,
+                *([run.data.tags.get("vitexp.pruned_epoch", "")] if pruned else []),
             ]
         )
     column = header.index(sort) if sort in header else header.index("test_top1")
