@@ -13,11 +13,12 @@ BASE = ["hparams_search=vit_optuna", *[a for a in TINY if not a.startswith(("dep
 
 
 def search_args(tmp_path, *extra, store="mlflow.db"):
+    """A search over the keys given in `extra` only (not the preset's), into stores in tmp_path."""
     return [
         *BASE,
         f"tracking.uri=sqlite:///{tmp_path / store}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        "hydra.sweeper.params={}",
+        *([] if any(e.startswith("+hydra.sweeper.params") for e in extra) else ["hydra.sweeper.params=null"]),
         *extra,
     ]
 
@@ -113,16 +114,14 @@ def test_killed_search_continues_under_the_same_parent(tmp_path, store):
         "trainer.epochs=1",
         "depth=choice(1,2)",
         "patch_size=choice(2,4)",
-        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_trials=3",
         "hydra.sweeper.pruner.name=none",
     )
     proc = start_vitexp(args, tmp_path)
     deadline = time.monotonic() + 400
-    while (
-        not (tmp_path / "optuna.db").exists()
-        or len(optuna.get_all_study_names(f"sqlite:///{tmp_path / 'optuna.db'}")) == 0
-        or len(load_study(tmp_path).get_trials(states=(optuna.trial.TrialState.COMPLETE,))) < 2
-    ):
+    complete = (optuna.trial.TrialState.COMPLETE,)
+    # the sweep folder appears with the first job, after both stores exist (no race creating them)
+    while not (tmp_path / "sweep").exists() or len(load_study(tmp_path).get_trials(states=complete)) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
@@ -131,37 +130,36 @@ def test_killed_search_continues_under_the_same_parent(tmp_path, store):
 
     out = run_vitexp(args, tmp_path)
     states = [t.state.name for t in load_study(tmp_path).trials]
-    assert states.count("COMPLETE") == 4, states
+    assert states.count("COMPLETE") == 3, states
     assert set(states) <= {"COMPLETE", "FAIL"}  # FAIL: a trial the kill cut short, run again
     parents, children = search_runs(client)
     assert [p.info.run_id for p in parents] == [parent.info.run_id]  # one parent, continued
     assert parents[0].info.status == "FINISHED"
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     finished = [c for c in children if c.info.status == "FINISHED"]
-    assert len(finished) == 4  # the two trials finished before the kill were not trained again
+    assert len(finished) == 3  # the two trials finished before the kill were not trained again
     assert all(c.data.tags.get("vitexp.retried") == "true" for c in children if c not in finished)
-    done = re.search(r"(\d) of 4 trials done", out.stdout + out.stderr)
+    done = re.search(r"(\d) of 3 trials done", out.stdout + out.stderr)
     assert done and done.group(1) in "23"  # counted from the study, not trained again
-    assert client.get_run(parent.info.run_id).data.metrics["trials_complete"] == 4
+    assert client.get_run(parent.info.run_id).data.metrics["trials_complete"] == 3
 
 
 @pytest.mark.slow
 def test_pruner_stops_a_planted_bad_trial_and_the_parent_shows_it(tmp_path, store):
     uri, client = store
     good, bad = 0.25, 1000.0  # noise drowning the synthetic classes: val top-1 stays at chance
-    enqueue = (
+    enqueue = (  # two good trials first, then the bad one
         f"hydra.sweeper.enqueue=[{{patch_size:2,depth:1,data.noise:{good}}},"
-        f"{{patch_size:4,depth:2,data.noise:{good}}},{{patch_size:4,depth:1,data.noise:{bad}}},"
-        f"{{patch_size:2,depth:2,data.noise:{good}}}]"
+        f"{{patch_size:4,depth:2,data.noise:{good}}},{{patch_size:4,depth:1,data.noise:{bad}}}]"
     )
     run_vitexp(
         search_args(
             tmp_path,
-            "trainer.epochs=3",
+            "trainer.epochs=2",
             "depth=choice(1,2)",
             "patch_size=choice(2,4)",
             f"data.noise=choice({good},{bad})",
-            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.n_trials=3",
             enqueue,
             "hydra.sweeper.pruner.n_startup_trials=2",
             "hydra.sweeper.pruner.n_warmup_steps=0",
@@ -169,15 +167,15 @@ def test_pruner_stops_a_planted_bad_trial_and_the_parent_shows_it(tmp_path, stor
         tmp_path,
     )
     trials = load_study(tmp_path).trials
-    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
     assert sorted(trials[2].intermediate_values) == [1]  # stopped at the first epoch boundary
     (parent,), children = search_runs(client)
     (pruned,) = [c for c in children if c.data.tags.get("vitexp.pruned") == "true"]
     assert pruned.info.status == "FINISHED" and pruned.data.tags["vitexp.pruned_epoch"] == "1"
     assert pruned.data.params["data.noise"] == str(bad)
     m = parent.data.metrics
-    assert (m["trials_complete"], m["trials_pruned"], m["trials_failed"]) == (3, 1, 0)
-    assert (m["epochs_spent"], m["epochs_unpruned"], m["epochs_grid"]) == (10, 12, 24)
+    assert (m["trials_complete"], m["trials_pruned"], m["trials_failed"]) == (2, 1, 0)
+    assert (m["epochs_spent"], m["epochs_unpruned"], m["epochs_grid"]) == (5, 6, 16)
     assert parent.data.metrics["best_value"] == pytest.approx(
         max(t.value for t in trials if t.value is not None)
     )
@@ -185,10 +183,11 @@ def test_pruner_stops_a_planted_bad_trial_and_the_parent_shows_it(tmp_path, stor
     local = client.download_artifacts(parent.info.run_id, "search", str(tmp_path / "got"))
     for stem in ("optimization_history", "param_importances", "slice", "contour"):
         picture = __import__("matplotlib.image").image.imread(f"{local}/{stem}.png")
-        assert picture.shape[0] > 300 and np.std(picture[..., :3]) > 0.05, stem  # not blank
-        assert (picture[..., :3].min(axis=-1) < 0.5).mean() > 0.01, stem  # ink, not an empty frame
+        rgb = picture[..., :3]
+        assert picture.shape[0] > 300 and np.std(rgb) > 0.05, stem  # not blank
+        assert ((rgb.max(-1) - rgb.min(-1)) > 0.25).sum() > 500, stem  # coloured data marks, not bare axes
     table = (tmp_path / "got" / "search" / "trials.csv").read_text()
-    assert table.count("PRUNED") == 1 and table.count("COMPLETE") == 3
+    assert table.count("PRUNED") == 1 and table.count("COMPLETE") == 2
     compared = run_vitexp(
         [parent.info.run_id, "--out", str(tmp_path / "cmp"), "--tracking-uri", uri],
         tmp_path,

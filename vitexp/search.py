@@ -210,12 +210,22 @@ def open_storage(url: str):
 
 
 def _build(module, names: dict[str, str], spec: dict[str, Any], what: str, **defaults):
+    """The named sampler or pruner. Arguments that only another one takes (left by a preset
+    when the name is overridden) are dropped; arguments none of them takes fail."""
+    import inspect
+
     name = spec["name"]
     if name not in names:
         raise SearchError(f"hydra.sweeper.{what}.name={name}: use one of {', '.join(names)}")
-    kwargs = {**defaults, **{k: v for k, v in spec.items() if k != "name"}}
+    known = {p for n in names.values() for p in inspect.signature(getattr(module, n)).parameters}
+    unknown = sorted(set(spec) - known - {"name"})
+    if unknown:
+        raise SearchError(f"hydra.sweeper.{what}.{unknown[0]}: no {what} takes this argument")
+    cls = getattr(module, names[name])
+    accepted = inspect.signature(cls).parameters
+    kwargs = {k: v for k, v in {**defaults, **spec}.items() if k in accepted}
     try:
-        return getattr(module, names[name])(**kwargs)
+        return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise SearchError(f"hydra.sweeper.{what} ({name}): {err}") from None
 

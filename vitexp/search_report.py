@@ -8,6 +8,7 @@ patch size x depth (or the first two searched keys) and, for several objectives,
 Pareto front.
 """
 
+import logging
 import os
 import sys
 import warnings
@@ -142,21 +143,22 @@ def write_pictures(study, plan: Plan, out_dir: Path) -> list[Path]:
     }
     if len(plan.directions) > 1:
         drawings["pareto_front"] = lambda: ov.plot_pareto_front(study, target_names=plan.objectives)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not a line per categorical axis
     paths = []
     for stem, draw in drawings.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 axes = draw()
+                figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+                figure.set_size_inches(max(6.4, figure.get_figwidth()), max(4.8, figure.get_figheight()))
+                figure.tight_layout()
         except Exception as err:  # e.g. importances need two finished trials, a contour two keys
             print(
                 f"vitexp: no {stem} picture yet: {str(err).splitlines()[0] if str(err) else err!r}",
                 file=sys.stderr,
             )
             continue
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
-        figure.set_size_inches(max(6.4, figure.get_figwidth()), max(4.8, figure.get_figheight()))
-        figure.tight_layout()
         figure.savefig(out_dir / f"{stem}.png", dpi=100)
         plt.close(figure)
         paths.append(out_dir / f"{stem}.png")

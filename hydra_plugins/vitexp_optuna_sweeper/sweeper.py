@@ -59,6 +59,7 @@ class VitexpOptunaSweeper(Sweeper):
         results = SearchLog(self.config, plan, Path(str(self.config.hydra.sweep.dir)) / "search")
         if results.parent:
             study.set_user_attr(PARENT_ATTR, results.parent)
+        job_idx, launched, failures = len(study.trials), 0, 0
         retry_stale(study, results)
         for params in plan.enqueue:
             study.enqueue_trial(params, skip_if_exists=True)
@@ -68,7 +69,6 @@ class VitexpOptunaSweeper(Sweeper):
         log.info(
             "study %s in %s: %d of %d trials done", plan.study_name, plan.storage_url, counted(study), total
         )
-        job_idx, launched, failures = len(study.trials), 0, 0
         while (todo := total - counted(study)) > 0:
             trials = [study.ask(plan.space) for _ in range(min(plan.n_jobs, todo))]
             for trial in trials:
