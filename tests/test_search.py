@@ -38,6 +38,30 @@ def search_runs(client):
     return parents, children
 
 
+def test_search_space_syntax_of_the_optuna_sweeper():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from vitexp.search import grid_space, parse_space
+
+    space, fixed = parse_space(
+        [
+            "a=choice(4,6,8)",
+            "b=range(2,9,2)",
+            "c=interval(0.1,1.0)",
+            "d=tag(log,interval(1e-4,1e-2))",
+            "e=interval(1,5)",
+            "model=vit_tiny",
+        ]
+    )
+    assert fixed == ["model=vit_tiny"]
+    assert space["a"] == CategoricalDistribution([4, 6, 8])
+    assert space["b"] == IntDistribution(2, 8, step=2)  # range's stop is excluded, as in Hydra's grid
+    assert space["c"] == FloatDistribution(0.1, 1.0)
+    assert space["d"] == FloatDistribution(1e-4, 1e-2, log=True)
+    assert space["e"] == FloatDistribution(1, 5)  # Hydra's interval is real-valued: integers take range()
+    assert grid_space({k: space[k] for k in "ab"}) == {"a": [4, 6, 8], "b": [2, 4, 6, 8]}
+
+
 # ---- bad input: one line before the first trial --------------------------------------
 
 

@@ -172,8 +172,7 @@ def distribution(ov) -> Any:
         )
     if log and start <= 0:
         raise SearchError(f"{key}=tag(log, interval({start}, {end})): a log interval must start above 0")
-    kind = IntDistribution if isinstance(start, int) and isinstance(end, int) else FloatDistribution
-    return kind(start, end, log=log)
+    return FloatDistribution(start, end, log=log)  # Hydra's interval is real-valued; integers take range()
 
 
 def default_storage(tracking_uri: str | None) -> str:
