@@ -12,7 +12,7 @@ CORS_ORIGINS ?=
 ARGS ?=
 MODEL ?= models:/vitexp-classifier/latest
 
-.PHONY: install train test ui server serve sweep bench lint clean
+.PHONY: install train test ui server serve sweep bench speedrun lint clean clean-results
 
 install: $(STAMP)
 
@@ -49,6 +49,16 @@ bench: install  ## training speed: textbook-style reference against vitexp
 lint: install
 	$(VENV)/bin/ruff check vitexp tests
 
-clean:
-	rm -rf outputs mlruns mlflow.db .pytest_cache test-artifacts bench
-	find multirun -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
+speedrun: install  ## time to 92% test top-1 on Fashion-MNIST, 3 seeds (ARGS="--target 0.93 ...")
+	$(PY) -m vitexp.speedrun $(ARGS)
+
+clean:  ## build and test outputs only; your runs stay (see clean-results)
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache test-artifacts
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+RESULTS := mlflow.db mlruns mlartifacts outputs bench speedrun $(wildcard multirun/*)
+
+clean-results:  ## deletes every recorded run: the MLflow store, checkpoints, run and sweep folders
+	@echo "clean-results: deleting the experiment history in $(CURDIR):"
+	@for p in $(RESULTS); do if [ -e "$$p" ]; then echo "  $$p"; fi; done
+	rm -rf $(RESULTS)

@@ -6,6 +6,8 @@ import re
 import pytest
 from conftest import run_vitexp
 
+from vitexp.machine import ISA_FLAGS, cpu_info, native_bfloat16
+
 pytestmark = pytest.mark.slow
 
 
@@ -33,9 +35,16 @@ def test_bench_runs_and_reports(tmp_path):
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert set(report["results"]) == {"textbook", "vitexp", "vitexp_best"}
     # the best settings: bfloat16 at twice the batch, the learning rate scaled alike
-    assert "trainer.batch_size=128" in report["best_overrides"]
+    assert {"trainer.batch_size=128", "trainer.precision=auto"} <= set(report["best_overrides"])
     assert "optimizer.learning_rate=0.002" in report["best_overrides"]
-    assert report["results"]["vitexp_best"]["precision"] == "mixed_bfloat16"
+    # bfloat16 where this CPU runs it natively, float32 elsewhere; the same-batch row stays float32
+    expected = "mixed_bfloat16" if native_bfloat16() else "float32"
+    assert report["results"]["vitexp_best"]["precision"] == expected
+    assert report["results"]["vitexp"]["precision"] == "float32"
+    machine = report["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and f"{machine['cores']} cores" in out.stdout
+    assert set(machine["isa"]) <= set(ISA_FLAGS)
+    assert ("avx2" in machine["isa"]) == ("avx2" in cpu_info()["flags"])
     for result in report["results"].values():
         assert result["images_per_s"] > 0 and result["peak_rss_mb"] > 0 and len(result["loss_per_epoch"]) == 2
         assert result["train_images_per_s"] > result["images_per_s"]  # validation costs time

@@ -30,13 +30,13 @@ def test_defaults_are_the_textbook():
     assert cfg.schedule.warmup_fraction == 0.1 and cfg.schedule.final_lr == 0.0
     assert (t.batch_size, t.validation_split, t.epochs) == (64, 0.2, 30)
     assert cfg.data.name == "cifar100" and cfg.data.num_classes == 100
-    assert cfg.run_name == "vit-p6-d4"
+    assert cfg.run_name == "vit-p6-d4-cifar100"
     check_config(cfg)
 
 
 def test_shortcuts_reach_the_model():
     cfg = compose(["patch_size=4", "depth=2"])
-    assert (cfg.model.patch_size, cfg.model.depth, cfg.run_name) == (4, 2, "vit-p4-d2")
+    assert (cfg.model.patch_size, cfg.model.depth, cfg.run_name) == (4, 2, "vit-p4-d2-cifar100")
     tiny = compose(["model=vit_tiny"])
     assert (tiny.model.patch_size, tiny.model.depth) == (4, 4)
 
@@ -104,6 +104,7 @@ BAD_COMMANDS = [
     (["trainer.precision=fp8"], "trainer.precision='fp8'"),
     (["model=swin", "model.image_size=16"], "at least 32 pixels"),
     (["-m", "depth=1,2", "tracking.uri=http://127.0.0.1:9"], "is unreachable"),
+    (["tracking.uri=sqlite:///relative.db"], "the path is relative: use sqlite:////"),
 ]
 
 
@@ -144,3 +145,39 @@ def test_readme_lists_every_group_option():
         for option in options(group):
             if not option.endswith("_schema"):
                 assert option in readme, f"{group}={option} missing from README"
+
+
+def test_tracking_defaults_follow_mlflow_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert (compose().tracking.uri, compose().tracking.experiment) == (None, "vitexp")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team")
+    cfg = compose()
+    assert (cfg.tracking.uri, cfg.tracking.experiment) == ("http://127.0.0.1:5999", "team")
+    cfg = compose(["tracking.uri=sqlite:////tmp/x.db", "tracking.experiment=mine"])  # the command line wins
+    assert (cfg.tracking.uri, cfg.tracking.experiment) == ("sqlite:////tmp/x.db", "mine")
+
+
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("sqlite:///relative.db", "the path is relative: use sqlite:///{tmp}/relative.db"),
+        ("sqlite:///{tmp}/notes.txt", "notes.txt is not an SQLite database"),
+        ("sqlite:///{tmp}", "is a folder: name a .db file in it"),
+        ("sqlite:///{tmp}/nowhere/x.db", "folder {tmp}/nowhere does not exist"),
+        ("sqlite://", "use sqlite:///ABS/PATH.db"),
+    ],
+)
+def test_bad_tracking_file_fails_in_the_preflight(uri, message, tmp_path, monkeypatch, capsys):
+    from vitexp.cli import preflight
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a database")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(tmp=tmp_path))  # as MLflow users set it
+    with pytest.raises(SystemExit):
+        preflight(["data=synthetic"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("vitexp: error: tracking.uri=") and "(from MLFLOW_TRACKING_URI)" in line
+    assert message.format(tmp=tmp_path) in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing left behind

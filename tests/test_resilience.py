@@ -92,6 +92,67 @@ def test_ctrl_c_ends_killed_with_a_usable_checkpoint(tmp_path, store):
     assert model.predict(np.zeros((1, 16, 16, 3), np.uint8), verbose=0).shape == (1, 4)
 
 
+def history(client, run_id, key):
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_interrupted_run_with_ema_and_stochastic_depth_resumes_identically(tmp_path, store):
+    uri, client = store
+    args = [
+        *LONG,
+        "trainer.epochs=3",
+        "depth=2",
+        "model.drop_path=0.3",
+        "optimizer.ema_momentum=0.9",
+        "trainer.deterministic=true",
+        f"tracking.uri={uri}",
+    ]
+    run_vitexp([*args, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
+    run_dir = tmp_path / "cut"
+    proc = start_vitexp([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+    wait_for(lambda: (run_dir / "checkpoints" / "epoch_0001.keras").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130  # stopped before its last epoch
+    run_vitexp([*args, f"hydra.run.dir={run_dir}", "resume=true"], tmp_path)
+    whole, cut = sorted(runs_of(client), key=lambda r: r.info.start_time)
+    assert cut.info.status == "FINISHED"
+    for key in ("train_loss", "val_loss", "val_top1"):
+        assert history(client, cut.info.run_id, key) == history(client, whole.info.run_id, key), key
+    assert cut.data.metrics["test_loss"] == whole.data.metrics["test_loss"]
+
+
+def test_ctrl_c_in_the_first_epoch_says_to_start_again(tmp_path, store):
+    uri, client = store
+    run_dir = tmp_path / "run"
+    proc = start_vitexp([*LONG, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], tmp_path)
+    wait_for(lambda: (run_dir / "model_summary.txt").exists(), proc)  # set up, not yet one epoch
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    last = stderr.strip().splitlines()[-1]
+    assert "no checkpoint" in last and "start it again" in last and "resume=true" not in last, last
+    assert not (run_dir / "checkpoints").exists()
+    (run,) = runs_of(client)
+    assert run.info.status == "KILLED"
+
+
+def test_cifar_offline_says_what_to_do_and_leaves_no_folder(tmp_path, store):
+    uri, client = store
+    offline = {
+        "KERAS_HOME": str(tmp_path / "keras"),
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "http_proxy": "http://127.0.0.1:9",
+    }
+    proc = run_vitexp([f"tracking.uri={uri}"], tmp_path, check=False, env=offline)  # `make train`
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "cifar100 is not available offline" in last and "data.path=" in last, last
+    assert "experiment=vit_fashion_mnist" in last
+    assert not (tmp_path / "outputs").exists() and runs_of(client) == []
+
+
 def test_divergence_fails_with_one_line(tmp_path, store):
     uri, client = store
     proc = run_vitexp([*TINY, "optimizer.learning_rate=1e12", f"tracking.uri={uri}"], tmp_path, check=False)
@@ -176,10 +237,8 @@ def test_bad_inputs_fail_in_one_line_without_a_run(args, message, tmp_path, stor
     args = [a.format(**files) for a in args]
     if not any(a.startswith("tracking.uri=") for a in args):
         args.append(f"tracking.uri={uri}")
-    start_time = time.monotonic()
     proc = run_vitexp(args, tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("vitexp: error:") and message in last, last
-    assert runs_of(client) == []
-    assert time.monotonic() - start_time < 60
+    assert runs_of(client) == []  # it failed before a run was created, let alone trained

@@ -215,13 +215,19 @@ def test_killed_sweep_resumes_without_repeating_jobs_and_compares(tmp_path, stor
     out = run_vitexp(args, tmp_path)
     assert "already FINISHED" in out.stderr
     runs = runs_of(client)
-    trained = [r for r in runs if "model.depth" in r.data.params and r.info.status == "FINISHED"]
+    links = [r for r in runs if "vitexp.reused_run" in r.data.tags]
+    trained = [r for r in runs if "model.depth" in r.data.params and r not in links]
     assert sorted(r.data.params["model.depth"] for r in trained) == ["1", "2", "3"]  # depth=1 not repeated
+    assert all(r.info.status == "FINISHED" for r in trained)
     parents = sorted(
         (r for r in runs if r.data.tags.get("vitexp.sweep") == "true"), key=lambda r: r.info.start_time
     )
     assert [p.info.status for p in parents] == ["FAILED", "FINISHED"]  # the killed one is closed too
     assert len(children_of(client, parents[-1].info.run_id)) == 3  # the resumed sweep holds all its jobs
+    (link,) = links  # the earlier run keeps its place; the new sweep links to it
+    assert link.data.tags["vitexp.reused_run"] == first[0].info.run_id
+    assert link.data.tags["mlflow.parentRunId"] == parents[-1].info.run_id
+    assert client.get_run(first[0].info.run_id).data.tags["mlflow.parentRunId"] == parents[0].info.run_id
 
     compared = run_vitexp(
         [parents[-1].info.run_id, "--out", str(tmp_path / "cmp"), "--tracking-uri", uri],
@@ -287,3 +293,42 @@ def test_mlflow_ui_lists_the_sweep_in_a_real_browser(server, grid, tmp_path):
     assert not missing, f"missing from the compare page: {missing}"
     for shot in ("mlflow_ui_sweep_runs.png", "mlflow_ui_sweep_compare.png"):
         assert (ARTIFACTS / shot).stat().st_size > 20_000
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="install chromium (.ci/run does)")
+def test_mlflow_ui_opens_the_experiment_on_its_training_runs(server, grid, tmp_path):
+    """vitexp's link opens the experiment on its runs table, not on MLflow's GenAI overview."""
+    from vitexp.tracking import Tracker
+
+    uri, client, _, _ = server
+    assert grid.tags["mlflow.experimentKind"] == "custom_model_development"
+    link = Tracker(uri, "grid").ui_link()
+    runs = runs_of(client, "grid")
+    ARTIFACTS.mkdir(exist_ok=True)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=60000",
+        "--window-size=1600,1000",
+    ]
+    expected = f"<strong>{len(runs)}</strong> matching runs"
+    for _ in range(6):  # the UI loads the runs after its first paint
+        dom = subprocess.run(
+            ["chromium", *flags, "--dump-dom", link],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        ).stdout
+        if expected in dom:
+            break
+    (ARTIFACTS / "mlflow_ui_experiment_landing.html").write_text(dom)
+    assert expected in dom and "Detect Issues" not in dom  # the GenAI overview's button
+    (parent,) = [r for r in runs if r.data.tags.get("vitexp.sweep") == "true"]
+    assert parent.info.run_name in dom and "Run Name" in dom  # the sweep, its jobs folded in

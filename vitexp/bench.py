@@ -8,12 +8,14 @@ Each configuration trains the same model in its own process (so peak memory is i
   default compile: how the chapter trains. For its ViT, float arrays (`x / 255.`) at batch
   64 (with the input normalisation adapted, so that both train the same model and their
   losses compare); for its Swin, the uint8 arrays at batch 128 (`--batch 128`).
-- `vitexp`: `python -m vitexp`'s own path at the same batch and precision: uint8 tf.data,
-  MLflow tracking, atomic checkpoints and validation every epoch.
+- `vitexp`: `python -m vitexp`'s own path at the same batch and precision (float32): uint8
+  tf.data, MLflow tracking, atomic checkpoints and validation every epoch.
 - `vitexp_best`: vitexp at the settings fastest on this machine without costing accuracy:
-  mixed_bfloat16 at the same batch. `--best-batch-factor k` also scales its batch and
-  learning rate by k (the linear rule): k=2 ran ~5% faster an epoch here but, in a short
-  fixed budget, half the updates cost accuracy, so it is not the default.
+  `trainer.precision=auto` at the same batch, which is mixed_bfloat16 on CPUs that run
+  bfloat16 natively (AVX-512 BF16, AMX) and float32 elsewhere. `--best-batch-factor k`
+  also scales its batch and learning rate by k (the linear rule): k=2 ran ~5% faster an
+  epoch on an AVX-512 BF16 CPU but, in a short fixed budget, half the updates cost
+  accuracy, so it is not the default.
 
 Each holds the same `--images` training images (CIFAR-sized by default, the last 20% held
 out for validation) and trains two epochs of `--steps` steps, validating on all held-out
@@ -24,7 +26,8 @@ images, which the speedups compare. Also measured in the same run: a dense matmu
 (float32 and bfloat16) and the model's training FLOPs per image, so the achieved FLOP/s of
 the training steps reads as a fraction of what the machine can do. Results: a table on
 stdout, `bench/bench.json`, an MLflow run; the last line is
-`speedup_same_batch=<x> speedup_best=<y>`.
+`speedup_same_batch=<x> speedup_best=<y>`. The machine (CPU model, cores, the ISA flags
+that decide bfloat16 speed, GPUs) is printed with the figures and kept in the report.
 """
 
 import argparse
@@ -40,6 +43,8 @@ T0 = time.perf_counter()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+
+from vitexp.machine import describe, one_line  # noqa: E402
 
 VALIDATION_SPLIT = 0.2  # the textbook's, and vitexp's default
 
@@ -246,14 +251,14 @@ def training_flops(model_name: str, overrides: list[str]) -> float:
 
 
 def best_overrides(args) -> list[str]:
-    """mixed_bfloat16, with the batch and learning rate scaled by `--best-batch-factor`."""
+    """`trainer.precision=auto`, with the batch and learning rate scaled by `--best-batch-factor`."""
     from vitexp.cli import compose
 
     if args.best_batch_factor == 1:
-        return ["trainer.precision=mixed_bfloat16"]
+        return ["trainer.precision=auto"]
     lr = compose([f"model={args.model}", *args.overrides]).optimizer.learning_rate
     return [
-        "trainer.precision=mixed_bfloat16",
+        "trainer.precision=auto",
         f"trainer.batch_size={args.best_batch_factor * args.batch}",
         f"optimizer.learning_rate={args.best_batch_factor * lr:g}",
     ]
@@ -268,7 +273,8 @@ def worker(args) -> None:
             "train_flops_per_image": training_flops(args.model, args.overrides),
         }
     else:
-        out = run_vitexp(args, best_overrides(args) if args.worker == "vitexp_best" else [])
+        same = ["trainer.precision=float32"]
+        out = run_vitexp(args, best_overrides(args) if args.worker == "vitexp_best" else same)
     print("BENCH " + json.dumps(out))
 
 
@@ -328,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker(args)
 
-    machine = spawn("machine", args)
+    machine = {"machine": describe(), **spawn("machine", args)}
     results = {name: spawn(name, args) for name in ("textbook", "vitexp", "vitexp_best")}
     flops = machine["train_flops_per_image"]
     train_images = int(args.images * (1 - VALIDATION_SPLIT))
@@ -359,6 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=1))
     peak = machine["peak_gflops"]
+    print(f"machine: {one_line(machine['machine'])}")
     print(
         f"model {args.model}: {flops / 1e9:.3f} GFLOP per training image; matmul peak "
         f"{peak['float32']:.0f} GFLOP/s float32, {peak['bfloat16']:.0f} bfloat16"

@@ -157,6 +157,72 @@ def replay_missing(tracker: Tracker, run_id: str, checkpoints: CheckpointDir) ->
     return missing
 
 
+class SwapEMAWeights(keras.callbacks.SwapEMAWeights):
+    """Keras' swap of averaged weights into the model for validation and checkpoints.
+
+    Checkpoints are written while the averaged weights are in the model (the raw ones sit
+    in the optimizer's average slots), so a model restored from one holds them the other
+    way round: with `restored=True` the first epoch swaps them back before it trains.
+
+    Args:
+        restored: the model was just loaded from one of this run's checkpoints.
+    """
+
+    def __init__(self, restored: bool = False):
+        super().__init__(swap_on_epoch=True)
+        self._ema_weights_in_model = restored
+
+
+def command_started() -> float:
+    """When the command began (epoch seconds): `VITEXP_T0` if a harness set it, else when
+    this process started, from /proc (to a second), else now."""
+    if os.environ.get("VITEXP_T0"):
+        return float(os.environ["VITEXP_T0"])
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return time.time()
+
+
+class TargetWatch(keras.callbacks.Callback):
+    """Time to accuracy: after each epoch, top-1 on a fixed held-out split and the wall
+    time since the command started; the first epoch at or above `target` is logged too.
+
+    The split is the test set: training never sees it and nothing here steers training
+    (no early stop, no checkpoint choice), so the figure is what the speed records report.
+    Logs `target_top1` and `elapsed_s` per epoch, `time_to_target_s` and `target_epoch` once.
+
+    Args:
+        tracker: where to log.
+        run_id: the MLflow run.
+        dataset: batches of (images, one-hot labels) of the held-out split, in order.
+        labels: that split's integer labels.
+        target: the top-1 to reach, in [0, 1].
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, dataset, labels: np.ndarray, target: float):
+        super().__init__()
+        self.tracker = tracker
+        self.run_id = run_id
+        self.dataset = dataset
+        self.labels = np.asarray(labels)
+        self.target = target
+        self.started = command_started()
+        self.reached = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        logits = self.model.predict(self.dataset, verbose=0)
+        top1 = float(np.mean(np.argmax(logits, axis=-1) == self.labels))
+        elapsed = time.time() - self.started
+        metrics = {"target_top1": top1, "elapsed_s": elapsed}
+        if top1 >= self.target and not self.reached:
+            self.reached = True
+            metrics.update(time_to_target_s=elapsed, target_epoch=float(epoch + 1))
+        self.tracker.log_metrics(self.run_id, metrics, step=epoch + 1)
+
+
 class DivergenceGuard(keras.callbacks.Callback):
     """Stops training at the first NaN or infinite loss, naming epoch, step and learning rate."""
 
@@ -178,3 +244,78 @@ class DivergenceGuard(keras.callbacks.Callback):
                 f"{batch + 1} (learning rate {lr:.3g}); lower optimizer.learning_rate or set "
                 "optimizer.clipnorm=1.0"
             )
+
+
+def epochs_since_best(history: dict[int, dict[str, float]], monitor: str, min_delta: float) -> int:
+    """Epochs since `monitor` last improved by more than `min_delta` (losses fall, accuracies
+    rise), counted over every committed epoch, so a resumed run counts as if never stopped."""
+    sign = -1.0 if monitor.endswith("loss") else 1.0
+    best, best_epoch = -math.inf, 0
+    for epoch in sorted(history):
+        value = sign * history[epoch].get(monitor, -sign * math.inf)
+        if value > best + min_delta:
+            best, best_epoch = value, epoch
+    return max(history, default=0) - best_epoch
+
+
+class EarlyStopping(keras.callbacks.Callback):
+    """Stops training once `monitor` has not improved for `patience` epochs.
+
+    It reads the committed checkpoints' metrics rather than keeping its own count, so it
+    gives the same answer after a resume. Place it after `EpochRecorder`.
+
+    Args:
+        checkpoints: the run's checkpoints, whose metrics it reads.
+        patience: epochs without improvement before stopping.
+        monitor: `val_top1`, `val_top5` or `val_loss`.
+        min_delta: the smallest change that counts as an improvement.
+    """
+
+    def __init__(self, checkpoints: CheckpointDir, patience: int, monitor: str, min_delta: float = 0.0):
+        super().__init__()
+        self.checkpoints = checkpoints
+        self.patience = patience
+        self.monitor = monitor
+        self.min_delta = min_delta
+        self.stopped_epoch = 0
+
+    def should_stop(self) -> bool:
+        history = self.checkpoints.metrics()
+        return bool(history) and epochs_since_best(history, self.monitor, self.min_delta) >= self.patience
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.should_stop():
+            self.model.stop_training = True
+            self.stopped_epoch = epoch + 1
+
+
+class ProfileSteps(keras.callbacks.Callback):
+    """A TensorFlow profiler trace of training steps `first..last` (1-based, counted from
+    the start of this `fit`), written under `folder` (TensorBoard's profile plugin reads it).
+    """
+
+    def __init__(self, folder: Path, first: int, last: int):
+        super().__init__()
+        self.folder = Path(folder)
+        self.first, self.last = first, last
+        self.step = 0
+        self.tracing = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        import tensorflow as tf
+
+        self.step += 1
+        if self.step == self.first:
+            tf.profiler.experimental.start(str(self.folder))
+            self.tracing = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.step >= self.last:
+            self.on_train_end()
+
+    def on_train_end(self, logs=None):
+        import tensorflow as tf
+
+        if self.tracing:
+            tf.profiler.experimental.stop()
+            self.tracing = False

@@ -1,6 +1,6 @@
 """Compare runs side by side: a table sorted by a metric, as CSV and Markdown, and plots.
 
-    python -m vitexp.compare <experiment name | sweep parent run id> [--sort test_top1]
+    python -m vitexp.compare [experiment name | sweep parent run id] [--sort test_top1]
         [--out DIR] [--tracking-uri URI]
 
 Columns: the swept parameters (those that differ between the runs), parameter count,
@@ -9,9 +9,7 @@ shows test top-1 against each swept parameter and against the parameter count. F
 sweep, the table and plot are also logged to the parent run.
 """
 
-import argparse
 import csv
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from vitexp.tool_args import ToolParser, default_experiment  # noqa: E402
 from vitexp.tracking import resolve_uri  # noqa: E402
 
 METRICS = ("best_val_top1", "test_top1", "test_top5")
@@ -96,7 +95,9 @@ def table(client: MlflowClient, runs, sort: str) -> tuple[list[str], list[list]]
                 *([run.data.tags.get("vitexp.pruned_epoch", "")] if pruned else []),
             ]
         )
-    column = header.index(sort) if sort in header else header.index("test_top1")
+    if sort not in header:
+        raise ValueError(f"--sort {sort}: no such column; use one of: {', '.join(header)}")
+    column = header.index(sort)
     rows.sort(
         key=lambda r: (r[column] is None, -(r[column] or 0) if isinstance(r[column], int | float) else 0)
     )
@@ -161,17 +162,20 @@ def compare(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vitexp.compare", description=__doc__.split("\n")[0])
-    parser.add_argument("target", help="an experiment name or a sweep's parent run id")
+    parser = ToolParser("vitexp.compare", __doc__)
+    parser.add_argument(
+        "target",
+        nargs="?",
+        default=default_experiment(),
+        help="an experiment name or a sweep's parent run id (default: $MLFLOW_EXPERIMENT_NAME or vitexp)",
+    )
     parser.add_argument("--sort", default="test_top1", help="column to sort by, best first")
     parser.add_argument("--out", type=Path, default=Path("comparison"))
-    parser.add_argument("--tracking-uri", default=None)
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
     try:
         header, rows, paths = compare(args.target, args.tracking_uri, args.sort, args.out)
     except ValueError as err:
-        print(f"vitexp.compare: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        parser.fail(str(err))
     widths = [max(len(str(h)), *(len(_cell(r[i])) for r in rows)) for i, h in enumerate(header)]
     print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
     for row in rows:

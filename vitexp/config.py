@@ -6,6 +6,7 @@ Hydra's struct mode; :func:`vitexp.validate.check_config` catches those.
 """
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -158,6 +159,24 @@ class ConstantScheduleConfig:
 
 
 # ---------------------------------------------------------------- trainer, tracking
+class TestCheckpoint(StrEnum):
+    best = "best"
+    last = "last"
+
+
+class Monitor(StrEnum):
+    val_top1 = "val_top1"
+    val_top5 = "val_top5"
+    val_loss = "val_loss"
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int | None = MISSING
+    monitor: Monitor = MISSING
+    min_delta: float = MISSING
+
+
 @dataclass
 class TrainerConfig:
     epochs: int = 30
@@ -175,6 +194,13 @@ class TrainerConfig:
     threads: int | None = None
     keep_checkpoints: int = 2
     verbose: int = 1
+    test_checkpoint: TestCheckpoint = MISSING
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    profile: bool = MISSING
+    profile_steps: list[int] = MISSING
+    # a top-1 to reach on the test split, checked after each epoch for time-to-accuracy
+    # figures (`make speedrun`); it never steers training
+    target_top1: float | None = None
 
 
 @dataclass
@@ -203,31 +229,34 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     patch_size: int | None = None
     depth: int | None = None
-    run_name: str = "${model.name}-p${model.patch_size}-d${model.depth}"
+    run_name: str = "${model.name}-p${model.patch_size}-d${model.depth}-${data.name}"
     resume: Any = False
 
 
+# Stored at the top of the ConfigStore, outside every option group, so they are neither
+# listed by `--help` nor selectable (`model=vit_schema`); options extend them with
+# `- /vit_schema@_here_` in their defaults list.
 SCHEMAS = {
-    ("model", "vit_schema"): ViTConfig,
-    ("model", "swin_schema"): SwinConfig,
-    ("data", "data_schema"): DataConfig,
-    ("data", "synthetic_schema"): SyntheticDataConfig,
-    ("optimizer", "adamw_schema"): AdamWConfig,
-    ("optimizer", "sgd_schema"): SGDConfig,
-    ("schedule", "warmup_cosine_schema"): WarmupCosineConfig,
-    ("schedule", "constant_schema"): ConstantScheduleConfig,
-    ("trainer", "trainer_schema"): TrainerConfig,
-    ("tracking", "tracking_schema"): TrackingConfig,
-    ("report", "report_schema"): ReportConfig,
+    "vitexp_schema": Config,
+    "vit_schema": ViTConfig,
+    "swin_schema": SwinConfig,
+    "data_schema": DataConfig,
+    "synthetic_schema": SyntheticDataConfig,
+    "adamw_schema": AdamWConfig,
+    "sgd_schema": SGDConfig,
+    "warmup_cosine_schema": WarmupCosineConfig,
+    "constant_schema": ConstantScheduleConfig,
+    "trainer_schema": TrainerConfig,
+    "tracking_schema": TrackingConfig,
+    "report_schema": ReportConfig,
 }
 
 
 def register_schemas() -> None:
     """Puts every schema in Hydra's ConfigStore; conf/ files extend them by name."""
     cs = ConfigStore.instance()
-    cs.store(name="vitexp_schema", node=Config)
-    for (group, name), node in SCHEMAS.items():
-        cs.store(group=group, name=name, node=node)
+    for name, node in SCHEMAS.items():
+        cs.store(name=name, node=node)
 
 
 register_schemas()

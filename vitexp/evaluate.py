@@ -1,21 +1,21 @@
 """Evaluate a trained run again: top-1/top-5, loss and per-class accuracy, logged to MLflow.
 
     python -m vitexp.evaluate <run id> [data=fashion_mnist] [data.test_limit=1000 ...]
-        [--checkpoint best|last] [--in-place] [--tracking-uri URI]
+        [--checkpoint best|last] [--in-place] [--tracking-uri URI | tracking.uri=URI]
 
 Overrides change the run's own data config (a group option or dotted keys). Results go to
 a new child run of the evaluated run (so the original stays untouched), or with
 `--in-place` to the run itself as `eval_*` metrics.
 """
 
-import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
+
+from vitexp.tool_args import ToolParser
 
 
 def data_config(run_cfg, overrides: list[str]):
@@ -51,19 +51,24 @@ def evaluate(run, data_cfg, batch_size: int = 256) -> dict:
     return {
         "scores": scores,
         "per_class": per_class,
-        "class_names": data.class_names,
+        # the model's classes, as the run recorded them, name its logits
+        "class_names": run.class_names if len(run.class_names) == len(per_class) else data.class_names,
         "count": len(data.test_y),
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vitexp.evaluate", description=__doc__.split("\n")[0])
+    parser = ToolParser("vitexp.evaluate", __doc__)
     parser.add_argument("run_id")
-    parser.add_argument("overrides", nargs="*", help="data=<option> or data.key=value")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
+    parser.add_argument("overrides", nargs="*", help="data=<option>, data.key=value or tracking.uri=URI")
+    parser.add_argument(
+        "--checkpoint", choices=("best", "last"), default=None, help="default: the run's test checkpoint"
+    )
     parser.add_argument("--in-place", action="store_true", help="log to the run itself")
-    parser.add_argument("--tracking-uri", default=None)
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
+    other = [o for o in args.overrides if not o.startswith(("data=", "data."))]
+    if other:
+        parser.fail(f"{other[0]}: evaluate takes data=<option>, data.key=value and tracking.uri=URI")
 
     from vitexp.data import DataError
     from vitexp.runs import RunError, load_run
@@ -74,10 +79,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = data_config(run.cfg, args.overrides)
         result = evaluate(run, cfg)
     except (RunError, DataError) as err:
-        print(f"vitexp.evaluate: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        parser.fail(str(err))
     scores = result["scores"]
-    print(f"run {args.run_id} ({args.checkpoint} checkpoint) on {cfg.name} test, {result['count']} images")
+    print(
+        f"run {args.run_id} ({run.checkpoint.stem} checkpoint) on {cfg.name} test, {result['count']} images"
+    )
     print(f"  top-1 {scores['top1']:.4f}  top-5 {scores['top5']:.4f}  loss {scores['loss']:.4f}")
     print("  per-class accuracy:")
     for name, acc in zip(result["class_names"], result["per_class"]):
@@ -92,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
             f"eval-{run.run.info.run_name}", {"vitexp.evaluates": args.run_id}, args.run_id
         )
         tracker.log_params(
-            target, {"checkpoint": args.checkpoint, "data": cfg.name, "overrides": " ".join(args.overrides)}
+            target,
+            {"checkpoint": run.checkpoint.stem, "data": cfg.name, "overrides": " ".join(args.overrides)},
         )
         prefix = "test_"
     tracker.log_metrics(target, {f"{prefix}{k}": v for k, v in scores.items()}, step=0)

@@ -6,8 +6,6 @@ Without image files it explains the first test images of the run's own data. Wri
 PNG per image (rollout over all layers, and each head of the last layer) and prints paths.
 """
 
-import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from vitexp.tool_args import ToolParser  # noqa: E402
 
 
 def attention_rollout(maps: list[np.ndarray], has_cls: bool) -> np.ndarray:
@@ -112,12 +112,11 @@ def _has_cls(model) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vitexp.explain", description=__doc__.split("\n")[0])
+    parser = ToolParser("vitexp.explain", __doc__)
     parser.add_argument("run_id")
     parser.add_argument("images", nargs="*", help="PNG/JPEG files (default: the run's first test images)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNG files")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: the project's)")
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
 
     from vitexp.runs import RunError, load_run, read_images
 
@@ -132,8 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             images, labels = run.test_images(4)
             titles = [run.class_names[int(y)] for y in labels]
     except RunError as err:
-        print(f"vitexp.explain: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        parser.fail(str(err))
     out = args.out or Path(f"explain-{args.run_id[:8]}")
     out.mkdir(parents=True, exist_ok=True)
     for i, (image, title) in enumerate(zip(images, titles)):

@@ -3,12 +3,12 @@
 python -m vitexp.predict <run id> <image files ...> [--top 5] [--json] [--tracking-uri URI]
 """
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from vitexp.tool_args import ToolParser
 
 
 def top_k(probs: np.ndarray, class_names: list[str], k: int) -> list[list[dict]]:
@@ -21,14 +21,15 @@ def top_k(probs: np.ndarray, class_names: list[str], k: int) -> list[list[dict]]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vitexp.predict", description=__doc__.split("\n")[0])
+    parser = ToolParser("vitexp.predict", __doc__)
     parser.add_argument("run_id")
     parser.add_argument("images", nargs="+")
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
-    parser.add_argument("--tracking-uri", default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--checkpoint", choices=("best", "last"), default=None, help="default: the run's test checkpoint"
+    )
+    args = parser.parse(argv)
 
     from vitexp.report import softmax
     from vitexp.runs import RunError, load_run, read_images
@@ -37,8 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         run = load_run(args.run_id, args.tracking_uri, args.checkpoint)
         images = read_images(args.images, run.image_shape)
     except RunError as err:
-        print(f"vitexp.predict: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        parser.fail(str(err))
     probs = softmax(run.model.predict(images, verbose=0).astype(np.float64))
     results = top_k(probs, run.class_names, min(args.top, probs.shape[-1]))
     if args.json:

@@ -1,6 +1,6 @@
 """Hand a trained model on: register the best run as an MLflow pyfunc model, ready to serve.
 
-    python -m vitexp.registry <run id | experiment name> [--name MODEL] [--metric test_top1]
+    python -m vitexp.registry [run id | experiment name] [--name MODEL] [--metric test_top1]
         [--tracking-uri URI]
 
 Given an experiment (or a sweep's parent run), the child/run with the highest metric is
@@ -9,13 +9,14 @@ shape and returns, per image, the class index, its name and its probability. Ser
 `make serve MODEL=models:/<name>/<version>` (mlflow models serve, local environment).
 """
 
-import argparse
-import sys
+import json
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+
+from vitexp.tool_args import ToolParser, default_experiment
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -24,10 +25,15 @@ class VitexpClassifier(mlflow.pyfunc.PythonModel):
     """A vitexp checkpoint behind MLflow's pyfunc interface."""
 
     def load_context(self, context):
+        names = json.loads(Path(context.artifacts["class_names"]).read_text(encoding="utf-8"))
+        self.load(context.artifacts["checkpoint"], names)
+
+    def load(self, checkpoint, class_names: list[str], model=None) -> None:
+        """The checkpoint's model (or `model`, already loaded from it) and its class names."""
         from vitexp.models import load_model
 
-        self.model = load_model(context.artifacts["checkpoint"])
-        self.class_names = Path(context.artifacts["class_names"]).read_text().splitlines()
+        self.model = model if model is not None else load_model(str(checkpoint))
+        self.class_names = list(class_names)
 
     def predict(self, context, model_input, params=None):
         from vitexp.report import softmax
@@ -62,44 +68,36 @@ def best_run(client, target: str, metric: str):
     return finished[0]
 
 
+def requirements() -> list[str]:
+    """What the logged model needs to load and run: the versions this process has."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("tensorflow", "keras", "tfswin", "numpy", "mlflow", "omegaconf")]
+
+
 def register(run_id: str, name: str, tracking_uri: str | None = None) -> str:
     """Logs the run's best checkpoint as a pyfunc model and registers it; returns its URI."""
-    import tempfile
-
-    from mlflow.models import infer_signature
-
     from vitexp.runs import load_run
-    from vitexp.tracking import resolve_uri
+    from vitexp.tracking import Tracker
 
     loaded = load_run(run_id, tracking_uri)
-    mlflow.set_tracking_uri(resolve_uri(tracking_uri))
-    with tempfile.TemporaryDirectory() as tmp:
-        names = Path(tmp) / "class_names.txt"
-        names.write_text("\n".join(loaded.class_names) + "\n")
-        example = np.zeros((1, *loaded.image_shape), dtype=np.uint8)
-        classifier = VitexpClassifier()
-        classifier.model, classifier.class_names = loaded.model, loaded.class_names
-        signature = infer_signature(example, classifier.predict(None, example))
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=VitexpClassifier(),
-                artifacts={"checkpoint": str(loaded.checkpoint), "class_names": str(names)},
-                code_paths=[str(PACKAGE_DIR)],
-                signature=signature,
-                input_example=example,
-                registered_model_name=name,
-            )
+    tracker = Tracker(tracking_uri, loaded.experiment)
+    info = tracker.log_model(run_id, loaded.checkpoint, loaded.class_names, loaded.model, name)
     return f"models:/{name}/{info.registered_model_version}"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vitexp.registry", description=__doc__.split("\n")[0])
-    parser.add_argument("target", help="a run id, a sweep's parent run id, or an experiment name")
+    parser = ToolParser("vitexp.registry", __doc__)
+    parser.add_argument(
+        "target",
+        nargs="?",
+        default=default_experiment(),
+        help="a run id, a sweep's parent run id, or an experiment name "
+        "(default: $MLFLOW_EXPERIMENT_NAME or vitexp)",
+    )
     parser.add_argument("--name", default="vitexp-classifier", help="registered model name")
     parser.add_argument("--metric", default="test_top1", help="what 'best' means (higher is better)")
-    parser.add_argument("--tracking-uri", default=None)
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
 
     from mlflow.tracking import MlflowClient
 
@@ -110,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         run = best_run(MlflowClient(resolve_uri(args.tracking_uri)), args.target, args.metric)
         uri = register(run.info.run_id, args.name, args.tracking_uri)
     except (RunError, ValueError) as err:
-        print(f"vitexp.registry: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        parser.fail(str(err))
     print(
         f"registered run {run.info.run_id} ({run.info.run_name}, {args.metric}="
         f"{run.data.metrics.get(args.metric, float('nan')):.4f}) as {uri}"

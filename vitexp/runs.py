@@ -24,10 +24,7 @@ class LoadedRun:
     def run_id(self) -> str:
         return self.run.info.run_id
 
-    @property
-    def class_names(self) -> list[str]:
-        names = self.run.data.params.get("class_names", "")
-        return names.split(",") if names else [str(i) for i in range(self.cfg.data.num_classes)]
+    class_names: list[str]
 
     @property
     def image_shape(self) -> list[int]:
@@ -40,8 +37,9 @@ class LoadedRun:
         return data.test_x[:count], data.test_y[:count]
 
 
-def load_run(run_id: str, tracking_uri: str | None = None, checkpoint: str = "best") -> LoadedRun:
-    """Fetches a run's resolved config and checkpoint (`best` or `last`) and loads the model.
+def load_run(run_id: str, tracking_uri: str | None = None, checkpoint: str | None = None) -> LoadedRun:
+    """Fetches a run's resolved config and checkpoint (`best` or `last`; by default the one
+    its test metrics were measured on, `trainer.test_checkpoint`) and loads the model.
 
     The checkpoint comes from the run's artifacts, or, for a run that has not finished,
     from its local checkpoint folder.
@@ -49,7 +47,7 @@ def load_run(run_id: str, tracking_uri: str | None = None, checkpoint: str = "be
     from mlflow.tracking import MlflowClient
 
     from vitexp.models import load_model
-    from vitexp.tracking import resolve_uri
+    from vitexp.tracking import read_class_names, resolve_uri
 
     uri = resolve_uri(tracking_uri)
     client = MlflowClient(tracking_uri=uri)
@@ -64,9 +62,11 @@ def load_run(run_id: str, tracking_uri: str | None = None, checkpoint: str = "be
         raise RunError(
             f"run {run_id} has no config/config.yaml artifact: it is not a vitexp training run"
         ) from None
+    checkpoint = checkpoint or OmegaConf.select(cfg, "trainer.test_checkpoint", default="best")
     path = _checkpoint(client, run, checkpoint, folder)
     experiment = client.get_experiment(run.info.experiment_id).name
-    return LoadedRun(run, cfg, load_model(str(path)), path, experiment)
+    names = read_class_names(client, run, cfg.data.num_classes)
+    return LoadedRun(run, cfg, load_model(str(path)), path, experiment, names)
 
 
 def _checkpoint(client, run, name: str, folder: Path) -> Path:
@@ -83,25 +83,14 @@ def _checkpoint(client, run, name: str, folder: Path) -> Path:
 
 
 def read_images(paths: list[str], image_shape: list[int]) -> np.ndarray:
-    """Reads PNG/JPEG/GIF/BMP files into uint8 `(N, H, W, C)`, resized as the run was trained."""
-    import tensorflow as tf
+    """Reads PNG/JPEG/GIF/BMP files into uint8 `(N, H, W, C)`, converted and resized as an
+    image-folder run's training images were (`vitexp.data.folder.load_image`)."""
+    from vitexp.data.folder import load_image
 
-    height, width, channels = image_shape
     out = []
     for path in paths:
         try:
-            raw = tf.io.read_file(str(path))
-            image = tf.io.decode_image(raw, expand_animations=False)
+            out.append(load_image(path, image_shape))
         except Exception as err:
             raise RunError(f"{path}: not a readable image ({str(err).splitlines()[0][:80]})") from None
-        have = int(image.shape[-1])
-        if have == 4 and channels == 3:
-            image = image[..., :3]  # drop the alpha channel
-        elif have != channels:
-            raise RunError(
-                f"{path}: has {have} channel(s) but the model was trained on {channels}: "
-                f"convert it to {'RGB' if channels == 3 else 'greyscale'}"
-            )
-        resized = tf.image.resize(tf.cast(image, tf.float32), (height, width), antialias=True)
-        out.append(np.clip(np.rint(resized.numpy()), 0, 255).astype(np.uint8))
     return np.stack(out)

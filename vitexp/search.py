@@ -299,29 +299,33 @@ def open_study(plan: Plan, create: bool = True):
     return study
 
 
-def plan_of(argv: list[str]) -> Plan | None:
-    """The search a command line asks for (None when it is no search); compose errors propagate."""
-    from hydra import compose, initialize_config_dir
+def plan_of(app, config_name: str, overrides: list[str]) -> Plan | None:
+    """The search a command line asks for (None when it is no search); compose errors propagate.
+
+    Args:
+        app: the Hydra instance the command line composes with (vitexp.cli._hydra).
+        config_name: the primary config.
+        overrides: the command line's overrides, hydra.* included.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
 
-    from vitexp.cli import CONF_DIR
-
-    args = [a for a in argv if not a.startswith("-")]
-    sweeps = {
-        ov.input_line for ov in OverridesParser.create().parse_overrides(args) if ov.is_sweep_override()
-    }
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        config = compose(
-            config_name="config", overrides=[a for a in args if a not in sweeps], return_hydra_config=True
-        )
+    parser = OverridesParser.create(config_loader=app.config_loader)
+    sweeps = {ov.input_line for ov in parser.parse_overrides(overrides) if ov.is_sweep_override()}
+    config = app.compose_config(
+        config_name,
+        [a for a in overrides if a not in sweeps],
+        run_mode=RunMode.RUN,
+        with_log_configuration=False,
+    )
     if not is_search(config):
         return None
-    return make_plan(config, [a for a in args if not a.lstrip("+~").startswith("hydra.")])
+    return make_plan(config, [a for a in overrides if not a.lstrip("+~").startswith("hydra.")])
 
 
-def check(argv: list[str]) -> None:
+def check(app, config_name: str, overrides: list[str]) -> None:
     """Checks the search of a command line before anything runs; raises SearchError."""
-    plan = plan_of(argv)
+    plan = plan_of(app, config_name, overrides)
     if plan is not None and open_study(plan, create=False) is None:
         open_storage(plan.storage_url)
 

@@ -10,6 +10,7 @@ import atexit
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,38 @@ class MlflowSweepCallback(Callback):
                 self.tracker.end_run(run.info.run_id, FAILED)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.tracker is not None and self.parent_id is not None:
-            self.log_outcome(Path(config.hydra.sweep.dir))
+        if self.tracker is None or self.parent_id is None:
+            return
+        parent = self.parent_id
+        self.log_outcome(Path(config.hydra.sweep.dir))
         self.close(interrupted=False)
+        failed = self.report(parent)
+        if failed:
+            sys.exit(1)  # after every job ran and was recorded
+
+    def report(self, parent: str) -> int:
+        """Prints what the sweep left and what to run next; returns how many jobs failed."""
+        children = self.tracker.children(parent)
+        counts = Counter(run.info.status for run in children)
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        uri = self.tracker.uri
+        where = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000 (after `make ui`)"
+        print(
+            f"vitexp: sweep {parent}: {summary or 'no jobs'}\n"
+            f"  compare: python -m vitexp.compare {parent} --tracking-uri {uri}\n"
+            f"  UI: {where.rstrip('/')}/#/experiments/{self.tracker.experiment_id}/runs/{parent}",
+            file=sys.stderr,
+        )
+        # a search's trial that a kill cut short is FAILED but was run again
+        failed = [r for r in children if r.info.status == FAILED and "vitexp.retried" not in r.data.tags]
+        if failed:
+            first = failed[0].data.tags.get("vitexp.error", "no error recorded").splitlines()[0]
+            print(
+                f"vitexp: error: {len(failed)} of {len(children)} jobs failed (they are FAILED runs "
+                f"under {parent}); first: {failed[0].info.run_name}: {first}",
+                file=sys.stderr,
+            )
+        return len(failed)
 
     def log_outcome(self, sweep_dir: Path) -> None:
         """The sweep's comparison table and plot (a search logs its own results: vitexp.search_report)."""

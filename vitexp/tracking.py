@@ -4,15 +4,19 @@ By default every run lands in `sqlite:///<project>/mlflow.db` with artifacts in
 `<project>/mlruns`, the store `make ui` opens, whatever directory Hydra runs a job in.
 """
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 # A dead server must cost seconds, not MLflow's default minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -20,11 +24,15 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 from mlflow.entities import Metric, Param, RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE  # noqa: E402
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "pyproject.toml").exists() else Path.cwd()
 PARENT_ENV = "VITEXP_PARENT_RUN_ID"
+# The MLflow UI opens experiments of this kind on their runs table, not its GenAI views.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# A run's class names, index i naming logit i, as a JSON list: any character survives.
+CLASS_NAMES_ARTIFACT = "class_names.json"
 
 
 class TrackingError(RuntimeError):
@@ -125,16 +133,24 @@ class Tracker:
             if found is None:
                 try:
                     self._experiment_id = self.client.create_experiment(
-                        self.experiment, artifact_location=artifact_location(self.uri, self.experiment)
+                        self.experiment,
+                        artifact_location=artifact_location(self.uri, self.experiment),
+                        tags=EXPERIMENT_TAGS,
                     )
                 except Exception:  # a parallel job created it first
                     self._experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
             else:
                 self._experiment_id = found.experiment_id
+                for key, value in EXPERIMENT_TAGS.items():  # experiments made before the tag
+                    if found.tags.get(key) != value:
+                        self.client.set_experiment_tag(found.experiment_id, key, value)
         return self._experiment_id
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
-        tags = {MLFLOW_RUN_NAME: name, **tags}
+        """Creates a run with the tags MLflow's own runs carry (user, source) and `tags`."""
+        from mlflow.tracking.context.registry import resolve_tags
+
+        tags = {**resolve_tags(), MLFLOW_RUN_NAME: name, **tags}
         if parent_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_id
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
@@ -176,9 +192,88 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+    def log_class_names(self, run_id: str, names: list[str]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / CLASS_NAMES_ARTIFACT
+            path.write_text(json.dumps(list(names), ensure_ascii=False, indent=0), encoding="utf-8")
+            self.log_artifact(run_id, path)
+
+    def monitor_system(self, run_id: str, resume: bool = False):
+        """Starts MLflow's own system-metrics monitor for the run (CPU, memory, disk,
+        network; GPUs through nvidia-ml-py); `finish()` the returned monitor at the end."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=self.uri)
+        monitor.start()
+        return monitor
+
+    def log_datasets(self, run_id: str, name: str, source: str, splits: dict[str, tuple]) -> None:
+        """Records each split `{context: (images, labels)}` as a run input: name, source,
+        digest of its bytes, size."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for context, (images, labels) in splits.items():
+            digest = hashlib.sha256(np.ascontiguousarray(images).data)
+            digest.update(np.ascontiguousarray(labels).data)
+            dataset = Dataset(
+                name=name,
+                digest=digest.hexdigest()[:16],
+                source_type="local" if Path(source).exists() else "code",
+                source=json.dumps({"uri": source}),
+                schema=json.dumps({"images": f"uint8 {list(images.shape[1:])}", "labels": "int32"}),
+                profile=json.dumps({"num_rows": len(images)}),
+            )
+            inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(run_id, datasets=inputs)
+
+    def log_model(
+        self, run_id: str, checkpoint: Path, class_names: list[str], model=None, registered_name=None
+    ):
+        """Logs a checkpoint as the run's MLflow Model (vitexp's pyfunc, with signature and
+        input example), optionally registered; returns MLflow's ModelInfo."""
+        import mlflow
+
+        from vitexp.registry import PACKAGE_DIR, VitexpClassifier, requirements
+
+        classifier = VitexpClassifier()
+        classifier.load(checkpoint, class_names, model)
+        example = np.zeros((1, *classifier.model.input_shape[1:]), dtype=np.uint8)
+        signature = mlflow.models.infer_signature(example, classifier.predict(None, example))
+        mlflow.set_tracking_uri(self.uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            names = Path(tmp) / CLASS_NAMES_ARTIFACT
+            names.write_text(json.dumps(class_names, ensure_ascii=False), encoding="utf-8")
+            # the run's own context makes the logged model belong to the run's experiment
+            with mlflow.start_run(run_id=run_id):
+                return mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=VitexpClassifier(),
+                    artifacts={"checkpoint": str(checkpoint), "class_names": str(names)},
+                    code_paths=[str(PACKAGE_DIR)],
+                    signature=signature,
+                    input_example=example,
+                    pip_requirements=requirements(),
+                    registered_model_name=registered_name,
+                )
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
+
+    def ui_link(self, run_id: str | None = None) -> str:
+        """The MLflow UI page of the experiment (or one run), in its model-training mode:
+        the store's own server, or `make ui` (127.0.0.1:5000) for a sqlite file."""
+        base = self.uri.rstrip("/") if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        page = f"runs/{run_id}" if run_id else "runs"
+        return f"{base}/#/experiments/{self.experiment_id}/{page}?workflowType=machine_learning"
+
+    def describe(self, run_id: str, text: str) -> None:
+        """The run's description, shown at the top of its page in the MLflow UI."""
+        self.client.set_tag(run_id, MLFLOW_RUN_NOTE, text)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -189,6 +284,21 @@ class Tracker:
             filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
             max_results=10000,
         )
+
+
+def read_class_names(client: MlflowClient, run, num_classes: int) -> list[str]:
+    """A run's class names: its `class_names.json`; for runs recorded before it, the old
+    comma-joined `class_names` param; else `0 .. num_classes-1`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run.info.run_id, CLASS_NAMES_ARTIFACT, tmp)
+        except Exception:
+            path = None
+        if path is not None:
+            return json.loads(Path(path).read_text(encoding="utf-8"))
+    joined = run.data.params.get("class_names", "")
+    names = joined.split(",") if joined else []
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)

@@ -3,6 +3,7 @@
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -16,10 +17,21 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp.callbacks import CheckpointDir, DivergenceError, DivergenceGuard, EpochRecorder, replay_missing
+from vitexp.callbacks import (
+    CheckpointDir,
+    DivergenceError,
+    DivergenceGuard,
+    EarlyStopping,
+    EpochRecorder,
+    ProfileSteps,
+    SwapEMAWeights,
+    TargetWatch,
+    replay_missing,
+)
 from vitexp.data import DataError, ImageData, load_data
 from vitexp.data.augment import build_augment
 from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
+from vitexp.machine import native_bfloat16
 from vitexp.models import adapt_input_norm
 from vitexp.report import plot_curves, score_predictions, softmax, write_report
 from vitexp.tracking import (
@@ -116,16 +128,31 @@ def distribution(name: str) -> tf.distribute.Strategy | None:
 
 
 def resolve_precision(precision: str) -> str:
-    """`auto`: bfloat16 compute on GPUs that have it (Ampere and newer), float16 with loss
-    scaling on older GPUs, float32 on the CPU (where mixed precision buys little for small
-    models; see `make bench`). Logits and softmax stay float32 in every case."""
+    return choose_precision(precision)[0]
+
+
+def choose_precision(precision: str) -> tuple[str, str]:
+    """The Keras policy for `trainer.precision`, and why (recorded as run params).
+
+    `auto`: bfloat16 compute on GPUs that have it (Ampere and newer), float16 with loss
+    scaling on older GPUs; on a CPU, bfloat16 where its instruction set runs bfloat16
+    matmuls natively (AVX-512 BF16, AMX: same accuracy, faster; see `make bench`), float32
+    elsewhere, where bfloat16 would be emulated. Logits and softmax stay float32 always.
+    """
     if precision != "auto":
-        return precision
+        return precision, "set by trainer.precision"
     gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "float32"
-    major, _ = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
-    return "mixed_bfloat16" if major >= 8 else "mixed_float16"
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        major, _ = details.get("compute_capability", (0, 0))
+        name = details.get("device_name", "GPU")
+        if major >= 8:
+            return "mixed_bfloat16", f"auto: {name} has bfloat16 (compute capability {major}.x)"
+        return "mixed_float16", f"auto: {name} has no bfloat16 (compute capability {major}.x)"
+    isa = native_bfloat16()
+    if isa:
+        return "mixed_bfloat16", f"auto: CPU runs bfloat16 natively ({isa})"
+    return "float32", "auto: CPU without native bfloat16 (no avx512_bf16 or amx_bf16)"
 
 
 def jit_setting(value: str) -> bool | str:
@@ -210,11 +237,15 @@ def log_setup(tracker: Tracker, run_id: str, cfg: DictConfig, model, splits: Spl
             "val_images": str(len(splits.val[0])),
             "test_images": str(len(splits.test[0])),
             "precision": keras.mixed_precision.global_policy().name,
+            "precision_reason": choose_precision(cfg.trainer.precision)[1],
             # what trainer.jit_compile=auto became: Keras turns XLA on with a GPU, off on the CPU
             "xla": str(bool(model.jit_compile)),
         }
     )
     tracker.log_params(run_id, params)
+    source = str(cfg.data.get("path") or cfg.data._target_)
+    inputs = {"training": splits.train, "validation": splits.val, "test": splits.test}
+    tracker.log_datasets(run_id, cfg.data.name, source, inputs)
     config_dir = out_dir / "config"
     config_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, config_dir / "config.yaml", resolve=True)
@@ -252,48 +283,104 @@ class Job:
     class_names: list[str]
 
 
-def fit_and_record(job: Job, extra_callbacks=()) -> dict:
+def training_callbacks(job: Job, checkpoints: CheckpointDir, extra=()) -> list:
+    """vitexp's callbacks in the order they must run, then `extra`."""
     t = job.cfg.trainer
-    num_classes = job.cfg.data.num_classes
-    checkpoints = CheckpointDir(job.out_dir / "checkpoints", keep=t.keep_checkpoints)
     callbacks = [
         DivergenceGuard(job.schedule),
         EpochRecorder(job.tracker, job.run_id, job.schedule, job.steps * t.batch_size, checkpoints),
-        *extra_callbacks,
     ]
     if job.model.optimizer.use_ema:  # validate and checkpoint the averaged weights
-        callbacks.insert(1, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    if job.first_epoch < t.epochs:
-        augment = build_augment(job.cfg.data.augment)
-        job.model.fit(
-            train_dataset(
-                *job.splits.train,
-                num_classes,
-                t.batch_size,
-                t.seed,
-                job.first_epoch,
-                t.epochs,
-                steps=job.steps,
-                augment=augment,
-            ),
-            epochs=t.epochs,
-            initial_epoch=job.first_epoch,
-            steps_per_epoch=job.steps,
-            validation_data=eval_dataset(*job.splits.val, num_classes, t.batch_size),
-            shuffle=False,  # the dataset is already a seeded permutation per epoch
-            callbacks=callbacks,
-            verbose=t.verbose if t.verbose != 1 or sys.stdout.isatty() else 2,
-        )
-    logits = job.model.predict(eval_dataset(*job.splits.test, num_classes, t.batch_size), verbose=0)
-    probs = softmax(logits.astype(np.float64))
-    test = score_predictions(probs, job.splits.test[1])
+        callbacks.insert(1, SwapEMAWeights(restored=job.first_epoch > 0))
+    stop = t.early_stopping
+    if stop.patience is not None:  # after EpochRecorder: it reads the committed metrics
+        callbacks.append(EarlyStopping(checkpoints, stop.patience, str(stop.monitor), stop.min_delta))
+    if t.profile:
+        callbacks.append(ProfileSteps(job.out_dir / "profile", *t.profile_steps))
+    return [*callbacks, *extra]
+
+
+def fit(job: Job, callbacks: list) -> None:
+    t = job.cfg.trainer
+    num_classes = job.cfg.data.num_classes
+    stoppers = [c for c in callbacks if isinstance(c, EarlyStopping)]
+    if job.first_epoch >= t.epochs or any(s.should_stop() for s in stoppers):
+        return  # a resumed run that had already finished training (or stopped early)
+    job.model.fit(
+        train_dataset(
+            *job.splits.train,
+            num_classes,
+            t.batch_size,
+            t.seed,
+            job.first_epoch,
+            t.epochs,
+            steps=job.steps,
+            augment=build_augment(job.cfg.data.augment),
+        ),
+        epochs=t.epochs,
+        initial_epoch=job.first_epoch,
+        steps_per_epoch=job.steps,
+        validation_data=eval_dataset(*job.splits.val, num_classes, t.batch_size),
+        shuffle=False,  # the dataset is already a seeded permutation per epoch
+        callbacks=callbacks,
+        verbose=t.verbose if t.verbose != 1 or sys.stdout.isatty() else 2,
+    )
+
+
+def record_training(job: Job, checkpoints: CheckpointDir) -> None:
+    """Where training ended: the early stop's epoch, and the profiler trace."""
+    t = job.cfg.trainer
+    if t.early_stopping.patience is not None and checkpoints.latest_epoch() < t.epochs:
+        stopped = checkpoints.latest_epoch()
+        job.tracker.log_metrics(job.run_id, {"stopped_epoch": stopped}, step=stopped)
+        job.tracker.set_tags(job.run_id, {"vitexp.stopped_early": "true"})
+    if t.profile and (job.out_dir / "profile").is_dir():
+        job.tracker.log_artifacts(job.run_id, job.out_dir / "profile", "profile")
+
+
+def test_scores(job: Job, checkpoint: Path) -> tuple[dict, np.ndarray]:
+    """Test metrics of `checkpoint`'s weights, loaded into the job's model."""
+    t = job.cfg.trainer
+    job.model.load_weights(checkpoint)
+    test_ds = eval_dataset(*job.splits.test, job.cfg.data.num_classes, t.batch_size)
+    probs = softmax(job.model.predict(test_ds, verbose=0).astype(np.float64))
+    return score_predictions(probs, job.splits.test[1]), probs
+
+
+def fit_and_record(job: Job, extra_callbacks=()) -> dict:
+    t = job.cfg.trainer
+    checkpoints = CheckpointDir(job.out_dir / "checkpoints", keep=t.keep_checkpoints)
+    callbacks = training_callbacks(job, checkpoints, extra_callbacks)
+    monitor = job.tracker.monitor_system(job.run_id, resume=job.first_epoch > 0)
+    try:
+        fit(job, callbacks)
+        record_training(job, checkpoints)
+        chosen = checkpoints.best if t.test_checkpoint == "best" else checkpoints.last
+        test, probs = test_scores(job, chosen)
+    finally:
+        monitor.finish()
     best, best_epoch = checkpoints.best_so_far()
-    job.tracker.log_metrics(job.run_id, {f"test_{k}": float(v) for k, v in test.items()}, step=t.epochs)
-    job.tracker.log_metrics(job.run_id, {"best_val_top1": best, "best_epoch": best_epoch}, step=t.epochs)
+    last_epoch = checkpoints.latest_epoch()
+    job.tracker.log_metrics(job.run_id, {f"test_{k}": float(v) for k, v in test.items()}, step=last_epoch)
+    test_epoch = best_epoch if chosen == checkpoints.best else last_epoch
+    job.tracker.log_metrics(
+        job.run_id,
+        {"best_val_top1": best, "best_epoch": best_epoch, "test_epoch": test_epoch},
+        step=last_epoch,
+    )
     if not job.tracker.flush_with_retry():
         raise TrackingError(
             f"tracking store {job.tracker.uri} stayed unreachable; metrics are kept in {checkpoints.folder}"
         )
+    log_pictures(job, probs)
+    if job.cfg.tracking.log_checkpoints:
+        for path in (checkpoints.best, checkpoints.last):
+            job.tracker.log_artifact(job.run_id, path, "checkpoints")
+    job.tracker.log_model(job.run_id, chosen, job.class_names, job.model)
+    return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": chosen}
+
+
+def log_pictures(job: Job, probs: np.ndarray) -> None:
     keys = [f"{s}_{m}" for s in ("train", "val") for m in ("loss", "top1", "top5")]
     curves = plot_curves(
         metric_history(job.tracker, job.run_id, keys), job.out_dir / "curves.png", job.cfg.run_name
@@ -311,10 +398,6 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
         )
         for path in pictures:
             job.tracker.log_artifact(job.run_id, path, "report")
-    if job.cfg.tracking.log_checkpoints:
-        for path in (checkpoints.best, checkpoints.last):
-            job.tracker.log_artifact(job.run_id, path, "checkpoints")
-    return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": checkpoints.best}
 
 
 @dataclass
@@ -386,7 +469,8 @@ def print_summary(cfg, tracker: Tracker, run_id: str, result: dict) -> None:
         f"  test top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  loss {test['loss']:.4f}\n"
         f"  best val top-1 {result['best_val_top1']:.4f} at epoch {result['best_epoch']}\n"
         f"  checkpoint {result['checkpoint']}\n"
-        f"  tracking {tracker.uri} (experiment {tracker.experiment}); open the UI with: {ui}"
+        f"  tracking {tracker.uri} (experiment {tracker.experiment}); open the UI with: {ui}\n"
+        f"  then {tracker.ui_link(run_id)}"
     )
 
 
@@ -402,6 +486,54 @@ def finished_before(tracker: Tracker, cfg: DictConfig):
     return runs[0] if runs else None
 
 
+def record_failed_job(tracker: Tracker, cfg: DictConfig, err: BaseException) -> str:
+    """A sweep job that failed before its run existed (data, model) still gets a FAILED run."""
+    run_id = tracker.start_run(cfg.run_name, run_tags(cfg, job_dir()), os.environ.get(PARENT_ENV))
+    tracker.log_params(run_id, flatten(OmegaConf.to_container(cfg, resolve=True)))
+    tracker.set_tags(run_id, {"vitexp.error": error_text(err)})
+    tracker.end_run(run_id, FAILED)
+    return run_id
+
+
+def error_text(err: BaseException) -> str:
+    """What a FAILED run records: the one-line message of a user error, else type and text."""
+    text = str(err) if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {err}"
+    return text[:5000]
+
+
+def link_finished(tracker: Tracker, cfg: DictConfig, done) -> str | None:
+    """Gives the sweep a child that stands for an earlier FINISHED run of the same config.
+
+    The earlier run keeps its own place (its parent, or none); the link names it and
+    carries its params and final metrics, so the new sweep's table and plots are whole.
+    """
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return None
+    earlier = done.info.run_id
+    run_id = tracker.start_run(f"{cfg.run_name}-reused", {"vitexp.reused_run": earlier}, parent)
+    tracker.describe(run_id, f"Not trained again: the same config FINISHED earlier as run {earlier}.")
+    tracker.log_params(run_id, dict(done.data.params))
+    tracker.log_metrics(run_id, dict(done.data.metrics), step=cfg.trainer.epochs)
+    tracker.end_run(run_id, FINISHED)
+    return run_id
+
+
+def interrupted_message(run_id: str, out_dir: Path) -> str:
+    """What to do after an interruption: resume from the last checkpoint, or start again."""
+    checkpoints = CheckpointDir(out_dir / "checkpoints")
+    epoch = checkpoints.latest_epoch() if checkpoints.folder.is_dir() else 0
+    if not epoch:
+        return (
+            f"vitexp: interrupted in the first epoch; run {run_id} is KILLED with no checkpoint; "
+            f"start it again with: {command_line()}"
+        )
+    return (
+        f"vitexp: interrupted; run {run_id} is KILLED, its last checkpoint (epoch {epoch}) is in "
+        f"{checkpoints.folder}; continue it with: {command_line(resume=True)}"
+    )
+
+
 def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     """Runs one job end to end and returns its best validation top-1 (for sweepers).
 
@@ -413,22 +545,25 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     setup_tensorflow(cfg.trainer)
     tracker = Tracker.from_config(cfg.tracking)
     done = finished_before(tracker, cfg)
-    if done is not None:  # a re-run sweep: this job already finished, join it to this sweep
-        parent = os.environ.get(PARENT_ENV)
-        if parent:
-            tracker.set_tags(done.info.run_id, {"mlflow.parentRunId": parent})
+    if done is not None:  # a re-run sweep: this job already finished
+        link_finished(tracker, cfg, done)
         print(f"vitexp: {cfg.run_name} already FINISHED as run {done.info.run_id}; skipped", file=sys.stderr)
         return float(done.data.metrics.get("best_val_top1", float("nan")))
     resume = find_resume(tracker, cfg)
-    data = load_data(cfg.data)
-    splits = split(data, cfg.trainer.validation_split)
-    steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
-    strategy = distribution(cfg.trainer.strategy)
-    with strategy.scope() if strategy else contextlib.nullcontext():
-        model = build_model(cfg, splits.train[0])
-        schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
-        if resume:
-            restore(model, resume)
+    try:
+        data = load_data(cfg.data)
+        splits = split(data, cfg.trainer.validation_split)
+        steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
+        strategy = distribution(cfg.trainer.strategy)
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = build_model(cfg, splits.train[0])
+            schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
+            if resume:
+                restore(model, resume)
+    except Exception as err:
+        if in_multirun() and not resume:  # a sweep keeps a record of every job it ran
+            record_failed_job(tracker, cfg, err)
+        raise
     if resume:
         run_id, out_dir, first_epoch = resume.run_id, resume.out_dir, resume.epoch
         tracker.client.update_run(run_id, status="RUNNING")
@@ -441,9 +576,12 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         if not resume:
             log_setup(tracker, run_id, cfg, model, splits, out_dir)
             replicas = strategy.num_replicas_in_sync if strategy else 1
-            tracker.log_params(
-                run_id, {"class_names": ",".join(data.class_names)[:6000], "replicas": str(replicas)}
-            )
+            tracker.log_params(run_id, {"replicas": str(replicas)})
+            tracker.log_class_names(run_id, data.class_names)
+        if cfg.trainer.target_top1 is not None:  # time to accuracy, on the test split
+            test_batches = eval_dataset(*splits.test, cfg.data.num_classes, cfg.trainer.batch_size)
+            watch = TargetWatch(tracker, run_id, test_batches, splits.test[1], cfg.trainer.target_top1)
+            callbacks = (*callbacks, watch)
         job = Job(
             cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names
         )
@@ -451,15 +589,11 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     except KeyboardInterrupt:
         tracker.flush(raise_errors=False)
         tracker.end_run(run_id, KILLED)
-        print(
-            f"vitexp: interrupted; run {run_id} is KILLED, its last checkpoint is in "
-            f"{out_dir / 'checkpoints'}; continue it with: {command_line(resume=True)}",
-            file=sys.stderr,
-        )
+        print(interrupted_message(run_id, out_dir), file=sys.stderr)
         raise
     except BaseException as err:
         tracker.flush(raise_errors=False)
-        tracker.set_tags(run_id, {"vitexp.error": f"{type(err).__name__}: {err}"[:5000]})
+        tracker.set_tags(run_id, {"vitexp.error": error_text(err)})
         tracker.end_run(run_id, FAILED)
         raise
     tracker.end_run(run_id, FINISHED)
@@ -469,13 +603,39 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
 
 def run_job(cfg: DictConfig) -> float:
     """Hydra's task function: user errors end a single run in one line with exit code 2,
-    Ctrl-C ends it (and a sweep) with 130."""
+    Ctrl-C ends it (and a sweep) with 130. In a sweep, a failing job is recorded FAILED,
+    says why in one line and returns NaN, so every launcher goes on with the other jobs
+    (the sweep's callback reports the failures and exits non-zero at the end)."""
     try:
         return train(cfg)
     except KeyboardInterrupt:
         sys.exit(130)
-    except USER_ERRORS as err:
+    except Exception as err:
         if in_multirun():
+            job = HydraConfig.get().job
+            reason = error_text(err).splitlines()[0]
+            print(f"vitexp: error: job {job.num} ({job.override_dirname}): {reason}", file=sys.stderr)
+            return float("nan")
+        if not isinstance(err, USER_ERRORS):
             raise
+        discard_unused_job_dir()
         print(f"vitexp: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def discard_unused_job_dir() -> None:
+    """Removes the run folder Hydra made for a job that failed before it wrote anything of its
+    own (only Hydra's `.hydra/` and log are there), and the folders above it that this
+    leaves empty, up to the working directory."""
+    if not HydraConfig.initialized():
+        return
+    folder, cwd = Path(HydraConfig.get().runtime.output_dir).resolve(), Path.cwd().resolve()
+    if cwd == folder or cwd.is_relative_to(folder) or not folder.is_dir():
+        return
+    if any(p.name != ".hydra" and p.suffix != ".log" for p in folder.iterdir()):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if parent == cwd or not parent.is_relative_to(cwd) or any(parent.iterdir()):
+            break
+        parent.rmdir()

@@ -5,6 +5,7 @@ second for every job of a sweep. Each problem is one line that says what to chan
 """
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,15 @@ def check_trainer(t: Any) -> None:
         _require(t.steps_per_epoch >= 1, "trainer.steps_per_epoch must be positive or null")
     _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints must be at least 1")
     _check_range("trainer.label_smoothing", t.label_smoothing, 0.0, 1.0)
+    stop = t.early_stopping
+    if stop.patience is not None:
+        _require(stop.patience >= 1, "trainer.early_stopping.patience must be at least 1 or null (off)")
+    _require(stop.min_delta >= 0, "trainer.early_stopping.min_delta must be 0 or more")
+    steps = list(t.profile_steps)
+    _require(
+        len(steps) == 2 and 1 <= steps[0] <= steps[1],
+        f"trainer.profile_steps={steps}: give [first, last] steps, 1 <= first <= last, e.g. [2, 4]",
+    )
 
 
 def check_optimisation(opt: Any, sched: Any) -> None:
@@ -212,13 +222,38 @@ def check_optimisation(opt: Any, sched: Any) -> None:
         )
 
 
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "file", "databricks")
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """What keeps MLflow from using `uri` (checked before anything is written), or None."""
+    scheme = uri.split(":", 1)[0]
+    if scheme not in TRACKING_SCHEMES:
+        return "use sqlite:///ABS/PATH.db or http://host:port"
+    if scheme != "sqlite":
+        return None
+    if not uri.startswith("sqlite:///") or len(uri) == len("sqlite:///"):
+        return "use sqlite:///ABS/PATH.db (three slashes, then an absolute path)"
+    path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    if not path.is_absolute():  # relative to which folder? a job may run elsewhere: say it
+        return f"the path is relative: use sqlite:///{path.absolute()}"
+    if path.is_dir():
+        return f"{path} is a folder: name a .db file in it"
+    if not path.parent.is_dir():
+        return f"folder {path.parent} does not exist: create it or name another file"
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                return f"{path} is not an SQLite database: name a new file or an MLflow .db file"
+    return None
+
+
 def check_tracking(tr: Any) -> None:
     if tr.uri is not None:
-        scheme = str(tr.uri).split(":", 1)[0]
-        _require(
-            scheme in ("sqlite", "http", "https", "postgresql", "mysql", "file", "databricks"),
-            f"tracking.uri={tr.uri!r}: use sqlite:///ABS/PATH.db or http://host:port",
-        )
+        problem = tracking_uri_problem(str(tr.uri))
+        source = " (from MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") == tr.uri else ""
+        _require(problem is None, f"tracking.uri={tr.uri}{source}: {problem}")
     _require(bool(tr.experiment), "tracking.experiment must be a non-empty name")
 
 
@@ -228,7 +263,7 @@ def check_config(cfg: DictConfig) -> None:
     _require(
         not extra,
         f"unknown config key {extra[0] if extra else ''}: check the spelling "
-        "(`python -m vitexp --cfg job` lists every key)",
+        "(`vitexp --cfg job` lists every key)",
     )
     missing = list(missing_keys(cfg))
     _require(

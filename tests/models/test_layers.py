@@ -115,6 +115,43 @@ def test_drop_path_drops_whole_samples():
     assert roundtrip(layer).rate == 0.5
 
 
+def drop_mask(layer, n=256):
+    return np.asarray(layer(np.ones((n, 1), "float32"), training=True))[:, 0] > 0
+
+
+def test_every_block_draws_its_own_stochastic_depth():
+    keras.utils.set_random_seed(7)
+    blocks = [TransformerBlock(2, 4, [8, 8], drop_path=0.5) for _ in range(2)]
+    for block in blocks:
+        block.build((None, 3, 8))
+    first, second = (drop_mask(block.path_drop) for block in blocks)
+    assert (first != second).any()  # one step: the two blocks drop different samples
+
+
+def test_drop_path_follows_the_run_seed():
+    def masks(seed):
+        keras.utils.set_random_seed(seed)
+        layer = DropPath(0.5)
+        return np.stack([drop_mask(layer) for _ in range(2)])
+
+    np.testing.assert_array_equal(masks(3), masks(3))
+    assert (masks(3) != masks(4)).any()
+    keras.utils.set_random_seed(3)
+    layer = DropPath(0.5)
+    assert roundtrip(layer).seed == layer.seed
+
+
+@pytest.mark.parametrize("layer_class", [DropPath, Dropout])
+def test_a_reloaded_random_layer_continues_its_stream(layer_class, tmp_path):
+    inputs = keras.Input((1,))
+    layer = layer_class(0.5)
+    model = keras.Model(inputs, layer(inputs))
+    drop_mask(layer)  # one training step's draw
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_array_equal(drop_mask(again.layers[-1]), drop_mask(layer))
+
+
 def test_layers_reload_inside_a_model(tmp_path):
     inputs = keras.Input((8, 8, 3))
     tokens, _ = PatchTokenization(4, 8, shifted=True)(inputs)

@@ -123,7 +123,8 @@ def _load(variant: str, path: str | None) -> ImageData:
             archive = LAYOUTS[variant]["archive"]
             raise DataError(
                 f"{variant} is not available offline and the download failed: get {archive} "
-                f"from {URL} and run with data.path=/absolute/path/to/{archive}"
+                f"from {URL} and run with data.path=/absolute/path/to/{archive} (or train offline on "
+                "Fashion-MNIST: experiment=vit_fashion_mnist)"
             ) from None
         cached = _keras_cache(variant)
     return read_cifar(cached, variant)

@@ -26,6 +26,21 @@ def _check_files(folder: Path) -> list[str]:
     return classes
 
 
+def load_image(path: str | Path, image_shape: list[int]) -> np.ndarray:
+    """One image file as `_read` gives it to training: uint8 `image_shape`.
+
+    The same steps as Keras' directory loader: decode to the channel count (grey to RGB,
+    RGB to grey, palette expanded, alpha dropped, 16-bit scaled to 8), bilinear resize
+    without antialiasing, round to uint8.
+    """
+    import tensorflow as tf
+
+    height, width, channels = image_shape
+    image = tf.io.decode_image(tf.io.read_file(str(path)), channels=channels, expand_animations=False)
+    resized = tf.image.resize(image, (height, width), method="bilinear")
+    return np.clip(np.rint(resized.numpy()), 0, 255).astype(np.uint8)
+
+
 def _read(folder: Path, image_shape: list[int], class_names: list[str]):
     import keras
 
@@ -54,7 +69,8 @@ def load_image_folder(path: str, image_shape: list[int]) -> ImageData:
     """Loads `path/train/<class>/*` and `path/test/<class>/*`, or splits `path/<class>/*`.
 
     Without `train/` and `test/` sub-folders, every fifth image of each class (in file-name
-    order) is held out as the test split.
+    order) is held out as the test split. The training images come in a fixed shuffled
+    order, so the trainer's validation split (its last images) holds every class.
 
     Args:
         path: the folder.
@@ -76,4 +92,8 @@ def load_image_folder(path: str, image_shape: list[int]) -> ImageData:
         x, y = _read(root, image_shape, names)
         held_out = np.arange(len(x)) % 5 == 4
         train, test = (x[~held_out], y[~held_out]), (x[held_out], y[held_out])
+    # the loader reads class by class; the trainer holds out the last images for validation,
+    # so mix the classes (always the same way) or validation would hold the last class only
+    order = np.random.default_rng(0).permutation(len(train[0]))
+    train = (train[0][order], train[1][order])
     return ImageData(*train, *test, class_names=names, source=str(root))

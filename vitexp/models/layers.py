@@ -5,6 +5,7 @@ sublayers in `build()`, and is registered so a `.keras` checkpoint reloads in sa
 """
 
 import math
+import random
 
 import keras
 import numpy as np
@@ -234,8 +235,35 @@ class ClassToken(layers.Layer):
         return (input_shape[0], n, input_shape[2])
 
 
+def draw_seed(seed: int | None) -> int:
+    """A layer's own seed: `seed`, or the next draw from the run's seed.
+
+    `keras.utils.set_random_seed(trainer.seed)` seeds Python's generator, so each random
+    layer of a model gets a distinct seed, in build order, that follows from the run's seed.
+    """
+    return int(seed) if seed is not None else random.randint(1, 2**31 - 1)
+
+
+class RandomStateMixin:
+    """Saves a random layer's generator state with its weights.
+
+    Keras keeps a `SeedGenerator`'s state out of `.keras` files, so a run resumed from a
+    checkpoint would replay the masks of its first epochs; with the state saved it draws
+    the masks an uninterrupted run would have drawn. Checkpoints without it still load.
+    """
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        if self.seed_generator is not None:
+            store["seed_state"] = self.seed_generator.state
+
+    def load_own_variables(self, store):
+        if self.seed_generator is not None and store is not None and "seed_state" in store:
+            self.seed_generator.state.assign(np.asarray(store["seed_state"]))
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class Dropout(layers.Dropout):
+class Dropout(RandomStateMixin, layers.Dropout):
     """Keras' `Dropout`, with a mask that costs half the random bits under TensorFlow.
 
     TensorFlow's dropout draws a 32-bit number per element and turns it into a float; on
@@ -244,7 +272,13 @@ class Dropout(layers.Dropout):
     as integers: ~2x cheaper forward and backward. The drop rate is realised to 1/65536
     (0.1 becomes 6554/65536) and kept values are scaled by the realised keep probability,
     so the expectation is unchanged. Other backends, and a `noise_shape`, use Keras' own.
+    Without a `seed`, each instance draws its own from the run's seed (`draw_seed`).
     """
+
+    def __init__(self, rate, noise_shape=None, seed=None, **kwargs):
+        super().__init__(rate, noise_shape=noise_shape, seed=draw_seed(seed), **kwargs)
+        if not hasattr(self, "seed_generator"):  # rate 0 builds none
+            self.seed_generator = None
 
     def call(self, inputs, training=False):
         if (
@@ -350,17 +384,20 @@ class MultiHeadSelfAttention(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class DropPath(layers.Layer):
+class DropPath(RandomStateMixin, layers.Layer):
     """Stochastic depth: drops a whole residual branch per sample while training.
 
     Args:
         rate: probability of dropping the branch.
+        seed: this layer's seed; None draws one from the run's seed (`draw_seed`), so
+            every block drops its own samples.
     """
 
-    def __init__(self, rate=0.0, **kwargs):
+    def __init__(self, rate=0.0, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.rate = rate
-        self.seed_generator = keras.random.SeedGenerator(1337)
+        self.seed = draw_seed(seed)
+        self.seed_generator = keras.random.SeedGenerator(self.seed)
 
     def call(self, x, training=False):
         if not training or self.rate == 0.0:
@@ -371,7 +408,7 @@ class DropPath(layers.Layer):
         return x * ops.cast(mask, x.dtype) / ops.cast(keep, x.dtype)
 
     def get_config(self):
-        return {**super().get_config(), "rate": self.rate}
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

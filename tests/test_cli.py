@@ -1,0 +1,297 @@
+"""The `vitexp` command and its tools, as users run them: an installed wheel, Hydra's full
+override grammar, user config folders, MLflow's environment variables, one-line errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from vitexp import compare, evaluate, explain, predict, registry
+from vitexp.cli import compose, preflight
+
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
+# A user's own recipe in their own folder, built from the packaged groups: one tiny epoch.
+TINY_EXPERIMENT = """# @package _global_
+defaults:
+  - override /model: vit_tiny
+  - override /data: synthetic
+
+patch_size: {patch_size}
+depth: 1
+model:
+  image_size: 16
+  projection_dim: 32
+  transformer_units: [64, 32]
+trainer:
+  epochs: 1
+  batch_size: 32
+report:
+  enabled: false
+"""
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_env(monkeypatch):
+    for name in MLFLOW_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def user_configs(folder: Path, **recipes: int) -> Path:
+    """`folder/experiment/<name>.yaml` for each name=patch_size."""
+    (folder / "experiment").mkdir(parents=True)
+    for name, patch_size in recipes.items():
+        (folder / "experiment" / f"{name}.yaml").write_text(TINY_EXPERIMENT.format(patch_size=patch_size))
+    return folder
+
+
+def rejected(argv, capsys, call=preflight, prefix="vitexp: error: ") -> str:
+    """The one line a command prints when it refuses `argv` (exit status 2)."""
+    with pytest.raises(SystemExit) as stop:
+        call(argv)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix), lines
+    return lines[0]
+
+
+# ---------------------------------------------------------------- Hydra behaves like Hydra
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("experiment=vit_fashion_mnst", "vit_fashion_mnist"),
+        ("hparams_search=vit_optuma", "vit_optuna"),
+        ("model=vit_schema", "vit_tiny"),
+        ("data=data_schema", "fashion_mnist"),
+    ],
+)
+def test_misspelt_option_of_any_group_fails_in_one_line(override, expected, capsys):
+    line = rejected([override], capsys)
+    assert f"{override}: no such option" in line and expected in line
+    assert "_schema" not in line.split("use one of:")[1]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-m", "model=glob(vit*)"],
+        ["-m", "patch_size=range(2,5,2)"],
+        ["-m", "depth=choice(2,4)", "model=vit_tiny"],
+        ["-m", "optimizer.learning_rate=interval(1e-4,1e-2)"],
+        ["-m", "optimizer.learning_rate=tag(log,interval(1e-4,1e-2))", "depth=2,4"],
+    ],
+)
+def test_sweep_grammar_passes_the_preflight(argv):
+    preflight(argv)  # returns: Hydra's sweeper takes it from here
+
+
+def test_glob_sweeps_are_checked_per_option(capsys):
+    line = rejected(["-m", "model=glob(vit*)", "model.image_size=28"], capsys)
+    assert line.startswith("vitexp: error: [model=vit] ") and "not divisible by patch_size=6" in line
+    assert "matches no value" in rejected(["-m", "model=glob(vitt*)"], capsys)
+
+
+def test_user_config_folder_composes_with_the_packaged_groups(tmp_path, capsys):
+    folder = user_configs(tmp_path / "mine", tiny=4, bad=7)
+    cfg = compose(["experiment=tiny"], config_dir=str(folder))
+    assert (cfg.model.name, cfg.data.name, cfg.model.patch_size, cfg.trainer.epochs) == (
+        "vit_tiny",
+        "synthetic",
+        4,
+        1,
+    )
+    for where in (["--config-dir", str(folder)], [f"hydra.searchpath=[file://{folder}]"]):
+        preflight([*where, "experiment=tiny"])
+        assert "not divisible by patch_size=7" in rejected([*where, "experiment=bad"], capsys)
+    assert "no such folder" in rejected(["--config-dir", str(tmp_path / "nowhere")], capsys)
+
+
+def test_help_says_vitexp_and_lists_options_not_schemas(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "vitexp", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("vitexp trains Vision Transformers")
+    groups = out.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "model: swin, swin_base" in groups and "experiment: seed_swin" in groups
+    assert "_schema" not in groups and "cli" not in out.stdout.splitlines()[0]
+
+
+# ---------------------------------------------------------------- the tools' arguments
+@pytest.fixture(scope="module")
+def team_store(tmp_path_factory):
+    """A sqlite store with experiment `team` (one finished run) and an empty `idle`."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("team"), run_name="team-run")
+    client.log_metric(run.info.run_id, "test_top1", 0.5)
+    client.log_param(run.info.run_id, "num_params", "10")
+    client.set_terminated(run.info.run_id)
+    client.create_experiment("idle")
+    return uri
+
+
+def test_compare_reads_mlflow_env_and_names_columns_on_a_bad_sort(team_store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team")
+    compare.main(["--out", str(tmp_path / "cmp")])
+    assert "team-run" in capsys.readouterr().out
+    line = rejected(["--sort", "test_top9", "--out", str(tmp_path)], capsys, compare.main, "vitexp.compare:")
+    assert "--sort test_top9: no such column; use one of: run, status" in line and "test_top1" in line
+
+
+@pytest.mark.parametrize(
+    "tool, argv, env",
+    [
+        (evaluate, ["feedbeef", "--tracking-uri", "URI", "data.test_limit=8"], False),
+        (evaluate, ["feedbeef", "tracking.uri=URI", "--checkpoint", "last"], False),
+        (evaluate, ["feedbeef"], True),
+        (predict, ["feedbeef", "photo.png"], True),
+        (explain, ["feedbeef"], True),
+    ],
+)
+def test_tools_find_the_store_the_same_way(tool, argv, env, team_store, monkeypatch, capsys):
+    if env:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", team_store)
+    argv = [a.replace("URI", team_store) for a in argv]
+    line = rejected(argv, capsys, tool.main, f"{tool.__name__}: error: ")
+    assert f"no run 'feedbeef' in {team_store}" in line
+
+
+def test_registry_takes_the_experiment_from_the_env(team_store, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "idle")
+    line = rejected([], capsys, registry.main, "vitexp.registry: error: ")
+    assert "no FINISHED run with metric test_top1 under 'idle'" in line
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["feedbeef", "trainer.epochs=3"], "trainer.epochs=3: evaluate takes data=<option>"),
+        (["feedbeef", "--tracking-uri", "sqlite:///relative.db"], "the path is relative"),
+        (["feedbeef", "--tracking-uri", "sqlite:////a.db", "tracking.uri=sqlite:////b.db"], "disagree"),
+        (["--checkpoint", "best"], "the following arguments are required: run_id"),
+    ],
+)
+def test_tool_mistakes_end_in_one_line(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert message in rejected(argv, capsys, evaluate.main, "vitexp.evaluate: error: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- make clean keeps results
+def test_make_clean_keeps_results_and_clean_results_says_what_it_deletes(tmp_path):
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path)
+    results = [
+        "mlflow.db",
+        "mlruns/1/meta.yaml",
+        "outputs/a/b.log",
+        "multirun/2026/0/x.log",
+        "multirun/.gitkeep",
+    ]
+    builds = ["build/lib/x.py", ".pytest_cache/v", "test-artifacts/a.png", "vitexp/__pycache__/a.pyc"]
+    for path in results + builds:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x")
+    subprocess.run(["make", "-s", "clean"], cwd=tmp_path, check=True, capture_output=True)
+    assert all((tmp_path / p).exists() for p in results)
+    assert not any((tmp_path / p).exists() for p in builds)
+    out = subprocess.run(["make", "clean-results"], cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert "mlflow.db" in out.stdout and "multirun/2026" in out.stdout
+    assert [p for p in results if (tmp_path / p).exists()] == ["multirun/.gitkeep"]
+
+
+# ---------------------------------------------------------------- an installed wheel
+def run(args, cwd, env=None, timeout=300):
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{args}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def install_wheel(tmp_path: Path) -> Path:
+    """Builds a wheel from a copy of the checkout and installs it into a new venv that
+    reuses this venv's dependencies (a .pth line) but not its editable vitexp."""
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".venv",
+            ".git",
+            "build",
+            "dist",
+            "outputs",
+            "multirun",
+            "mlruns",
+            "mlflow.db",
+            "mlartifacts",
+            "*.egg-info",
+            "__pycache__",
+            "test-artifacts",
+            ".pytest_cache",
+            ".ruff_cache",
+            "bench",
+        ),
+    )
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), "."], source)
+    (wheel,) = (tmp_path / "dist").glob("vitexp-*.whl")
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)
+    site = run(
+        [str(venv / "bin/python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], tmp_path
+    )
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    Path(site.strip(), "dev-dependencies.pth").write_text("\n".join(deps) + "\n")
+    run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], tmp_path)
+    return venv
+
+
+@pytest.mark.slow
+def test_wheel_installs_a_vitexp_command_that_runs_from_any_folder(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    venv = install_wheel(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    user_configs(elsewhere / "my_configs", tiny=4)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", *MLFLOW_ENV)}
+    env["PATH"] = f"{venv / 'bin'}:{env['PATH']}"
+    where = run(
+        [
+            "python",
+            "-c",
+            "import vitexp.cli, importlib.resources as r; print(vitexp.cli.__file__, "
+            "r.files('vitexp.conf') / 'config.yaml')",
+        ],
+        elsewhere,
+        env,
+    )
+    assert all(p.startswith(str(venv)) and Path(p).is_file() for p in where.split()), where
+    assert run(["vitexp", "--help"], elsewhere, env).startswith("vitexp trains Vision Transformers")
+    completion = run(
+        [
+            "bash",
+            "-c",
+            'eval "$(vitexp -sc install=bash)"; COMP_LINE="vitexp model=vit" COMP_CWORD=1 '
+            'COMP_POINT=16; hydra_bash_completion; echo "${COMPREPLY[@]}"',
+        ],
+        elsewhere,
+        env,
+    )
+    assert "model=vit_tiny" in completion and "_schema" not in completion, completion
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="from_the_wheel")
+    run(["vitexp", "--config-dir", "my_configs", "experiment=tiny"], elsewhere, env, timeout=600)
+    experiment = MlflowClient(uri).get_experiment_by_name("from_the_wheel")
+    (recorded,) = MlflowClient(uri).search_runs([experiment.experiment_id])
+    assert recorded.info.status == "FINISHED" and "test_top1" in recorded.data.metrics
+    assert recorded.data.params["model.name"] == "vit_tiny"
+    assert list(elsewhere.glob("outputs/*/*/vitexp.log"))

@@ -1,0 +1,59 @@
+"""The speedrun end to end on real data, shortened: the figures are for `make speedrun`."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import run_vitexp, runs_of
+
+from vitexp.data.idx import DEBIAN_DIR
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(not Path(DEBIAN_DIR).is_dir(), reason="install dataset-fashion-mnist")
+def test_speedrun_times_every_seed_to_the_target(tmp_path, store):
+    uri, client = store
+    out = run_vitexp(
+        [
+            "--target",
+            "0.4",
+            "--seeds",
+            "2",
+            "--tracking-uri",
+            uri,
+            "--out",
+            str(tmp_path / "sr"),
+            "data.train_limit=1500",
+            "data.test_limit=500",
+            "trainer.epochs=2",
+            "trainer.batch_size=64",  # 23 steps an epoch: ~0.65 test top-1 after two
+            "depth=1",
+            "report.enabled=false",
+        ],
+        tmp_path,
+        module="vitexp.speedrun",
+    )
+    last = out.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"time_to_target_s=(\S+) accuracy=(\S+) seeds=2", last)
+    assert match, last
+    report = json.loads((tmp_path / "sr" / "speedrun.json").read_text())
+    assert report["target_split"] == "test" and report["machine"]["cores"] >= 1
+    seeds = report["seeds"]
+    assert [s["seed"] for s in seeds] == [0, 1] and all(s["status"] == "FINISHED" for s in seeds)
+    for s in seeds:  # both reach 0.4, at an epoch, before their run ended
+        assert s["epochs"] == 2 and s["images_per_s"] > 0 and s["test_top1"] >= 0.4
+        assert 0 < s["time_to_target_s"] < s["wall_s"] and s["target_epoch"] in (1, 2)
+    assert report["seeds_reached"] == 2
+    mean = sum(s["time_to_target_s"] for s in seeds) / 2
+    assert float(match.group(1)) == pytest.approx(mean, abs=0.05)
+    assert float(match.group(2)) == pytest.approx(sum(s["test_top1"] for s in seeds) / 2, abs=5e-5)
+    runs = runs_of(client, "speedrun")
+    (parent,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") is None]
+    children = [r for r in runs if r is not parent]
+    assert {c.data.params["trainer.seed"] for c in children} == {"0", "1"}
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert parent.data.metrics["wall_s_mean"] > 0 and parent.data.params["machine.cpu"]
+    history = client.get_metric_history(children[0].info.run_id, "target_top1")
+    assert sorted(m.step for m in history) == [1, 2]  # the test split scored after each epoch

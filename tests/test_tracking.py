@@ -1,0 +1,199 @@
+"""What a run records in MLflow, read back from a real sqlite store, and what the tools read."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, run_vitexp, runs_of
+from PIL import Image
+
+# Folder names a user's own data may have: commas, quotes, non-ASCII, spaces (sorted order).
+CLASSES = ["a b", "bags, purses", "café, crème", 'say "hi"']
+SHAPE = [16, 16, 3]
+
+
+def write_image_folder(root: Path, per_class: int = 10) -> list[Path]:
+    """PNGs in every colour mode a user's folder may hold, 24x20, one colour per class."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        colour = np.array([60 * c + 30, 200 - 50 * c, 40 + 70 * (c % 2)], dtype=np.float64)
+        for i in range(per_class):
+            rgb = np.clip(colour + rng.normal(0, 25, (20, 24, 3)), 0, 255).astype(np.uint8)
+            mode = i % 5
+            if mode == 0:
+                image = Image.fromarray(rgb)
+            elif mode == 1:
+                image = Image.fromarray(rgb).convert("L")
+            elif mode == 2:
+                image = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+            elif mode == 3:
+                image = Image.fromarray(np.dstack([rgb, np.full((20, 24), 128, np.uint8)]))
+            else:
+                grey = (np.asarray(Image.fromarray(rgb).convert("L"), np.uint16) * 257).astype(np.uint16)
+                image = Image.fromarray(grey)
+            path = root / name / f"img_{i:02d}.png"
+            image.save(path)
+            paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """One run on an image folder with awkward class names, early stopping and a profile."""
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("folder_run")
+    files = write_image_folder(tmp / "images")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    overrides = [o for o in TINY if not o.startswith(("data=", "trainer.epochs"))]
+    run_vitexp(
+        [
+            *overrides,
+            "data=image_folder",
+            f"data.path={tmp / 'images'}",
+            "data.num_classes=4",
+            f"data.image_shape=[{','.join(map(str, SHAPE))}]",
+            "trainer.batch_size=8",
+            "trainer.epochs=5",
+            "trainer.early_stopping.patience=2",
+            "trainer.early_stopping.min_delta=10",  # nothing improves by 10 after epoch 1
+            "trainer.profile=true",
+            "trainer.profile_steps=[2,3]",
+            f"tracking.uri={uri}",
+            f"hydra.run.dir={tmp / 'run'}",
+        ],
+        tmp,
+        env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"},
+    )
+    client = MlflowClient(uri)
+    (run,) = runs_of(client)
+    return uri, client, run, files, tmp
+
+
+@pytest.mark.slow
+def test_class_names_with_commas_quotes_and_accents_reach_predict_intact(folder_run):
+    uri, client, run, files, tmp = folder_run
+    proc = run_vitexp(
+        ["--tracking-uri", uri, "--json", "--top", "4", run.info.run_id, *map(str, files[::7])],
+        tmp,
+        module="vitexp.predict",
+    )
+    for image in json.loads(proc.stdout):
+        assert [item["label"] for item in image["top"]] != []
+        for item in image["top"]:
+            assert item["label"] == CLASSES[item["class"]], item
+        assert sorted(item["label"] for item in image["top"]) == CLASSES
+
+
+@pytest.mark.slow
+def test_test_metrics_are_those_of_the_checkpoint_evaluate_uses(folder_run, capsys):
+    from vitexp import evaluate
+
+    uri, client, run, _, tmp = folder_run
+    metrics = run.data.metrics
+    assert run.data.params["trainer.test_checkpoint"] == "best"
+    assert metrics["test_epoch"] == metrics["best_epoch"]
+    evaluate.main(["--tracking-uri", uri, "--in-place", run.info.run_id])
+    assert "(best checkpoint)" in capsys.readouterr().out
+    evaluated = client.get_run(run.info.run_id).data.metrics
+    assert evaluated["eval_top1"] == metrics["test_top1"]
+    assert evaluated["eval_loss"] == pytest.approx(metrics["test_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_early_stop_and_profile_are_recorded(folder_run):
+    _, client, run, _, tmp = folder_run
+    # epoch 1 sets the best; epochs 2 and 3 cannot beat it by 10: stop after epoch 3 of 5
+    assert run.data.metrics["stopped_epoch"] == 3 and run.data.tags["vitexp.stopped_early"] == "true"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1, 2, 3]
+    profile = Path(client.download_artifacts(run.info.run_id, "profile", str(tmp / "profile")))
+    assert list(profile.rglob("*.xplane.pb")), "no profiler trace in the profile/ artifact"
+
+
+@pytest.mark.slow
+def test_run_carries_system_metrics_datasets_source_tags_and_a_model(folder_run):
+    import mlflow
+
+    uri, client, run, files, tmp = folder_run
+    keys = set(run.data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys
+    tags = run.data.tags
+    assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"]
+    inputs = {
+        {t.key: t.value for t in d.tags}["mlflow.data.context"]: d.dataset for d in run.inputs.dataset_inputs
+    }
+    assert set(inputs) == {"training", "validation", "test"}
+    for context, param in (
+        ("training", "train_images"),
+        ("validation", "val_images"),
+        ("test", "test_images"),
+    ):
+        dataset = inputs[context]
+        assert dataset.name == "image_folder" and str(tmp / "images") in dataset.source
+        assert json.loads(dataset.profile)["num_rows"] == int(run.data.params[param]) and dataset.digest
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "image_folder" in run.info.run_name
+
+    mlflow.set_tracking_uri(uri)
+    (logged,) = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+        output_format="list",
+    )
+    model = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
+    assert model.metadata.signature is not None
+    from vitexp.runs import read_images
+
+    out = model.predict(read_images([str(p) for p in files[::9]], SHAPE))
+    assert all(label == CLASSES[c] for c, label in zip(out["class"], out["label"]))
+
+
+@pytest.mark.slow
+def test_predict_reads_files_as_training_did(folder_run):
+    """Grey, palette, alpha and 16-bit PNGs of 24x20 give predict the training tensors."""
+    uri, _, run, files, tmp = folder_run
+    from vitexp.data.folder import _read
+    from vitexp.runs import load_run, read_images
+
+    trained, _ = _read(tmp / "images", SHAPE, CLASSES)  # class by class, files by name
+    read = read_images([str(p) for p in files], SHAPE)
+    np.testing.assert_array_equal(read, trained)
+    model = load_run(run.info.run_id, uri).model
+    np.testing.assert_array_equal(model.predict(read, verbose=0), model.predict(trained, verbose=0))
+
+
+def test_early_stopping_counts_from_the_checkpoints_after_a_resume(tmp_path):
+    from vitexp.callbacks import CheckpointDir, EarlyStopping, epochs_since_best
+
+    history = {1: {"val_loss": 1.0}, 2: {"val_loss": 0.5}, 3: {"val_loss": 0.6}, 4: {"val_loss": 0.55}}
+    assert epochs_since_best(history, "val_loss", 0.0) == 2
+    assert epochs_since_best(history, "val_loss", 0.2) == 2
+    assert epochs_since_best({1: {"val_top1": 0.2}, 2: {"val_top1": 0.3}}, "val_top1", 0.0) == 0
+    assert epochs_since_best({1: {"val_top1": 0.2}, 2: {"val_top1": 0.3}}, "val_top1", 0.5) == 1
+    checkpoints = CheckpointDir(tmp_path)
+    for epoch, metrics in history.items():
+        checkpoints.metrics_file(epoch).write_text(json.dumps(metrics))
+        checkpoints.model_file(epoch).write_bytes(b"")
+    # a fresh callback, as after a resume, knows what the interrupted process counted
+    assert EarlyStopping(checkpoints, patience=2, monitor="val_loss").should_stop()
+    assert not EarlyStopping(checkpoints, patience=3, monitor="val_loss").should_stop()
+    assert math.isfinite(epochs_since_best({}, "val_loss", 0.0))
+
+
+def test_class_names_travel_as_json_and_old_runs_still_read(store, tmp_path):
+    from vitexp.tracking import Tracker, read_class_names
+
+    uri, client = store
+    tracker = Tracker(uri, "names")
+    new = tracker.start_run("new", {})
+    tracker.log_class_names(new, CLASSES)
+    old = tracker.start_run("old", {})
+    tracker.log_params(old, {"class_names": "cat,dog"})
+    assert read_class_names(client, client.get_run(new), 4) == CLASSES
+    assert read_class_names(client, client.get_run(old), 2) == ["cat", "dog"]
+    assert read_class_names(client, client.get_run(old), 3) == ["0", "1", "2"]
