@@ -4,7 +4,8 @@
         [--out DIR] [--tracking-uri URI]
 
 Columns: the swept parameters (those that differ between the runs), parameter count,
-best validation top-1, test top-1/top-5, epochs, training time and images/s. The plot
+best validation top-1, test top-1/top-5, epochs, training time and images/s (and, for a
+search that pruned trials, the epoch each pruned trial stopped at). The plot
 shows test top-1 against each swept parameter and against the parameter count. For a
 sweep, the table and plot are also logged to the parent run.
 """

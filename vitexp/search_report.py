@@ -81,8 +81,9 @@ class SearchLog:
     def progress(self, study) -> None:
         if not self.tracker:
             return
-        self.tracker.log_metrics(self.parent, summary(study, self.plan), step=len(study.trials))
-        if len(self.plan.directions) == 1 and "best_value" in summary(study, self.plan):
+        counts = summary(study, self.plan)
+        self.tracker.log_metrics(self.parent, counts, step=len(study.trials))
+        if "best_value" in counts:
             best = study.best_trial
             tags = {f"best.{k}": str(v) for k, v in best.params.items()}
             self.tracker.set_tags(self.parent, {**tags, "best.trial": str(best.number)})
