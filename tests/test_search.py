@@ -221,31 +221,3 @@ def test_pruner_stops_a_planted_bad_trial_and_the_parent_shows_it(tmp_path, stor
     header, *rows = (tmp_path / "cmp" / "comparison.csv").read_text().strip().splitlines()
     assert header.endswith(",pruned_epoch") and sum(row.endswith(",1") for row in rows) == 1
     assert "pruned_epoch" in compared.stdout
-
-
-@pytest.mark.slow
-def test_parallel_jobs_share_one_study(tmp_path, store):
-    uri, client = store
-    run_vitexp(
-        search_args(
-            tmp_path,
-            "hydra/launcher=parallel",
-            "trainer.epochs=2",
-            "depth=choice(1,2)",
-            "hydra.sweeper.n_trials=2",
-            "hydra.sweeper.n_jobs=2",
-            "hydra.sweeper.enqueue=[{depth:1},{depth:2}]",
-        ),
-        tmp_path,
-    )
-    trials = load_study(tmp_path).trials
-    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
-    # each job, in its own process, reported every epoch into the one study
-    assert [sorted(t.intermediate_values) for t in trials] == [[1, 2], [1, 2]]
-    jobs = {t.user_attrs["vitexp.job"] for t in trials}  # host:pid of each trial's job
-    assert len(jobs) == 2 and not jobs & {t.user_attrs["vitexp.owner"] for t in trials}  # not the sweeper
-    (parent,), children = search_runs(client)
-    assert sorted(c.info.run_id for c in children) == sorted(
-        t.user_attrs["vitexp.mlflow_run_id"] for t in trials
-    )
-    assert parent.info.status == "FINISHED"

@@ -154,14 +154,17 @@ def test_tracking_server_down_mid_run_loses_nothing(server, tmp_path):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3, 4, 5]
 
 
-def test_optuna_search_against_parameter_count_logs_the_pareto_front(tmp_path, store):
-    """Two objectives (vitexp's sweeper, tests/test_search.py has the rest): top-1 up, size down."""
+def test_parallel_optuna_search_against_parameter_count_shares_one_study(tmp_path, store):
+    """Two trials side by side (joblib), two objectives: top-1 up, size down (vitexp's sweeper;
+    tests/test_search.py has the rest)."""
     import optuna
 
     uri, client = store
     run_vitexp(
         [
             "hparams_search=vit_optuna",
+            "hydra/launcher=parallel",
+            "hydra.sweeper.n_jobs=2",
             "hydra.sweeper.n_trials=2",
             *[a for a in TINY if not a.startswith("depth=")],  # depth is searched
             "trainer.epochs=1",
@@ -183,6 +186,10 @@ def test_optuna_search_against_parameter_count_logs_the_pareto_front(tmp_path, s
     study = optuna.load_study(
         study_name=parent.data.tags["vitexp.optuna_study"], storage=f"sqlite:///{tmp_path / 'optuna.db'}"
     )
+    # each job, in its own process, wrote to the one study
+    jobs = {t.user_attrs["vitexp.job"] for t in study.trials}  # host:pid of each trial's job
+    assert len(jobs) == 2 and not jobs & {t.user_attrs["vitexp.owner"] for t in study.trials}
+    assert [t.user_attrs["epochs"] for t in study.trials] == [1, 1]
     sizes = sorted(t.values[1] for t in study.trials)
     assert sizes == sorted(float(t.data.params["num_params"]) for t in trials) and sizes[0] < sizes[1]
     assert {t.values[0] for t in study.trials} == {t.data.metrics["best_val_top1"] for t in trials}
