@@ -154,16 +154,26 @@ def test_tracking_server_down_mid_run_loses_nothing(server, tmp_path):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3, 4, 5]
 
 
-def test_optuna_search_logs_the_best_trial(tmp_path, store):
+def test_parallel_optuna_search_against_parameter_count_shares_one_study(tmp_path, store):
+    """Two trials side by side (joblib), two objectives: top-1 up, size down (vitexp's sweeper;
+    tests/test_search.py has the rest)."""
+    import optuna
+
     uri, client = store
     run_vitexp(
         [
             "hparams_search=vit_optuna",
-            "hydra.sweeper.n_trials=3",
+            "hydra/launcher=parallel",
+            "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.n_trials=2",
             *[a for a in TINY if not a.startswith("depth=")],  # depth is searched
             "trainer.epochs=1",
-            "hydra.sweeper.params.patch_size='choice(2,4)'",
-            "hydra.sweeper.params.depth='choice(1,2)'",
+            "hydra.sweeper.params=null",
+            "depth=choice(1,2)",
+            "hydra.sweeper.enqueue=[{depth:1},{depth:2}]",
+            "hydra.sweeper.direction=[maximize,minimize]",
+            "hydra.sweeper.objectives=[best_val_top1,num_params]",
+            "hydra.sweeper.pruner.name=none",
             f"tracking.uri={uri}",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
@@ -172,10 +182,19 @@ def test_optuna_search_logs_the_best_trial(tmp_path, store):
     runs = runs_of(client)
     (parent,) = [r for r in runs if r.data.tags.get("vitexp.sweep") == "true"]
     trials = children_of(client, parent.info.run_id)
-    assert len(trials) == 3
-    best = max(t.data.metrics["best_val_top1"] for t in trials)
-    assert parent.data.metrics["best_value"] == pytest.approx(best)
-    assert {"best.optimizer.learning_rate", "best.patch_size", "best.depth"} <= set(parent.data.params)
+    assert len(trials) == 2 and parent.info.status == "FINISHED"
+    study = optuna.load_study(
+        study_name=parent.data.tags["vitexp.optuna_study"], storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+    )
+    # each job, in its own process, wrote to the one study
+    jobs = {t.user_attrs["vitexp.job"] for t in study.trials}  # host:pid of each trial's job
+    assert len(jobs) == 2 and not jobs & {t.user_attrs["vitexp.owner"] for t in study.trials}
+    assert [t.user_attrs["epochs"] for t in study.trials] == [1, 1]
+    sizes = sorted(t.values[1] for t in study.trials)
+    assert sizes == sorted(float(t.data.params["num_params"]) for t in trials) and sizes[0] < sizes[1]
+    assert {t.values[0] for t in study.trials} == {t.data.metrics["best_val_top1"] for t in trials}
+    pictures = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    assert {"search/pareto_front.png", "search/optimization_history.png", "search/trials.csv"} <= pictures
 
 
 def test_killed_sweep_resumes_without_repeating_jobs_and_compares(tmp_path, store):

@@ -142,6 +142,7 @@ def preflight(argv: list[str]) -> None:
                 swept = [ov for ov in job if ov not in args]  # this job's values of the sweep axes
                 prefix = f"[{' '.join(swept)}] " if swept else ""
                 fail(f"{prefix}{err}")
+        _check_search(app, parsed.config_name or "config", parsed.overrides)
     for uri, timeout in sorted(servers):  # before a sweep creates its parent run
         from vitexp.tracking import TrackingError, check_reachable
 
@@ -149,6 +150,18 @@ def preflight(argv: list[str]) -> None:
             check_reachable(uri, timeout)
         except TrackingError as err:
             fail(str(err))
+
+
+def _check_search(app, config_name: str, overrides: list[str]) -> None:
+    """An Optuna search (hparams_search=...): its space, sampler, pruner, storage and study name."""
+    from vitexp.search import SearchError, check
+
+    try:
+        check(app, config_name, overrides)
+    except SearchError as err:
+        fail(str(err))
+    except Exception as err:  # a hydra.* override that does not compose
+        fail(_explain_compose_error(err))
 
 
 def _first_line(err: BaseException) -> str:

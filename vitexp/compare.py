@@ -4,7 +4,8 @@
         [--out DIR] [--tracking-uri URI]
 
 Columns: the swept parameters (those that differ between the runs), parameter count,
-best validation top-1, test top-1/top-5, epochs, training time and images/s. The plot
+best validation top-1, test top-1/top-5, epochs, training time and images/s (and, for a
+search that pruned trials, the epoch each pruned trial stopped at). The plot
 shows test top-1 against each swept parameter and against the parameter count. For a
 sweep, the table and plot are also logged to the parent run.
 """
@@ -75,6 +76,8 @@ def swept_params(runs) -> list[str]:
 def table(client: MlflowClient, runs, sort: str) -> tuple[list[str], list[list]]:
     swept = swept_params(runs)
     header = ["run", "status", *swept, "num_params", *METRICS, "epochs", "train_time_s", "images_per_s"]
+    pruned = any("vitexp.pruned_epoch" in r.data.tags for r in runs)  # trials an Optuna pruner stopped
+    header += ["pruned_epoch"] if pruned else []
     rows = []
     for run in runs:
         m = run.data.metrics
@@ -90,6 +93,7 @@ def table(client: MlflowClient, runs, sort: str) -> tuple[list[str], list[list]]
                 len(times),
                 round(sum(times), 1),
                 round(sum(speeds) / len(speeds), 1) if speeds else None,
+                *([run.data.tags.get("vitexp.pruned_epoch", "")] if pruned else []),
             ]
         )
     if sort not in header:

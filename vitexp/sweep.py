@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vitexp.tracking import FAILED, FINISHED, PARENT_ENV, Tracker, command_line
 
@@ -26,9 +26,18 @@ class MlflowSweepCallback(Callback):
         self.parent_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from vitexp.search import resumed_parent
+
         self.tracker = Tracker.from_config(config.tracking)
+        # an interrupted Optuna search that is run again continues under its own parent
+        self.parent_id = resumed_parent(config, self.tracker) or self.new_parent(config)
+        os.environ[PARENT_ENV] = self.parent_id
+        atexit.register(self.close, interrupted=True)
+        self.close_stale(command_line())
+
+    def new_parent(self, config: DictConfig) -> str:
         name = f"sweep-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.parent_id = self.tracker.start_run(
+        parent_id = self.tracker.start_run(
             name,
             tags={
                 "vitexp.sweep": "true",
@@ -36,10 +45,8 @@ class MlflowSweepCallback(Callback):
                 "vitexp.sweep_dir": str(config.hydra.sweep.dir),
             },
         )
-        self.tracker.log_params(self.parent_id, {"sweep.overrides": " ".join(config.hydra.overrides.task)})
-        os.environ[PARENT_ENV] = self.parent_id
-        atexit.register(self.close, interrupted=True)
-        self.close_stale(command_line())
+        self.tracker.log_params(parent_id, {"sweep.overrides": " ".join(config.hydra.overrides.task)})
+        return parent_id
 
     def close_stale(self, command: str) -> None:
         """Marks FAILED the parents of earlier runs of this same sweep left RUNNING by a kill."""
@@ -75,7 +82,8 @@ class MlflowSweepCallback(Callback):
             f"  UI: {where.rstrip('/')}/#/experiments/{self.tracker.experiment_id}/runs/{parent}",
             file=sys.stderr,
         )
-        failed = [run for run in children if run.info.status == FAILED]
+        # a search's trial that a kill cut short is FAILED but was run again
+        failed = [r for r in children if r.info.status == FAILED and "vitexp.retried" not in r.data.tags]
         if failed:
             first = failed[0].data.tags.get("vitexp.error", "no error recorded").splitlines()[0]
             print(
@@ -86,22 +94,13 @@ class MlflowSweepCallback(Callback):
         return len(failed)
 
     def log_outcome(self, sweep_dir: Path) -> None:
-        """The sweep's comparison table and plot, and an Optuna search's best trial."""
+        """The sweep's comparison table and plot (a search logs its own results: vitexp.search_report)."""
         from vitexp.compare import compare
 
         try:
             compare(self.parent_id, self.tracker.uri, "best_val_top1", sweep_dir / "comparison")
         except ValueError as err:  # no finished child to compare
             print(f"vitexp: no comparison for the sweep: {err}", file=sys.stderr)
-        results = sweep_dir / "optimization_results.yaml"
-        if results.is_file():
-            best = OmegaConf.load(results)
-            self.tracker.log_params(
-                self.parent_id, {f"best.{k}": str(v) for k, v in best.best_params.items()}
-            )
-            self.tracker.log_metrics(self.parent_id, {"best_value": float(best.best_value)}, step=0)
-            self.tracker.log_artifact(self.parent_id, results)
-            self.tracker.flush()
 
     def close(self, interrupted: bool) -> None:
         """Ends the parent run once: FAILED if a child failed or the sweep stopped early."""
@@ -110,5 +109,7 @@ class MlflowSweepCallback(Callback):
         parent, self.parent_id = self.parent_id, None
         os.environ.pop(PARENT_ENV, None)
         children = self.tracker.children(parent)
-        failed = interrupted or any(run.info.status != FINISHED for run in children)
+        failed = interrupted or any(
+            run.info.status != FINISHED and "vitexp.retried" not in run.data.tags for run in children
+        )
         self.tracker.end_run(parent, FAILED if failed else FINISHED)

@@ -46,6 +46,7 @@ from vitexp.tracking import (
     flatten,
     git_commit,
 )
+from vitexp.trial import is_trial, trial_callbacks
 from vitexp.validate import ConfigError, check_config
 
 USER_ERRORS = (ConfigError, DataError, TrackingError, DivergenceError)
@@ -487,7 +488,7 @@ def print_summary(cfg, tracker: Tracker, run_id: str, result: dict) -> None:
 
 def finished_before(tracker: Tracker, cfg: DictConfig):
     """A FINISHED run of exactly this config, when a re-run sweep may skip the job."""
-    if not (in_multirun() and cfg.tracking.skip_finished) or cfg.resume not in (False, "false"):
+    if not (in_multirun() and cfg.tracking.skip_finished) or cfg.resume not in (False, "false") or is_trial():
         return None
     runs = tracker.client.search_runs(
         [tracker.experiment_id],
@@ -596,7 +597,7 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         job = Job(
             cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names
         )
-        result = fit_and_record(job, callbacks)
+        result = fit_and_record(job, (*callbacks, *trial_callbacks(tracker, run_id)))
     except KeyboardInterrupt:
         tracker.flush(raise_errors=False)
         tracker.end_run(run_id, KILLED)

@@ -1,0 +1,1 @@
+"""vitexp's Hydra sweeper: persistent, prunable Optuna studies (`hydra/sweeper=vitexp_optuna`)."""
