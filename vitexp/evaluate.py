@@ -62,6 +62,23 @@ def fit_to_model(run, data_cfg, images: np.ndarray) -> np.ndarray:
     return images
 
 
+def model_labels(run_classes: list[str], data) -> np.ndarray:
+    """The test labels as indices of the model's classes, matched by name (data of a subset of
+    the classes, or in another order); raises DataError for classes the model does not know."""
+    from vitexp.data import DataError
+
+    names = list(data.class_names)
+    if names == list(run_classes) or list(run_classes) == [str(i) for i in range(len(run_classes))]:
+        return data.test_y  # the same classes, or a run that recorded no names: trust the order
+    unknown = [n for n in names if n not in run_classes]
+    if unknown:
+        raise DataError(
+            f"{data.source}: classes {unknown[:5]} are not among the model's {list(run_classes)[:8]}: "
+            "evaluate on images of the classes it was trained on"
+        )
+    return np.array([run_classes.index(n) for n in names], dtype=np.int32)[data.test_y]
+
+
 def evaluate(run, data_cfg, batch_size: int = 256) -> dict:
     from vitexp.data import load_data
     from vitexp.data.pipeline import eval_dataset
@@ -69,16 +86,18 @@ def evaluate(run, data_cfg, batch_size: int = 256) -> dict:
 
     data = load_data(data_cfg)
     images = fit_to_model(run, data_cfg, data.test_x)
-    logits = run.model.predict(eval_dataset(images, data.test_y, data_cfg.num_classes, batch_size), verbose=0)
+    labels = model_labels(run.class_names, data)
+    num_classes = max(int(run.cfg.data.num_classes), int(data_cfg.num_classes))
+    logits = run.model.predict(eval_dataset(images, labels, num_classes, batch_size), verbose=0)
     probs = softmax(logits.astype(np.float64))
-    scores = score_predictions(probs, data.test_y)
-    per_class = per_class_accuracy(data.test_y, probs.argmax(-1), data_cfg.num_classes)
+    scores = score_predictions(probs, labels)
+    per_class = per_class_accuracy(labels, probs.argmax(-1), probs.shape[-1])
     return {
         "scores": scores,
         "per_class": per_class,
         # the model's classes, as the run recorded them, name its logits
         "class_names": run.class_names if len(run.class_names) == len(per_class) else data.class_names,
-        "count": len(data.test_y),
+        "count": len(labels),
     }
 
 
