@@ -8,7 +8,6 @@ import sys
 import time
 import urllib.request
 
-import numpy as np
 import pytest
 from conftest import TINY, run_vitexp, runs_of
 

@@ -75,11 +75,12 @@ class MlflowSweepCallback(Callback):
         counts = Counter(run.info.status for run in children)
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         uri = self.tracker.uri
-        where = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000 (after `make ui`)"
+        served = uri.startswith(("http://", "https://"))
+        serve = "" if served else f" (after: mlflow ui --backend-store-uri {uri})"
         print(
             f"vitexp: sweep {parent}: {summary or 'no jobs'}\n"
             f"  compare: python -m vitexp.compare {parent} --tracking-uri {uri}\n"
-            f"  UI: {where.rstrip('/')}/#/experiments/{self.tracker.experiment_id}/runs/{parent}",
+            f"  UI: {self.tracker.ui_link(parent)}{serve}",
             file=sys.stderr,
         )
         # a search's trial that a kill cut short is FAILED but was run again

@@ -14,6 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ import numpy as np
 # A dead server must cost seconds, not MLflow's default minutes of retries.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+# Progress bars for each small download (config, class names, checkpoints) are noise here.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from mlflow.entities import Metric, Param, RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -245,9 +248,11 @@ class Tracker:
         classifier = VitexpClassifier()
         classifier.load(checkpoint, class_names, model)
         example = np.zeros((1, *classifier.model.input_shape[1:]), dtype=np.uint8)
-        signature = mlflow.models.infer_signature(example, classifier.predict(None, example))
         mlflow.set_tracking_uri(self.uri)
-        with tempfile.TemporaryDirectory() as tmp:
+        # MLflow's hints (type hints, integer columns) do not apply to uint8 images
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            signature = mlflow.models.infer_signature(example, classifier.predict(None, example))
             names = Path(tmp) / CLASS_NAMES_ARTIFACT
             names.write_text(json.dumps(class_names, ensure_ascii=False), encoding="utf-8")
             # the run's own context makes the logged model belong to the run's experiment
