@@ -81,8 +81,6 @@ def test_predict_top5_on_image_files(trained):
     folder, uri, _, run = trained
     data = synthetic_test_images()
     paths = write_images(folder, data.test_x[:3])
-    (folder / "grey").mkdir(exist_ok=True)
-    paths += write_images(folder / "grey", np.full((1, 20, 20, 1), 90, np.uint8))  # grey, 20x20: converted
     out = run_vitexp(
         [run.info.run_id, *paths, "--json", "--tracking-uri", uri], folder, module="vitexp.predict"
     )
