@@ -73,6 +73,10 @@ def test_single_run_records_everything(tmp_path, store):
         "sparse_categorical_accuracy"
     ]
     assert accuracy == pytest.approx(run.data.metrics["test_top1"], abs=1e-6)
+    summary = (artifacts / "model_summary.txt").read_text()  # the whole table, not cut at 80 columns
+    assert f"Total params: {int(params['num_params']):,}" in summary
+    for layer in model.layers:
+        assert f"{layer.count_params():,}" in summary, layer.name
 
     import matplotlib.image
 

@@ -206,7 +206,13 @@ def write_bad_files(root: Path) -> dict[str, Path]:
     write_mnist_folder(root / "labels", label_max=12)
     write_png_folder(root / "folder")
     (root / "folder" / "owl" / "x.png").write_bytes(b"garbage")
+    write_png_folder(root / "split" / "train")
+    write_png_folder(root / "split" / "test", classes=("cat", "dog", "emu"), per_class=1)
+    write_png_folder(root / "jpeg")
+    (root / "jpeg" / "owl" / "y.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 60)  # cut short
     return {
+        "split": root / "split",
+        "jpeg": root / "jpeg",
         "truncated": truncated,
         "magic": root / "magic",
         "labels": root / "labels",
@@ -219,6 +225,8 @@ BAD_DATA = [
     (["data=fashion_mnist", "data.path={magic}"], "wrong idx magic number"),
     (["data=fashion_mnist", "data.path={labels}"], "labels span [0, 11], outside [0, 9]"),
     (["data=image_folder", "data.path={folder}", "data.num_classes=3"], "x.png: not a readable image"),
+    (["data=image_folder", "data.path={jpeg}", "data.num_classes=3"], "y.jpg: not a readable image"),
+    (["data=image_folder", "data.path={split}", "data.num_classes=3"], "only in test/: ['emu']"),
     (["data.path=/no/such/cifar.tar.gz"], "does not exist"),
     (["tracking.uri=http://127.0.0.1:9"], "is unreachable"),
     (["resume=true"], "no interrupted run of this config"),

@@ -197,3 +197,33 @@ def test_class_names_travel_as_json_and_old_runs_still_read(store, tmp_path):
     assert read_class_names(client, client.get_run(new), 4) == CLASSES
     assert read_class_names(client, client.get_run(old), 2) == ["cat", "dog"]
     assert read_class_names(client, client.get_run(old), 3) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize(
+    "argv0, program",
+    [("/home/u/.venv/bin/vitexp", "vitexp"), ("/src/vitexp/__main__.py", "python -m vitexp")],
+)
+def test_command_line_is_what_the_user_typed(argv0, program, monkeypatch):
+    import sys
+
+    from vitexp.tracking import command_line
+
+    monkeypatch.setattr(sys, "argv", [argv0, "data=image_folder", "data.path=/my photos", "resume=abc"])
+    assert command_line() == f"{program} data=image_folder 'data.path=/my photos' resume=abc"
+    assert command_line(resume=True) == f"{program} data=image_folder 'data.path=/my photos' resume=true"
+
+
+def test_summary_names_a_ui_command_that_works_anywhere(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from vitexp.tracking import Tracker
+    from vitexp.train import print_summary
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "summary")
+    run_id = tracker.start_run("r", {})
+    scores = {"top1": 0.5, "top5": 0.9, "loss": 1.2}
+    result = {"test": scores, "best_val_top1": 0.5, "best_epoch": 2, "checkpoint": "best"}
+    print_summary(OmegaConf.create({"run_name": "r"}), tracker, run_id, result)
+    out = capsys.readouterr().out
+    assert "make ui" not in out and f"open the UI with: mlflow ui --backend-store-uri {uri}\n" in out

@@ -57,6 +57,26 @@ def test_evaluate_reproduces_the_runs_test_metrics(trained):
     assert client.get_run(run.info.run_id).data.metrics == run.data.metrics  # the original is untouched
 
 
+@pytest.mark.parametrize(
+    "overrides, expect",
+    [
+        (["data.image_shape=[20,20,1]"], "test images [20, 20, 1] converted to the model's [16, 16, 3]"),
+        (["data.num_classes=6"], "vitexp.evaluate: error: data synthetic has 6 classes but run"),
+        (["data=no_such_data"], "vitexp.evaluate: error: data=no_such_data: In 'config': Could not find"),
+    ],
+)
+def test_evaluate_adapts_the_data_or_says_what_to_change(overrides, expect, trained):
+    folder, uri, _, run = trained
+    out = run_vitexp(
+        [run.info.run_id, *overrides, "--tracking-uri", uri], folder, module="vitexp.evaluate", check=False
+    )
+    if "error" in expect:
+        assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(expect), out.stderr
+    else:
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert expect in out.stdout and "top-1" in out.stdout
+
+
 def test_predict_top5_on_image_files(trained):
     folder, uri, _, run = trained
     data = synthetic_test_images()

@@ -20,14 +20,22 @@ from vitexp.tool_args import ToolParser
 
 def data_config(run_cfg, overrides: list[str]):
     """The run's data config with `data=<option>` and `data.key=value` overrides applied."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from vitexp.data import DataError
+
     data = run_cfg.data
     group = [o for o in overrides if o.startswith("data=")]
-    if group:
-        from vitexp.cli import compose
+    try:
+        if group:
+            from vitexp.cli import compose
 
-        data = compose(group).data
-    dotted = [o.removeprefix("data.") for o in overrides if o.startswith("data.")]
-    return OmegaConf.merge(data, OmegaConf.from_dotlist(dotted)) if dotted else data
+            data = compose(group).data
+        dotted = [o.removeprefix("data.") for o in overrides if o.startswith("data.")]
+        return OmegaConf.merge(data, OmegaConf.from_dotlist(dotted)) if dotted else data
+    except (HydraException, OmegaConfBaseException) as err:
+        raise DataError(f"{' '.join(overrides)}: {str(err).splitlines()[0]}") from None
 
 
 def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -36,24 +44,60 @@ def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int)
     return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
 
 
+def fit_to_model(run, data_cfg, images: np.ndarray) -> np.ndarray:
+    """The test images in the shape the run's model takes, converted as `predict` converts
+    files; raises DataError when the data has more classes than the model."""
+    from vitexp.data import DataError
+    from vitexp.data.folder import fit_images
+
+    model_classes = int(run.cfg.data.num_classes)
+    if data_cfg.num_classes > model_classes:
+        raise DataError(
+            f"data {data_cfg.name} has {data_cfg.num_classes} classes but run {run.run_id} predicts "
+            f"{model_classes}: evaluate it on data with at most {model_classes} classes"
+        )
+    if list(images.shape[1:]) != run.image_shape:
+        print(f"vitexp: test images {list(images.shape[1:])} converted to the model's {run.image_shape}")
+        images = fit_images(images, run.image_shape)
+    return images
+
+
+def model_labels(run_classes: list[str], data) -> np.ndarray:
+    """The test labels as indices of the model's classes, matched by name (data of a subset of
+    the classes, or in another order); raises DataError for classes the model does not know."""
+    from vitexp.data import DataError
+
+    names = list(data.class_names)
+    if names == list(run_classes) or list(run_classes) == [str(i) for i in range(len(run_classes))]:
+        return data.test_y  # the same classes, or a run that recorded no names: trust the order
+    unknown = [n for n in names if n not in run_classes]
+    if unknown:
+        raise DataError(
+            f"{data.source}: classes {unknown[:5]} are not among the model's {list(run_classes)[:8]}: "
+            "evaluate on images of the classes it was trained on"
+        )
+    return np.array([run_classes.index(n) for n in names], dtype=np.int32)[data.test_y]
+
+
 def evaluate(run, data_cfg, batch_size: int = 256) -> dict:
     from vitexp.data import load_data
     from vitexp.data.pipeline import eval_dataset
     from vitexp.report import score_predictions, softmax
 
     data = load_data(data_cfg)
-    logits = run.model.predict(
-        eval_dataset(data.test_x, data.test_y, data_cfg.num_classes, batch_size), verbose=0
-    )
+    images = fit_to_model(run, data_cfg, data.test_x)
+    labels = model_labels(run.class_names, data)
+    num_classes = max(int(run.cfg.data.num_classes), int(data_cfg.num_classes))
+    logits = run.model.predict(eval_dataset(images, labels, num_classes, batch_size), verbose=0)
     probs = softmax(logits.astype(np.float64))
-    scores = score_predictions(probs, data.test_y)
-    per_class = per_class_accuracy(data.test_y, probs.argmax(-1), data_cfg.num_classes)
+    scores = score_predictions(probs, labels)
+    per_class = per_class_accuracy(labels, probs.argmax(-1), probs.shape[-1])
     return {
         "scores": scores,
         "per_class": per_class,
         # the model's classes, as the run recorded them, name its logits
         "class_names": run.class_names if len(run.class_names) == len(per_class) else data.class_names,
-        "count": len(data.test_y),
+        "count": len(labels),
     }
 
 

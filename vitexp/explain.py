@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vitexp.report import show_image  # noqa: E402
 from vitexp.tool_args import ToolParser  # noqa: E402
 
 
@@ -59,23 +60,33 @@ def learned_positions(model) -> np.ndarray | None:
     return np.asarray(layer.embedding) if layer.kind == "learned" else None
 
 
-def _overlay(ax, image: np.ndarray, weights: np.ndarray, title: str) -> None:
+def _overlay(ax, image: np.ndarray, weights: np.ndarray, title: str, top: float):
+    """The image under its patch weights, the heat map covering exactly the image's pixels."""
     n = int(round(np.sqrt(len(weights))))
-    heat = weights.reshape(n, n)
-    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
-    ax.imshow(
-        heat,
+    show_image(ax, image)
+    height, width = image.shape[:2]
+    heat = ax.imshow(
+        weights.reshape(n, n),
         cmap="inferno",
         alpha=0.55,
-        extent=(0, image.shape[1], image.shape[0], 0),
+        vmin=0,
+        vmax=top,
+        extent=(-0.5, width - 0.5, height - 0.5, -0.5),  # imshow's own pixel-centred extent
         interpolation="bilinear",
     )
     ax.set_title(title, fontsize=8)
-    ax.axis("off")
+    return heat
 
 
 def plot_attention(model, images: np.ndarray, path: Path, titles: list[str] | None = None) -> Path:
     """Per image: the image, its attention rollout, and each last-layer head, in one row."""
+    fig = attention_figure(model, images, titles)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def attention_figure(model, images: np.ndarray, titles: list[str] | None = None):
     from vitexp.models.vit import attention_maps
 
     maps = attention_maps(model, images)
@@ -86,21 +97,17 @@ def plot_attention(model, images: np.ndarray, path: Path, titles: list[str] | No
     fig, axes = plt.subplots(
         len(images), heads + 2, figsize=(2.2 * (heads + 2), 2.4 * len(images)), squeeze=False
     )
+    last = last / last.sum(axis=-1, keepdims=True)
+    top = max(rollout.max(), last.max())  # one colour scale for every map
     for i, image in enumerate(images):
-        ax = axes[i, 0]
-        ax.imshow(
-            image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None
-        )
-        ax.set_title(titles[i] if titles else f"image {i}", fontsize=8)
-        ax.axis("off")
-        _overlay(axes[i, 1], image, rollout[i], "rollout, all layers")
+        show_image(axes[i, 0], image)
+        axes[i, 0].set_title(titles[i] if titles else f"image {i}", fontsize=8)
+        heat = _overlay(axes[i, 1], image, rollout[i], "rollout, all layers", top)
         for h in range(heads):
-            weights = last[i, h] / last[i, h].sum()
-            _overlay(axes[i, 2 + h], image, weights, f"last layer, head {h + 1}")
+            _overlay(axes[i, 2 + h], image, last[i, h], f"last layer, head {h + 1}", top)
+    fig.colorbar(heat, ax=axes, shrink=0.8, label="share of attention")
     fig.suptitle("Attention: what each output draws on")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _has_cls(model) -> bool:

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 PANELS = (("loss", "Loss", False), ("top1", "Top-1 accuracy", True), ("top5", "Top-5 accuracy", True))
 
@@ -21,13 +22,21 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _show(ax, image: np.ndarray) -> None:
-    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+def show_image(ax, image: np.ndarray) -> None:
+    """A uint8 image on one fixed 0-255 scale, so a crop keeps the grey values of the whole."""
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(image)
     ax.axis("off")
 
 
 def plot_curves(history: dict[str, list[float]], path: Path, title: str = "") -> Path:
     """The three-panel curves figure of the textbook: loss, top-1, top-5, train vs validation."""
+    return _save(curves_figure(history, title), path)
+
+
+def curves_figure(history: dict[str, list[float]], title: str = ""):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, (key, label, is_accuracy) in zip(axes, PANELS):
         for split, style in (("train", "-o"), ("val", "-s")):
@@ -36,6 +45,7 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str = "") ->
             ax.plot(range(1, len(values) + 1), values, style, markersize=3, label=name)
         ax.set_title(f"Training and validation {label.lower()}")
         ax.set_xlabel("Epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         if is_accuracy:
             ax.set_ylim(0, 1)
@@ -44,14 +54,14 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str = "") ->
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_samples(images: np.ndarray, labels: np.ndarray, class_names: list[str], path: Path) -> Path:
     """A row of training images titled with their class names."""
     fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.6), squeeze=False)
     for ax, image, label in zip(axes[0], images, labels):
-        _show(ax, image)
+        show_image(ax, image)
         ax.set_title(class_names[int(label)], fontsize=9)
     fig.suptitle("Training samples")
     return _save(fig, path)
@@ -66,13 +76,15 @@ def plot_patches(image: np.ndarray, image_size: int, patch_size: int, path: Path
     n = image_size // patch_size
     fig = plt.figure(figsize=(9, 4.5))
     ax = fig.add_subplot(1, 2, 1)
-    _show(ax, resized)
+    show_image(ax, resized)
     ax.set_title(f"{image_size}x{image_size} input")
     grid = fig.add_gridspec(n, n, left=0.52, right=0.98, wspace=0.08, hspace=0.08)
     for r in range(n):
         for c in range(n):
             sub = fig.add_subplot(grid[r, c])
-            _show(sub, resized[r * patch_size : (r + 1) * patch_size, c * patch_size : (c + 1) * patch_size])
+            show_image(
+                sub, resized[r * patch_size : (r + 1) * patch_size, c * patch_size : (c + 1) * patch_size]
+            )
     fig.suptitle(f"{n * n} patches of {patch_size}x{patch_size}")
     return _save(fig, path)
 
@@ -159,7 +171,7 @@ def plot_confident_errors(images, y_true, probs, class_names, path: Path, count:
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, worst):
-        _show(ax, images[i])
+        show_image(ax, images[i])
         ax.set_title(
             f"pred {class_names[y_pred[i]]} ({probs[i, y_pred[i]]:.2f})\ntrue {class_names[y_true[i]]}",
             fontsize=8,

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -122,9 +123,11 @@ def git_commit() -> str:
 
 
 def command_line(resume: bool = False) -> str:
-    """The command that started this process; with `resume`, the one that continues it."""
+    """The command that started this process, as the user typed it (the installed `vitexp`
+    script or `python -m vitexp`), quoted for a shell; with `resume`, the one that continues it."""
+    program = "vitexp" if Path(sys.argv[0]).name == "vitexp" else "python -m vitexp"
     args = [a for a in sys.argv[1:] if not (resume and a.startswith("resume="))]
-    return " ".join(["python -m vitexp", *args, *(["resume=true"] if resume else [])])
+    return " ".join([program, *map(shlex.quote, args), *(["resume=true"] if resume else [])])
 
 
 class Tracker:

@@ -3,6 +3,7 @@
 import contextlib
 import hashlib
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -265,10 +266,24 @@ def log_setup(tracker: Tracker, run_id: str, cfg: DictConfig, model, splits: Spl
     OmegaConf.save(OmegaConf.create(overrides), config_dir / "overrides.yaml")
     tracker.log_artifact(run_id, config_dir / "config.yaml", "config")
     tracker.log_artifact(run_id, config_dir / "overrides.yaml", "config")
-    lines: list[str] = []
-    model.summary(print_fn=lambda line, **_: lines.append(line), line_length=110)
-    (out_dir / "model_summary.txt").write_text("\n".join(lines) + "\n")
+    (out_dir / "model_summary.txt").write_text(summary_text(model))
     tracker.log_artifact(run_id, out_dir / "model_summary.txt")
+
+
+def summary_text(model, width: int = 120) -> str:
+    """`model.summary()` with every column whole: Keras prints through rich, which crops the
+    table to the terminal's width (80 columns when there is none), cutting off `Param #`."""
+    lines: list[str] = []
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)
+    try:
+        model.summary(print_fn=lambda text, **_: lines.append(text), line_length=width)
+    finally:
+        if saved is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = saved
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def metric_history(tracker: Tracker, run_id: str, keys: list[str]) -> dict[str, list[float]]:
@@ -492,11 +507,8 @@ def restore(model: keras.Model, resume: Resume) -> None:
 
 def print_summary(cfg, tracker: Tracker, run_id: str, result: dict) -> None:
     test = result["test"]
-    ui = (
-        "make ui"
-        if tracker.uri.startswith("sqlite") and "mlflow.db" in tracker.uri
-        else f"mlflow ui --backend-store-uri {tracker.uri}"
-    )
+    served = tracker.uri.startswith(("http://", "https://"))
+    ui = f"open {tracker.uri}" if served else f"mlflow ui --backend-store-uri {shlex.quote(tracker.uri)}"
     print(
         f"\nvitexp: run {cfg.run_name} ({run_id}) finished\n"
         f"  test top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  loss {test['loss']:.4f}\n"

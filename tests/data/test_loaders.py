@@ -195,3 +195,34 @@ def test_synthetic_is_deterministic_and_class_dependent():
     assert a.train_x.shape == (300, 10, 12, 3) and a.train_x.dtype == np.uint8
     means = [a.train_x[a.train_y == c].mean(axis=0) for c in range(3)]
     assert np.abs(means[0] - means[1]).mean() > 20  # classes differ far beyond the noise
+
+
+def test_image_folder_test_classes_differ_from_train(tmp_path):
+    write_png_folder(tmp_path / "imgs" / "train")
+    write_png_folder(tmp_path / "imgs" / "test", classes=("cat", "dog", "emu"), per_class=2)
+    with pytest.raises(DataError, match=r"only in train/: \['owl'\], only in test/: \['emu'\]"):
+        load_image_folder(str(tmp_path / "imgs"), [16, 16, 3])
+
+
+def write_jpeg(path: Path, value: int = 90) -> bytes:
+    import keras
+
+    image = np.random.default_rng(value).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    keras.utils.save_img(path, image, scale=False)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "scrambled"])
+def test_image_folder_names_the_corrupt_jpeg(damage, tmp_path):
+    write_png_folder(tmp_path / "imgs")
+    good = write_jpeg(tmp_path / "imgs" / "dog" / "fine.jpg")
+    whole = write_jpeg(tmp_path / "imgs" / "owl" / "photo.jpg")
+    if damage == "truncated":
+        broken = whole[: len(whole) // 2]
+    else:  # a JPEG's first and last bytes around bytes that are no JPEG at all
+        broken = whole[:4] + b"\x00" * (len(whole) - 6) + whole[-2:]
+    (tmp_path / "imgs" / "owl" / "photo.jpg").write_bytes(broken)
+    with pytest.raises(DataError, match=r"owl/photo.jpg: not a readable image"):
+        load_image_folder(str(tmp_path / "imgs"), [16, 16, 3])
+    (tmp_path / "imgs" / "owl" / "photo.jpg").write_bytes(good)  # a whole JPEG still loads
+    assert load_image_folder(str(tmp_path / "imgs"), [16, 16, 3]).train_x.shape[1:] == (16, 16, 3)

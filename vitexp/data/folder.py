@@ -23,7 +23,38 @@ def _check_files(folder: Path) -> list[str]:
                 head = f.read(4)
             if not head.startswith(SIGNATURES):
                 raise DataError(f"{file}: not a readable image (bad header); remove or replace it")
+            if head.startswith(b"\xff\xd8") and not _has_jpeg_end(file):
+                raise DataError(f"{file}: not a readable image (truncated JPEG); remove or replace it")
     return classes
+
+
+def _has_jpeg_end(file: Path) -> bool:
+    """A whole JPEG ends with its end-of-image marker (some writers pad a few bytes after it)."""
+    with open(file, "rb") as f:
+        f.seek(max(0, file.stat().st_size - 64))
+        return b"\xff\xd9" in f.read()
+
+
+def _same_classes(root: Path, train: list[str], test: list[str]) -> None:
+    if test != train:
+        missing, extra = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+        raise DataError(
+            f"{root}: test/ class folders differ from train/ (only in train/: {missing}, only in test/: "
+            f"{extra}); give both the same class folders"
+        )
+
+
+def _first_unreadable(folder: Path, class_names: list[str], channels: int) -> Path | None:
+    import tensorflow as tf
+
+    for cls in class_names:
+        for file in sorted((folder / cls).iterdir()):
+            if file.suffix.lower() in EXTENSIONS:
+                try:
+                    tf.io.decode_image(tf.io.read_file(str(file)), channels=channels, expand_animations=False)
+                except Exception:
+                    return file
+    return None
 
 
 def load_image(path: str | Path, image_shape: list[int]) -> np.ndarray:
@@ -35,9 +66,24 @@ def load_image(path: str | Path, image_shape: list[int]) -> np.ndarray:
     """
     import tensorflow as tf
 
+    image = tf.io.decode_image(tf.io.read_file(str(path)), channels=image_shape[2], expand_animations=False)
+    return fit_images(image.numpy()[None], image_shape)[0]
+
+
+def fit_images(images: np.ndarray, image_shape: list[int]) -> np.ndarray:
+    """uint8 `(N, H, W, C)` images converted to `image_shape` as training's loader converts them:
+    grey to RGB or RGB to grey, bilinear resize without antialiasing, rounded to uint8."""
+    import tensorflow as tf
+
     height, width, channels = image_shape
-    image = tf.io.decode_image(tf.io.read_file(str(path)), channels=channels, expand_animations=False)
-    resized = tf.image.resize(image, (height, width), method="bilinear")
+    x = tf.convert_to_tensor(images)
+    if x.shape[-1] == 1 and channels == 3:
+        x = tf.image.grayscale_to_rgb(x)
+    elif x.shape[-1] == 3 and channels == 1:
+        x = tf.image.rgb_to_grayscale(x)
+    if tuple(x.shape[1:3]) == (height, width):
+        return x.numpy().astype(np.uint8)
+    resized = tf.image.resize(x, (height, width), method="bilinear")
     return np.clip(np.rint(resized.numpy()), 0, 255).astype(np.uint8)
 
 
@@ -61,7 +107,14 @@ def _read(folder: Path, image_shape: list[int], class_names: list[str]):
             images.append(np.clip(np.rint(image), 0, 255).astype(np.uint8))
             labels.append(label)
     except Exception as err:
-        raise DataError(f"{folder}: an image could not be decoded ({str(err).splitlines()[0]})") from None
+        bad = _first_unreadable(folder, class_names, channels)
+        if bad is not None:
+            raise DataError(
+                f"{bad}: not a readable image (it does not decode); remove or replace it"
+            ) from None
+        raise DataError(
+            f"{folder}: the images could not be read ({str(err).splitlines()[0][:120]})"
+        ) from None
     return np.stack(images), np.asarray(labels, dtype=np.int32)
 
 
@@ -83,7 +136,7 @@ def load_image_folder(path: str, image_shape: list[int]) -> ImageData:
         names = _check_files(root / "train")
         train = _read(root / "train", image_shape, names)
         if (root / "test").is_dir():
-            _check_files(root / "test")
+            _same_classes(root, names, _check_files(root / "test"))
             test = _read(root / "test", image_shape, names)
         else:
             raise DataError(f"{root}: has train/ but no test/ sub-folder; add one")
