@@ -26,7 +26,7 @@ def test_native_bfloat16_needs_the_instructions():
 
 
 def test_describe_this_machine_and_auto_precision_agree():
-    from vitexp.train import choose_precision
+    from vitexp.devices import choose_precision
 
     machine = describe()
     assert machine["cores"] >= 1 and set(machine["isa"]) <= set(ISA_FLAGS)

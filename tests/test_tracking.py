@@ -216,8 +216,8 @@ def test_command_line_is_what_the_user_typed(argv0, program, monkeypatch):
 def test_summary_names_a_ui_command_that_works_anywhere(tmp_path, capsys):
     from omegaconf import OmegaConf
 
+    from vitexp.record import print_summary
     from vitexp.tracking import Tracker
-    from vitexp.train import print_summary
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "summary")

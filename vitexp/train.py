@@ -1,20 +1,14 @@
 """One training job: check the config, load data, build, fit, evaluate, record in MLflow."""
 
 import contextlib
-import hashlib
 import os
-import shlex
 import shutil
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,11 +26,14 @@ from vitexp.callbacks import (
 from vitexp.data import DataError, ImageData, load_data
 from vitexp.data.augment import build_augment
 from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
-from vitexp.machine import native_bfloat16
+from vitexp.devices import distribution, jit_setting, setup_tensorflow, worker_config
+from vitexp.jobs import Job, Splits, in_multirun, job_dir
 from vitexp.models import adapt_input_norm
 from vitexp.multiworker import start_workers
-from vitexp.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, requeued, slurm_job_id
-from vitexp.report import plot_curves, score_predictions, softmax, write_report
+from vitexp.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, slurm_job_id
+from vitexp.record import log_pictures, log_setup, print_summary, record_training, run_tags
+from vitexp.report import score_predictions, softmax
+from vitexp.resume import find_resume, finished_before, link_finished, restore
 from vitexp.tracking import (
     FAILED,
     FINISHED,
@@ -46,140 +43,11 @@ from vitexp.tracking import (
     TrackingError,
     command_line,
     flatten,
-    git_commit,
 )
-from vitexp.trial import is_trial, trial_callbacks
+from vitexp.trial import trial_callbacks
 from vitexp.validate import ConfigError, check_config
 
 USER_ERRORS = (ConfigError, DataError, TrackingError, DivergenceError)
-# Keys that change where a run is recorded or how it resumes, not what it computes (the
-# shortcuts act through model.*, which is hashed).
-NOT_HASHED = ("tracking", "resume", "report", "patch_size", "depth")
-
-
-@dataclass
-class Splits:
-    train: tuple[np.ndarray, np.ndarray]
-    val: tuple[np.ndarray, np.ndarray]
-    test: tuple[np.ndarray, np.ndarray]
-
-
-def config_hash(cfg: DictConfig) -> str:
-    """A short hash of what a run computes, to recognise the same job across sweeps."""
-    body = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_HASHED}
-    return hashlib.sha256(repr(sorted(flatten(body).items())).encode()).hexdigest()[:16]
-
-
-def parallel_jobs() -> int:
-    """How many jobs a parallel launcher (joblib) runs at once on this machine; 1 otherwise."""
-    if not HydraConfig.initialized():
-        return 1
-    n_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
-    return os.cpu_count() if n_jobs < 0 else n_jobs
-
-
-def setup_tensorflow(trainer: DictConfig) -> None:
-    """Threads, device, seeds, determinism and precision, before any model is built.
-
-    Jobs that a parallel launcher runs side by side share the CPU cores evenly and, on a
-    machine with several GPUs, each take one GPU (by job number).
-    """
-    keras.backend.clear_session()  # a sweep's jobs may share this process
-    if trainer.logical_cpus:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        try:
-            tf.config.set_logical_device_configuration(
-                cpu, [tf.config.LogicalDeviceConfiguration()] * trainer.logical_cpus
-            )
-        except RuntimeError:
-            pass  # devices already initialised in this process
-    jobs = parallel_jobs()
-    threads = trainer.threads or (max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None)
-    try:
-        if threads:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
-        gpus = tf.config.list_physical_devices("GPU")
-        if jobs > 1 and len(gpus) > 1:
-            tf.config.set_visible_devices(gpus[HydraConfig.get().job.num % len(gpus)], "GPU")
-    except RuntimeError:
-        pass  # a worker process that already ran a job keeps its first settings
-    keras.utils.set_random_seed(trainer.seed)
-    if trainer.deterministic:
-        tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(resolve_precision(trainer.precision))
-
-
-def distribution(name: str) -> tf.distribute.Strategy | None:
-    """The tf.distribute strategy for `trainer.strategy`; None trains on the default device.
-
-    `auto` mirrors over all GPUs when there are several. `mirrored` uses every GPU, else
-    every logical CPU device (`trainer.logical_cpus`). `trainer.batch_size` is the global
-    batch, split over the replicas; the learning rate is not changed for you: when you
-    scale the batch by k, scale `optimizer.learning_rate` by k too (the linear rule), with
-    the warmup the schedule already has.
-    """
-    gpus = tf.config.list_logical_devices("GPU")
-    if name == "auto":
-        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else None
-    if name == "one_device":
-        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-    if name == "mirrored":
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    raise ValueError(f"{name}: multi_worker comes from vitexp.multiworker.start_workers")
-
-
-def worker_config(cfg: DictConfig) -> DictConfig:
-    """A non-chief worker's config: the same job, recorded in a private store in its own folder
-    (the chief alone writes the MLflow run)."""
-    folder = job_dir() / "worker-store"
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.copy()
-    cfg.tracking.uri = f"sqlite:///{folder / 'mlflow.db'}"
-    return cfg
-
-
-def resolve_precision(precision: str) -> str:
-    return choose_precision(precision)[0]
-
-
-def choose_precision(precision: str) -> tuple[str, str]:
-    """The Keras policy for `trainer.precision`, and why (recorded as run params).
-
-    `auto`: bfloat16 compute on GPUs that have it (Ampere and newer), float16 with loss
-    scaling on older GPUs; on a CPU, bfloat16 where its instruction set runs bfloat16
-    matmuls natively (AVX-512 BF16, AMX: same accuracy, faster; see `make bench`), float32
-    elsewhere, where bfloat16 would be emulated. Logits and softmax stay float32 always.
-    """
-    if precision != "auto":
-        return precision, "set by trainer.precision"
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        major, _ = details.get("compute_capability", (0, 0))
-        name = details.get("device_name", "GPU")
-        if major >= 8:
-            return "mixed_bfloat16", f"auto: {name} has bfloat16 (compute capability {major}.x)"
-        return "mixed_float16", f"auto: {name} has no bfloat16 (compute capability {major}.x)"
-    isa = native_bfloat16()
-    if isa:
-        return "mixed_bfloat16", f"auto: CPU runs bfloat16 natively ({isa})"
-    return "float32", "auto: CPU without native bfloat16 (no avx512_bf16 or amx_bf16)"
-
-
-def jit_setting(value: str) -> bool | str:
-    return {"auto": "auto", "true": True, "false": False}[str(value).lower()]
-
-
-def job_dir() -> Path:
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
-    return Path(tempfile.mkdtemp(prefix="vitexp-"))
-
-
-def in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def build_model(cfg: DictConfig, train_images: np.ndarray) -> keras.Model:
@@ -216,98 +84,6 @@ def compile_model(model: keras.Model, cfg: DictConfig, total_steps: int):
 def split(data: ImageData, fraction: float) -> Splits:
     train, val = split_validation(data.train_x, data.train_y, fraction)
     return Splits(train, val, (data.test_x, data.test_y))
-
-
-def run_tags(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
-    import mlflow
-
-    job = HydraConfig.get().job.name if HydraConfig.initialized() else "vitexp"
-    commit = git_commit()
-    return {
-        "vitexp.command": command_line(),
-        "vitexp.git_commit": commit,
-        "vitexp.hydra_job": job,
-        "vitexp.output_dir": str(out_dir),
-        "vitexp.config_hash": config_hash(cfg),
-        "vitexp.model": cfg.model.name,
-        "vitexp.data": cfg.data.name,
-        "mlflow.source.git.commit": commit,
-        "version.tensorflow": tf.__version__,
-        "version.keras": keras.__version__,
-        "version.mlflow": mlflow.__version__,
-        "version.python": sys.version.split()[0],
-    }
-
-
-def log_setup(tracker: Tracker, run_id: str, cfg: DictConfig, model, splits: Splits, out_dir: Path):
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-    params.update(
-        {
-            "num_params": str(model.count_params()),
-            "trainable_params": str(trainable),
-            "train_images": str(len(splits.train[0])),
-            "val_images": str(len(splits.val[0])),
-            "test_images": str(len(splits.test[0])),
-            "precision": keras.mixed_precision.global_policy().name,
-            "precision_reason": choose_precision(cfg.trainer.precision)[1],
-            # what trainer.jit_compile=auto became: Keras turns XLA on with a GPU, off on the CPU
-            "xla": str(bool(model.jit_compile)),
-        }
-    )
-    tracker.log_params(run_id, params)
-    source = str(cfg.data.get("path") or cfg.data._target_)
-    inputs = {"training": splits.train, "validation": splits.val, "test": splits.test}
-    tracker.log_datasets(run_id, cfg.data.name, source, inputs)
-    config_dir = out_dir / "config"
-    config_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, config_dir / "config.yaml", resolve=True)
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    OmegaConf.save(OmegaConf.create(overrides), config_dir / "overrides.yaml")
-    tracker.log_artifact(run_id, config_dir / "config.yaml", "config")
-    tracker.log_artifact(run_id, config_dir / "overrides.yaml", "config")
-    (out_dir / "model_summary.txt").write_text(summary_text(model))
-    tracker.log_artifact(run_id, out_dir / "model_summary.txt")
-
-
-def summary_text(model, width: int = 120) -> str:
-    """`model.summary()` with every column whole: Keras prints through rich, which crops the
-    table to the terminal's width (80 columns when there is none), cutting off `Param #`."""
-    lines: list[str] = []
-    saved = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = str(width)
-    try:
-        model.summary(print_fn=lambda text, **_: lines.append(text), line_length=width)
-    finally:
-        if saved is None:
-            del os.environ["COLUMNS"]
-        else:
-            os.environ["COLUMNS"] = saved
-    return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def metric_history(tracker: Tracker, run_id: str, keys: list[str]) -> dict[str, list[float]]:
-    history = {}
-    for key in keys:
-        points = sorted(tracker.client.get_metric_history(run_id, key), key=lambda m: m.step)
-        history[key] = [m.value for m in points]
-    return history
-
-
-@dataclass
-class Job:
-    """What a training job holds once its model is built and its MLflow run exists."""
-
-    cfg: DictConfig
-    tracker: Tracker
-    run_id: str
-    model: keras.Model
-    schedule: object
-    splits: Splits
-    steps: int
-    out_dir: Path
-    first_epoch: int
-    class_names: list[str]
 
 
 def training_callbacks(job: Job, checkpoints: CheckpointDir, extra=()) -> list:
@@ -354,17 +130,6 @@ def fit(job: Job, callbacks: list) -> None:
     )
 
 
-def record_training(job: Job, checkpoints: CheckpointDir) -> None:
-    """Where training ended: the early stop's epoch, and the profiler trace."""
-    t = job.cfg.trainer
-    if t.early_stopping.patience is not None and checkpoints.latest_epoch() < t.epochs:
-        stopped = checkpoints.latest_epoch()
-        job.tracker.log_metrics(job.run_id, {"stopped_epoch": stopped}, step=stopped)
-        job.tracker.set_tags(job.run_id, {"vitexp.stopped_early": "true"})
-    if t.profile and (job.out_dir / "profile").is_dir():
-        job.tracker.log_artifacts(job.run_id, job.out_dir / "profile", "profile")
-
-
 def test_scores(job: Job, checkpoint: Path) -> tuple[dict, np.ndarray]:
     """Test metrics of `checkpoint`'s weights, loaded into the job's model."""
     t = job.cfg.trainer
@@ -407,130 +172,6 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
     return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": chosen}
 
 
-def log_pictures(job: Job, probs: np.ndarray) -> None:
-    keys = [f"{s}_{m}" for s in ("train", "val") for m in ("loss", "top1", "top5")]
-    curves = plot_curves(
-        metric_history(job.tracker, job.run_id, keys), job.out_dir / "curves.png", job.cfg.run_name
-    )
-    job.tracker.log_artifact(job.run_id, curves)
-    if job.cfg.report.enabled:
-        pictures = write_report(
-            job.model,
-            job.cfg,
-            *job.splits.train,
-            *job.splits.test,
-            probs,
-            job.class_names,
-            job.out_dir / "report",
-        )
-        for path in pictures:
-            job.tracker.log_artifact(job.run_id, path, "report")
-
-
-@dataclass
-class Resume:
-    run_id: str
-    out_dir: Path
-    epoch: int
-
-
-def find_resume(tracker: Tracker, cfg: DictConfig) -> Resume | None:
-    """The interrupted run that `resume=true` / `resume=<run id>` asks to continue."""
-    if requeued():  # Slurm runs this job again after a pre-emption: continue its run
-        return requeued_run(tracker)
-    if cfg.resume is False or str(cfg.resume).lower() == "false":
-        return None
-    wanted = config_hash(cfg)
-    if cfg.resume is True or str(cfg.resume).lower() == "true":
-        runs = tracker.client.search_runs(
-            [tracker.experiment_id],
-            filter_string=f"tags.`vitexp.config_hash` = '{wanted}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=50,
-        )
-        for run in runs:
-            if run.info.status != FINISHED:
-                found = _resumable(run)
-                if found:
-                    return found
-        raise ConfigError(
-            f"resume=true: no interrupted run of this config with a checkpoint in experiment "
-            f"{tracker.experiment!r}: run without resume, or give resume=<mlflow run id>"
-        )
-    try:
-        run = tracker.client.get_run(str(cfg.resume))
-    except Exception:
-        raise ConfigError(f"resume={cfg.resume}: no such MLflow run in {tracker.uri}") from None
-    if run.info.status == FINISHED:
-        raise ConfigError(f"resume={cfg.resume}: that run already FINISHED; nothing to resume")
-    if run.data.tags.get("vitexp.config_hash") != wanted:
-        raise ConfigError(
-            f"resume={cfg.resume}: that run was started with another config; repeat its command "
-            f"({run.data.tags.get('vitexp.command', '?')}) with resume={cfg.resume}"
-        )
-    found = _resumable(run)
-    if found is None:
-        raise ConfigError(f"resume={cfg.resume}: the run has no checkpoint to continue from")
-    return found
-
-
-def requeued_run(tracker: Tracker) -> Resume | None:
-    """The unfinished run this Slurm job wrote before it was requeued, if any."""
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id],
-        filter_string=f"tags.`{SLURM_TAG}` = '{slurm_job_id()}' and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not runs:
-        return None
-    tracker.set_tags(runs[0].info.run_id, {"vitexp.slurm_restarts": os.environ["SLURM_RESTART_COUNT"]})
-    return _resumable(runs[0])
-
-
-def _resumable(run) -> Resume | None:
-    """The run's last committed epoch; a run stopped (KILLED) in its first epoch starts over
-    in the same run and folder."""
-    folder = run.data.tags.get("vitexp.output_dir")
-    if not folder:
-        return None
-    out_dir = Path(folder)
-    epoch = CheckpointDir(out_dir / "checkpoints").latest_epoch() if out_dir.is_dir() else 0
-    return Resume(run.info.run_id, out_dir, epoch) if epoch or run.info.status == KILLED else None
-
-
-def restore(model: keras.Model, resume: Resume) -> None:
-    """Loads weights and optimizer state (moments, step) of the last committed epoch."""
-    model.optimizer.build(model.trainable_variables)
-    model.load_weights(CheckpointDir(resume.out_dir / "checkpoints").model_file(resume.epoch))
-
-
-def print_summary(cfg, tracker: Tracker, run_id: str, result: dict) -> None:
-    test = result["test"]
-    served = tracker.uri.startswith(("http://", "https://"))
-    ui = f"open {tracker.uri}" if served else f"mlflow ui --backend-store-uri {shlex.quote(tracker.uri)}"
-    print(
-        f"\nvitexp: run {cfg.run_name} ({run_id}) finished\n"
-        f"  test top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  loss {test['loss']:.4f}\n"
-        f"  best val top-1 {result['best_val_top1']:.4f} at epoch {result['best_epoch']}\n"
-        f"  checkpoint {result['checkpoint']}\n"
-        f"  tracking {tracker.uri} (experiment {tracker.experiment}); open the UI with: {ui}\n"
-        f"  then {tracker.ui_link(run_id)}"
-    )
-
-
-def finished_before(tracker: Tracker, cfg: DictConfig):
-    """A FINISHED run of exactly this config, when a re-run sweep may skip the job."""
-    if not (in_multirun() and cfg.tracking.skip_finished) or cfg.resume not in (False, "false") or is_trial():
-        return None
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id],
-        filter_string=f"tags.`vitexp.config_hash` = '{config_hash(cfg)}' and attributes.status = 'FINISHED'",
-        max_results=1,
-    )
-    return runs[0] if runs else None
-
-
 def record_failed_job(tracker: Tracker, cfg: DictConfig, err: BaseException) -> str:
     """A sweep job that failed before its run existed (data, model) still gets a FAILED run."""
     run_id = tracker.start_run(cfg.run_name, run_tags(cfg, job_dir()), os.environ.get(PARENT_ENV))
@@ -544,24 +185,6 @@ def error_text(err: BaseException) -> str:
     """What a FAILED run records: the one-line message of a user error, else type and text."""
     text = str(err) if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {err}"
     return text[:5000]
-
-
-def link_finished(tracker: Tracker, cfg: DictConfig, done) -> str | None:
-    """Gives the sweep a child that stands for an earlier FINISHED run of the same config.
-
-    The earlier run keeps its own place (its parent, or none); the link names it and
-    carries its params and final metrics, so the new sweep's table and plots are whole.
-    """
-    parent = os.environ.get(PARENT_ENV)
-    if not parent:
-        return None
-    earlier = done.info.run_id
-    run_id = tracker.start_run(f"{cfg.run_name}-reused", {"vitexp.reused_run": earlier}, parent)
-    tracker.describe(run_id, f"Not trained again: the same config FINISHED earlier as run {earlier}.")
-    tracker.log_params(run_id, dict(done.data.params))
-    tracker.log_metrics(run_id, dict(done.data.metrics), step=cfg.trainer.epochs)
-    tracker.end_run(run_id, FINISHED)
-    return run_id
 
 
 def interrupted_message(run_id: str, out_dir: Path, stop: KeyboardInterrupt) -> str:
