@@ -298,6 +298,10 @@ class Tracker:
         page = f"runs/{run_id}" if run_id else "runs"
         return f"{base}/#/experiments/{self.experiment_id}/{page}?workflowType=machine_learning"
 
+    def reopen(self, run_id: str) -> None:
+        """Marks an interrupted run RUNNING again, for the job that resumes it."""
+        self.client.update_run(run_id, status="RUNNING")
+
     def describe(self, run_id: str, text: str) -> None:
         """The run's description, shown at the top of its page in the MLflow UI."""
         self.client.set_tag(run_id, MLFLOW_RUN_NOTE, text)

@@ -206,6 +206,40 @@ def interrupted_message(run_id: str, out_dir: Path, stop: KeyboardInterrupt) -> 
     )
 
 
+def prepare(cfg: DictConfig, tracker: Tracker, resume, workers) -> tuple:
+    """Data, splits, steps per epoch, strategy, model and schedule (restored when resuming).
+
+    A sweep keeps a record of every job it ran: one that fails here is a FAILED run.
+    """
+    try:
+        data = load_data(cfg.data)
+        splits = split(data, cfg.trainer.validation_split)
+        steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
+        strategy = workers.strategy if workers else distribution(cfg.trainer.strategy)
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = build_model(cfg, splits.train[0])
+            schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
+            if resume and resume.epoch:
+                restore(model, resume)
+    except Exception as err:
+        if in_multirun() and not resume:
+            record_failed_job(tracker, cfg, err)
+        raise
+    return data, splits, steps, strategy, model, schedule
+
+
+def open_run(tracker: Tracker, cfg: DictConfig, resume) -> tuple[str, Path, int]:
+    """The MLflow run this job writes: the resumed one, reopened, or a new one."""
+    if resume:
+        tracker.reopen(resume.run_id)
+        replay_missing(tracker, resume.run_id, CheckpointDir(resume.out_dir / "checkpoints"))
+        print(f"vitexp: resuming run {resume.run_id} after epoch {resume.epoch}", file=sys.stderr)
+        return resume.run_id, resume.out_dir, resume.epoch
+    out_dir = job_dir()
+    tags = {**run_tags(cfg, out_dir), **({SLURM_TAG: slurm_job_id()} if slurm_job_id() else {})}
+    return tracker.start_run(cfg.run_name, tags, os.environ.get(PARENT_ENV)), out_dir, 0
+
+
 def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     """Runs one job end to end and returns its best validation top-1 (for sweepers).
 
@@ -226,29 +260,8 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         print(f"vitexp: {cfg.run_name} already FINISHED as run {done.info.run_id}; skipped", file=sys.stderr)
         return float(done.data.metrics.get("best_val_top1", float("nan")))
     resume = find_resume(tracker, cfg)
-    try:
-        data = load_data(cfg.data)
-        splits = split(data, cfg.trainer.validation_split)
-        steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
-        strategy = workers.strategy if workers else distribution(cfg.trainer.strategy)
-        with strategy.scope() if strategy else contextlib.nullcontext():
-            model = build_model(cfg, splits.train[0])
-            schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
-            if resume and resume.epoch:
-                restore(model, resume)
-    except Exception as err:
-        if in_multirun() and not resume:  # a sweep keeps a record of every job it ran
-            record_failed_job(tracker, cfg, err)
-        raise
-    if resume:
-        run_id, out_dir, first_epoch = resume.run_id, resume.out_dir, resume.epoch
-        tracker.client.update_run(run_id, status="RUNNING")
-        replay_missing(tracker, run_id, CheckpointDir(out_dir / "checkpoints"))
-        print(f"vitexp: resuming run {run_id} after epoch {first_epoch}", file=sys.stderr)
-    else:
-        out_dir, first_epoch = job_dir(), 0
-        tags = {**run_tags(cfg, out_dir), **({SLURM_TAG: slurm_job_id()} if slurm_job_id() else {})}
-        run_id = tracker.start_run(cfg.run_name, tags, os.environ.get(PARENT_ENV))
+    data, splits, steps, strategy, model, schedule = prepare(cfg, tracker, resume, workers)
+    run_id, out_dir, first_epoch = open_run(tracker, cfg, resume)
     try:
         if not resume:
             log_setup(tracker, run_id, cfg, model, splits, out_dir)
