@@ -1,9 +1,11 @@
 """One training job: check the config, load data, build, fit, evaluate, record in MLflow."""
 
 import contextlib
+import gc
 import os
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import keras
@@ -187,6 +189,13 @@ def error_text(err: BaseException) -> str:
     return text[:5000]
 
 
+def release_interrupted(stop: BaseException) -> None:
+    """Lets go of what the interrupted code held: a signal can land inside a tracking-store
+    write, whose open sqlite transaction would lock the store against closing the run."""
+    traceback.clear_frames(stop.__traceback__)
+    gc.collect()
+
+
 def interrupted_message(run_id: str, out_dir: Path, stop: KeyboardInterrupt) -> str:
     """What to do after Ctrl-C or SIGTERM: resume from the last checkpoint, or start again;
     under Slurm, a pre-empted job requeues itself."""
@@ -277,6 +286,7 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         )
         result = fit_and_record(job, (*callbacks, *trial_callbacks(tracker, run_id), StopAtStepEnd()))
     except KeyboardInterrupt as stop:
+        release_interrupted(stop)
         tracker.flush(raise_errors=False)
         tracker.end_run(run_id, KILLED)
         print(interrupted_message(run_id, out_dir, stop), file=sys.stderr)
