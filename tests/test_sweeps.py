@@ -247,14 +247,9 @@ def test_killed_sweep_resumes_without_repeating_jobs_and_compares(tmp_path, stor
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="install chromium (.ci/run does)")
-def test_mlflow_ui_lists_the_sweep_in_a_real_browser(server, grid, tmp_path):
-    uri, client, _, _ = server
-    runs = runs_of(client, "grid")
-    (parent,) = [r for r in runs if r.data.tags.get("vitexp.sweep") == "true"]
-    children = [r for r in runs if r is not parent]
-    ARTIFACTS.mkdir(exist_ok=True)
-    flags = [
+def chromium_flags(tmp_path) -> list[str]:
+    """Headless Chromium that renders MLflow's charts and reaches nothing but 127.0.0.1."""
+    return [
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -267,6 +262,16 @@ def test_mlflow_ui_lists_the_sweep_in_a_real_browser(server, grid, tmp_path):
         "--virtual-time-budget=60000",
         "--window-size=1600,1000",
     ]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="install chromium (.ci/run does)")
+def test_mlflow_ui_lists_the_sweep_in_a_real_browser(server, grid, tmp_path):
+    uri, client, _, _ = server
+    runs = runs_of(client, "grid")
+    (parent,) = [r for r in runs if r.data.tags.get("vitexp.sweep") == "true"]
+    children = [r for r in runs if r is not parent]
+    ARTIFACTS.mkdir(exist_ok=True)
+    flags = chromium_flags(tmp_path)
 
     def page(url, shot, expected):
         """The rendered DOM once it shows every expected text (the UI loads runs after paint)."""
@@ -312,19 +317,7 @@ def test_mlflow_ui_opens_the_experiment_on_its_training_runs(server, grid, tmp_p
     link = Tracker(uri, "grid").ui_link()
     runs = runs_of(client, "grid")
     ARTIFACTS.mkdir(exist_ok=True)
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-quic",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=60000",
-        "--window-size=1600,1000",
-    ]
+    flags = chromium_flags(tmp_path)
     expected = f"<strong>{len(runs)}</strong> matching runs"
     for _ in range(6):  # the UI loads the runs after its first paint
         dom = subprocess.run(
