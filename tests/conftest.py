@@ -78,6 +78,16 @@ def store(tmp_path):
     return uri, MlflowClient(tracking_uri=uri)
 
 
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One sqlite MLflow store for a module's in-process tests, each writing its own
+    experiment: a new store spends seconds creating its tables. (uri, client)"""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    return uri, MlflowClient(tracking_uri=uri)
+
+
 def runs_of(client, experiment="vitexp"):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

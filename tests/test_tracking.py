@@ -185,18 +185,18 @@ def test_early_stopping_counts_from_the_checkpoints_after_a_resume(tmp_path):
     assert math.isfinite(epochs_since_best({}, "val_loss", 0.0))
 
 
-def test_class_names_travel_as_json_and_old_runs_still_read(store, tmp_path):
-    from vitexp.tracking import Tracker, read_class_names
+def test_class_names_travel_as_json_and_old_runs_still_read(shared_store):
+    from vitexp.tracking import Tracker
 
-    uri, client = store
+    uri, client = shared_store
     tracker = Tracker(uri, "names")
     new = tracker.start_run("new", {})
     tracker.log_class_names(new, CLASSES)
     old = tracker.start_run("old", {})
     tracker.log_params(old, {"class_names": "cat,dog"})
-    assert read_class_names(client, client.get_run(new), 4) == CLASSES
-    assert read_class_names(client, client.get_run(old), 2) == ["cat", "dog"]
-    assert read_class_names(client, client.get_run(old), 3) == ["0", "1", "2"]
+    assert tracker.class_names(client.get_run(new), 4) == CLASSES
+    assert tracker.class_names(client.get_run(old), 2) == ["cat", "dog"]
+    assert tracker.class_names(client.get_run(old), 3) == ["0", "1", "2"]
 
 
 @pytest.mark.parametrize(
@@ -206,7 +206,7 @@ def test_class_names_travel_as_json_and_old_runs_still_read(store, tmp_path):
 def test_command_line_is_what_the_user_typed(argv0, program, monkeypatch):
     import sys
 
-    from vitexp.tracking import command_line
+    from vitexp.provenance import command_line
 
     monkeypatch.setattr(sys, "argv", [argv0, "data=image_folder", "data.path=/my photos", "resume=abc"])
     assert command_line() == f"{program} data=image_folder 'data.path=/my photos' resume=abc"
@@ -227,3 +227,136 @@ def test_summary_names_a_ui_command_that_works_anywhere(tmp_path, capsys):
     print_summary(OmegaConf.create({"run_name": "r"}), tracker, run_id, result)
     out = capsys.readouterr().out
     assert "make ui" not in out and f"open the UI with: mlflow ui --backend-store-uri {uri}\n" in out
+
+
+# The Tracker's own API, in-process on a real sqlite store: no training, seconds in all.
+
+
+def status_of(client, run_id: str) -> str:
+    return client.get_run(run_id).info.status
+
+
+def test_run_context_ends_finished_failed_or_killed(shared_store):
+    from vitexp.preempt import Terminated
+    from vitexp.tracking import Tracker
+
+    uri, client = shared_store
+    tracker = Tracker(uri, "ends")
+    done, broken, stopped, told = (tracker.start_run(n, {}) for n in ("done", "broken", "stopped", "told"))
+    with tracker.run(done) as run_id:
+        tracker.log_metrics(run_id, {"loss": 1.0}, step=1)
+    with pytest.raises(ValueError), tracker.run(broken):
+        raise ValueError("bad input")
+    with pytest.raises(Terminated), tracker.run(stopped):  # SIGTERM, as vitexp.preempt raises it
+        raise Terminated()
+    with pytest.raises(KeyError), tracker.run(told, error_text=lambda err: "one line"):
+        raise KeyError("x")
+    assert [status_of(client, r) for r in (done, broken, stopped, told)] == [
+        "FINISHED",
+        "FAILED",
+        "KILLED",
+        "FAILED",
+    ]
+    assert client.get_run(broken).data.tags["vitexp.error"] == "ValueError: bad input"
+    assert client.get_run(told).data.tags["vitexp.error"] == "one line"
+    assert "vitexp.error" not in client.get_run(stopped).data.tags
+    assert client.get_run(done).data.metrics == {"loss": 1.0}
+
+
+def test_a_killed_run_is_reopened_running(shared_store):
+    from vitexp.tracking import KILLED, Tracker
+
+    uri, client = shared_store
+    tracker = Tracker(uri, "reopen")
+    run_id = tracker.start_run("r", {})
+    tracker.end_run(run_id, KILLED)
+    tracker.reopen(run_id)
+    assert status_of(client, run_id) == "RUNNING"
+    assert tracker.get_run(run_id).info.run_id == run_id and tracker.get_run("no-such-run") is None
+
+
+def test_metric_history_is_in_step_order(shared_store):
+    from vitexp.tracking import Tracker
+
+    uri, _ = shared_store
+    tracker = Tracker(uri, "history")
+    run_id = tracker.start_run("r", {})
+    for step, value in ((3, 0.3), (1, 0.1), (2, 0.2)):
+        tracker.log_metrics(run_id, {"val_top1": value}, step=step)
+    assert tracker.metric_history(run_id, "val_top1") == {1: 0.1, 2: 0.2, 3: 0.3}
+    assert list(tracker.metric_history(run_id, "val_top1")) == [1, 2, 3]
+    assert tracker.metric_history(run_id, "never_logged") == {}
+
+
+def test_unfinished_and_finished_runs_of_a_config(shared_store):
+    from vitexp.tracking import FAILED, FINISHED, KILLED, Tracker
+
+    uri, _ = shared_store
+    tracker = Tracker(uri, "configs")
+    ids = {}
+    for name, config, status in (
+        ("old-killed", "aaa", KILLED),
+        ("finished", "aaa", FINISHED),
+        ("new-failed", "aaa", FAILED),
+        ("other", "bbb", KILLED),
+    ):
+        ids[name] = tracker.start_run(name, {"vitexp.config_hash": config})
+        tracker.end_run(ids[name], status)
+    unfinished = tracker.unfinished_runs("aaa")
+    assert {r.info.run_id for r in unfinished} == {ids["old-killed"], ids["new-failed"]}
+    starts = [r.info.start_time for r in unfinished]
+    assert starts == sorted(starts, reverse=True)  # newest first: the one to resume
+    assert tracker.finished_run("aaa").info.run_id == ids["finished"]
+    assert tracker.finished_run("bbb") is None
+
+
+def test_run_id_or_experiment_name_lookup(shared_store):
+    from vitexp.registry import best_run
+    from vitexp.tracking import Tracker
+
+    uri, _ = shared_store
+    tracker = Tracker(uri, "lookup")
+    parent = tracker.start_run("sweep", {"vitexp.sweep": "true"})
+    kids = [tracker.start_run(f"job{i}", {}, parent_id=parent) for i in range(2)]
+    for kid, score in zip(kids, (0.2, 0.7)):
+        tracker.log_metrics(kid, {"test_top1": score}, step=1)
+        tracker.end_run(kid)
+    run, children = tracker.runs_under(parent)
+    assert run.info.run_id == parent and {c.info.run_id for c in children} == set(kids)
+    run, runs = Tracker(uri).runs_under("lookup", best_first="test_top1")
+    assert run is None and {r.info.run_id for r in runs} == {parent, *kids}
+    assert runs[0].info.run_id == kids[1]
+    with pytest.raises(ValueError, match="neither a run id nor an experiment name"):
+        tracker.runs_under("nothing-by-this-name")
+    # the registry's "best run" takes the same lookup: a sweep's best child, or the run itself
+    assert best_run(tracker, parent, "test_top1").info.run_id == kids[1]
+    assert best_run(tracker, kids[0], "test_top1").info.run_id == kids[0]
+
+
+def test_resume_finds_the_interrupted_run_of_the_same_config(shared_store, tmp_path):
+    from conftest import compose
+
+    from vitexp.callbacks import CheckpointDir
+    from vitexp.resume import config_hash, find_resume
+    from vitexp.tracking import FINISHED, KILLED, Tracker
+    from vitexp.validate import ConfigError
+
+    uri, _ = shared_store
+    cfg = compose([*TINY, f"tracking.uri={uri}", "tracking.experiment=resume", "resume=true"])
+    tracker = Tracker.from_config(cfg.tracking)
+    with pytest.raises(ConfigError, match="no interrupted run of this config"):
+        find_resume(tracker, cfg)
+    out_dir = tmp_path / "job"
+    checkpoints = CheckpointDir(out_dir / "checkpoints")
+    checkpoints.folder.mkdir(parents=True)
+    checkpoints.metrics_file(2).write_text("{}")
+    checkpoints.model_file(2).write_bytes(b"")
+    tags = {"vitexp.config_hash": config_hash(cfg), "vitexp.output_dir": str(out_dir)}
+    killed = tracker.start_run("killed", tags)
+    tracker.end_run(killed, KILLED)
+    found = find_resume(tracker, cfg)
+    assert (found.run_id, found.out_dir, found.epoch) == (killed, out_dir, 2)
+    tracker.end_run(killed, FINISHED)
+    cfg.resume = killed
+    with pytest.raises(ConfigError, match="already FINISHED"):
+        find_resume(tracker, cfg)

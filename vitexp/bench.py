@@ -147,6 +147,7 @@ def run_vitexp(args, overrides) -> dict:
     import tempfile
 
     from vitexp.cli import compose
+    from vitexp.tracking import Tracker, sqlite_store
     from vitexp.train import train
 
     folder = Path(tempfile.mkdtemp(prefix="vitexp-bench-"))
@@ -168,21 +169,16 @@ def run_vitexp(args, overrides) -> dict:
             "report.enabled=false",
             "tracking.log_checkpoints=false",
             "tracking.experiment=bench-runs",
-            f"tracking.uri=sqlite:///{folder / 'mlflow.db'}",
+            f"tracking.uri={sqlite_store(folder)}",
             *overrides,
         ]
     )
     baseline = rss_mb()
     timer = EpochTimer()
     train(cfg, callbacks=(timer,))
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("bench-runs").experiment_id])[0]
-    losses = [
-        m.value
-        for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)
-    ]
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    run = tracker.find_runs()[0]
+    losses = list(tracker.metric_history(run.info.run_id, "train_loss").values())
     return result(
         timer,
         steps * batch,

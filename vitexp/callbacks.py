@@ -81,6 +81,11 @@ class CheckpointDir:
                 found[epoch] = json.loads(path.read_text())
         return found
 
+    def history(self, keys: list[str]) -> dict[str, list[float]]:
+        """Each key's value at every committed epoch that has it, in epoch order."""
+        epochs = self.metrics()
+        return {key: [epochs[e][key] for e in sorted(epochs) if key in epochs[e]] for key in keys}
+
     def best_so_far(self) -> tuple[float, int]:
         scores = [(m.get(self.monitor, -math.inf), e) for e, m in self.metrics().items()]
         return max(scores, default=(-math.inf, 0))
@@ -150,10 +155,11 @@ class EpochRecorder(keras.callbacks.Callback):
 
 def replay_missing(tracker: Tracker, run_id: str, checkpoints: CheckpointDir) -> list[int]:
     """Logs the committed epochs whose metrics never reached MLflow (a kill in between)."""
-    logged = {m.step for m in tracker.client.get_metric_history(run_id, "optimizer_step")}
-    missing = sorted(e for e in checkpoints.metrics() if e not in logged)
+    logged = tracker.metric_history(run_id, "optimizer_step")
+    committed = checkpoints.metrics()
+    missing = sorted(e for e in committed if e not in logged)
     for epoch in missing:
-        tracker.log_metrics(run_id, checkpoints.metrics()[epoch], step=epoch)
+        tracker.log_metrics(run_id, committed[epoch], step=epoch)
     return missing
 
 

@@ -17,10 +17,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 
 from vitexp.tool_args import ToolParser, default_experiment  # noqa: E402
-from vitexp.tracking import resolve_uri  # noqa: E402
+from vitexp.tracking import Tracker  # noqa: E402
 
 METRICS = ("best_val_top1", "test_top1", "test_top5")
 IGNORED_PARAMS = ("tracking.", "hydra", "run_name", "resume", "class_names")
@@ -38,26 +37,13 @@ DERIVED_PARAMS = {
 }
 
 
-def collect(client: MlflowClient, target: str) -> tuple[list, str | None]:
+def collect(tracker: Tracker, target: str) -> tuple[list, str | None]:
     """The training runs of a sweep (by parent id) or of an experiment (by name)."""
-    try:
-        parent = client.get_run(target)
-    except Exception:
-        parent = None
+    parent, runs = tracker.runs_under(target)
+    trained = [r for r in runs if "vitexp.evaluates" not in r.data.tags]
     if parent is not None:
-        runs = client.search_runs(
-            [parent.info.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{target}'",
-            max_results=5000,
-        )
-        return [r for r in runs if "vitexp.evaluates" not in r.data.tags], target
-    experiment = client.get_experiment_by_name(target)
-    if experiment is None:
-        raise ValueError(f"{target!r} is neither a run id nor an experiment name")
-    runs = client.search_runs([experiment.experiment_id], max_results=5000)
-    return [
-        r for r in runs if r.data.tags.get("vitexp.sweep") != "true" and "vitexp.evaluates" not in r.data.tags
-    ], None
+        return trained, target
+    return [r for r in trained if r.data.tags.get("vitexp.sweep") != "true"], None
 
 
 def swept_params(runs) -> list[str]:
@@ -73,7 +59,7 @@ def swept_params(runs) -> list[str]:
     return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
 
 
-def table(client: MlflowClient, runs, sort: str) -> tuple[list[str], list[list]]:
+def table(tracker: Tracker, runs, sort: str) -> tuple[list[str], list[list]]:
     swept = swept_params(runs)
     header = ["run", "status", *swept, "num_params", *METRICS, "epochs", "train_time_s", "images_per_s"]
     pruned = any("vitexp.pruned_epoch" in r.data.tags for r in runs)  # trials an Optuna pruner stopped
@@ -81,8 +67,8 @@ def table(client: MlflowClient, runs, sort: str) -> tuple[list[str], list[list]]
     rows = []
     for run in runs:
         m = run.data.metrics
-        times = [p.value for p in client.get_metric_history(run.info.run_id, "epoch_time_s")]
-        speeds = [p.value for p in client.get_metric_history(run.info.run_id, "images_per_s")]
+        times = list(tracker.metric_history(run.info.run_id, "epoch_time_s").values())
+        speeds = list(tracker.metric_history(run.info.run_id, "images_per_s").values())
         rows.append(
             [
                 run.info.run_name,
@@ -150,15 +136,15 @@ def _number(value):
 def compare(
     target: str, tracking_uri: str | None, sort: str, out: Path
 ) -> tuple[list[str], list[list], list[Path]]:
-    client = MlflowClient(resolve_uri(tracking_uri))
-    runs, parent = collect(client, target)
+    tracker = Tracker(tracking_uri)
+    runs, parent = collect(tracker, target)
     if not runs:
         raise ValueError(f"no training runs under {target!r}")
-    header, rows = table(client, runs, sort)
+    header, rows = table(tracker, runs, sort)
     paths = write_outputs(header, rows, swept_params(runs), out)
     if parent is not None:
         for path in paths:
-            client.log_artifact(parent, str(path), "comparison")
+            tracker.log_artifact(parent, path, "comparison")
     return header, rows, paths
 
 

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from vitexp.jobs import job_dir, parallel_jobs
 from vitexp.machine import native_bfloat16
+from vitexp.tracking import sqlite_store
 
 
 def setup_tensorflow(trainer: DictConfig) -> None:
@@ -69,7 +70,7 @@ def worker_config(cfg: DictConfig) -> DictConfig:
     folder = job_dir() / "worker-store"
     folder.mkdir(parents=True, exist_ok=True)
     cfg = cfg.copy()
-    cfg.tracking.uri = f"sqlite:///{folder / 'mlflow.db'}"
+    cfg.tracking.uri = sqlite_store(folder)
     return cfg
 
 

@@ -10,7 +10,6 @@ else as it comes.
 """
 
 import atexit
-import logging
 import os
 import re
 import sys
@@ -48,12 +47,7 @@ def _forward(read_fd: int, out_fd: int, noise: re.Pattern) -> None:
 
 
 def filter_native_noise() -> None:
-    """From now on, this process's stderr (fd 2) reaches the terminal without the noise.
-
-    Also quiets MLflow's INFO lines about creating a new store's tables.
-    """
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    """From now on, this process's stderr (fd 2) reaches the terminal without the noise."""
     sys.stderr.flush()
     terminal = os.dup(2)
     read_fd, write_fd = os.pipe()

@@ -15,14 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from vitexp.callbacks import CheckpointDir
 from vitexp.devices import choose_precision
 from vitexp.jobs import Job, Splits
+from vitexp.provenance import command_line, git_commit
 from vitexp.report import plot_curves, write_report
 from vitexp.resume import config_hash
-from vitexp.tracking import Tracker, command_line, flatten, git_commit
+from vitexp.tracking import CONFIG_HASH_TAG, Tracker, flatten, source_tags
 
 
 def run_tags(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
-    import mlflow
-
     job = HydraConfig.get().job.name if HydraConfig.initialized() else "vitexp"
     commit = git_commit()
     return {
@@ -30,13 +29,12 @@ def run_tags(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
         "vitexp.git_commit": commit,
         "vitexp.hydra_job": job,
         "vitexp.output_dir": str(out_dir),
-        "vitexp.config_hash": config_hash(cfg),
+        CONFIG_HASH_TAG: config_hash(cfg),
         "vitexp.model": cfg.model.name,
         "vitexp.data": cfg.data.name,
-        "mlflow.source.git.commit": commit,
+        **source_tags(commit),
         "version.tensorflow": tf.__version__,
         "version.keras": keras.__version__,
-        "version.mlflow": mlflow.__version__,
         "version.python": sys.version.split()[0],
     }
 
@@ -88,14 +86,6 @@ def summary_text(model, width: int = 120) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def metric_history(tracker: Tracker, run_id: str, keys: list[str]) -> dict[str, list[float]]:
-    history = {}
-    for key in keys:
-        points = sorted(tracker.client.get_metric_history(run_id, key), key=lambda m: m.step)
-        history[key] = [m.value for m in points]
-    return history
-
-
 def record_training(job: Job, checkpoints: CheckpointDir) -> None:
     """Where training ended: the early stop's epoch, and the profiler trace."""
     t = job.cfg.trainer
@@ -108,10 +98,11 @@ def record_training(job: Job, checkpoints: CheckpointDir) -> None:
 
 
 def log_pictures(job: Job, probs: np.ndarray) -> None:
+    """The training curves, from the metrics every epoch committed beside its checkpoint
+    (those of a resumed run's earlier processes too), and the report's pictures."""
     keys = [f"{s}_{m}" for s in ("train", "val") for m in ("loss", "top1", "top5")]
-    curves = plot_curves(
-        metric_history(job.tracker, job.run_id, keys), job.out_dir / "curves.png", job.cfg.run_name
-    )
+    history = CheckpointDir(job.out_dir / "checkpoints").history(keys)
+    curves = plot_curves(history, job.out_dir / "curves.png", job.cfg.run_name)
     job.tracker.log_artifact(job.run_id, curves)
     if job.cfg.report.enabled:
         pictures = write_report(

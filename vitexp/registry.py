@@ -46,22 +46,11 @@ class VitexpClassifier(mlflow.pyfunc.PythonModel):
         )
 
 
-def best_run(client, target: str, metric: str):
+def best_run(tracker, target: str, metric: str):
     """`target` is a run id (a sweep parent picks its best child) or an experiment name."""
-    try:
-        run = client.get_run(target)
-    except Exception:
-        run = None
+    run, runs = tracker.runs_under(target, best_first=metric)
     if run is not None and run.data.tags.get("vitexp.sweep") != "true":
         return run
-    if run is not None:
-        query, experiments = f"tags.`mlflow.parentRunId` = '{target}'", [run.info.experiment_id]
-    else:
-        experiment = client.get_experiment_by_name(target)
-        if experiment is None:
-            raise ValueError(f"{target!r} is neither a run id nor an experiment name")
-        query, experiments = "", [experiment.experiment_id]
-    runs = client.search_runs(experiments, filter_string=query, order_by=[f"metrics.`{metric}` DESC"])
     finished = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
     if not finished:
         raise ValueError(f"no FINISHED run with metric {metric} under {target!r}")
@@ -99,13 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default="test_top1", help="what 'best' means (higher is better)")
     args = parser.parse(argv)
 
-    from mlflow.tracking import MlflowClient
-
     from vitexp.runs import RunError
-    from vitexp.tracking import resolve_uri
+    from vitexp.tracking import Tracker
 
     try:
-        run = best_run(MlflowClient(resolve_uri(args.tracking_uri)), args.target, args.metric)
+        run = best_run(Tracker(args.tracking_uri), args.target, args.metric)
         uri = register(run.info.run_id, args.name, args.tracking_uri)
     except (RunError, ValueError) as err:
         parser.fail(str(err))

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from vitexp.callbacks import CheckpointDir
 from vitexp.jobs import in_multirun
 from vitexp.preempt import SLURM_TAG, requeued, slurm_job_id
-from vitexp.tracking import FINISHED, KILLED, PARENT_ENV, Tracker, flatten
+from vitexp.tracking import CONFIG_HASH_TAG, FINISHED, KILLED, PARENT_ENV, Tracker, flatten
 from vitexp.trial import is_trial
 from vitexp.validate import ConfigError
 
@@ -42,28 +42,20 @@ def find_resume(tracker: Tracker, cfg: DictConfig) -> Resume | None:
         return None
     wanted = config_hash(cfg)
     if cfg.resume is True or str(cfg.resume).lower() == "true":
-        runs = tracker.client.search_runs(
-            [tracker.experiment_id],
-            filter_string=f"tags.`vitexp.config_hash` = '{wanted}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=50,
-        )
-        for run in runs:
-            if run.info.status != FINISHED:
-                found = _resumable(run)
-                if found:
-                    return found
+        for run in tracker.unfinished_runs(wanted):
+            found = _resumable(run)
+            if found:
+                return found
         raise ConfigError(
             f"resume=true: no interrupted run of this config with a checkpoint in experiment "
             f"{tracker.experiment!r}: run without resume, or give resume=<mlflow run id>"
         )
-    try:
-        run = tracker.client.get_run(str(cfg.resume))
-    except Exception:
-        raise ConfigError(f"resume={cfg.resume}: no such MLflow run in {tracker.uri}") from None
+    run = tracker.get_run(str(cfg.resume))
+    if run is None:
+        raise ConfigError(f"resume={cfg.resume}: no such MLflow run in {tracker.uri}")
     if run.info.status == FINISHED:
         raise ConfigError(f"resume={cfg.resume}: that run already FINISHED; nothing to resume")
-    if run.data.tags.get("vitexp.config_hash") != wanted:
+    if run.data.tags.get(CONFIG_HASH_TAG) != wanted:
         raise ConfigError(
             f"resume={cfg.resume}: that run was started with another config; repeat its command "
             f"({run.data.tags.get('vitexp.command', '?')}) with resume={cfg.resume}"
@@ -76,12 +68,7 @@ def find_resume(tracker: Tracker, cfg: DictConfig) -> Resume | None:
 
 def requeued_run(tracker: Tracker) -> Resume | None:
     """The unfinished run this Slurm job wrote before it was requeued, if any."""
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id],
-        filter_string=f"tags.`{SLURM_TAG}` = '{slurm_job_id()}' and attributes.status != 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
+    runs = tracker.find_runs({SLURM_TAG: slurm_job_id()}, unfinished=True, newest_first=True, limit=1)
     if not runs:
         return None
     tracker.set_tags(runs[0].info.run_id, {"vitexp.slurm_restarts": os.environ["SLURM_RESTART_COUNT"]})
@@ -109,12 +96,7 @@ def finished_before(tracker: Tracker, cfg: DictConfig):
     """A FINISHED run of exactly this config, when a re-run sweep may skip the job."""
     if not (in_multirun() and cfg.tracking.skip_finished) or cfg.resume not in (False, "false") or is_trial():
         return None
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id],
-        filter_string=f"tags.`vitexp.config_hash` = '{config_hash(cfg)}' and attributes.status = 'FINISHED'",
-        max_results=1,
-    )
-    return runs[0] if runs else None
+    return tracker.finished_run(config_hash(cfg))
 
 
 def link_finished(tracker: Tracker, cfg: DictConfig, done) -> str | None:
@@ -128,8 +110,8 @@ def link_finished(tracker: Tracker, cfg: DictConfig, done) -> str | None:
         return None
     earlier = done.info.run_id
     run_id = tracker.start_run(f"{cfg.run_name}-reused", {"vitexp.reused_run": earlier}, parent)
-    tracker.describe(run_id, f"Not trained again: the same config FINISHED earlier as run {earlier}.")
-    tracker.log_params(run_id, dict(done.data.params))
-    tracker.log_metrics(run_id, dict(done.data.metrics), step=cfg.trainer.epochs)
-    tracker.end_run(run_id, FINISHED)
+    with tracker.run(run_id):
+        tracker.describe(run_id, f"Not trained again: the same config FINISHED earlier as run {earlier}.")
+        tracker.log_params(run_id, dict(done.data.params))
+        tracker.log_metrics(run_id, dict(done.data.metrics), step=cfg.trainer.epochs)
     return run_id

@@ -44,34 +44,29 @@ def load_run(run_id: str, tracking_uri: str | None = None, checkpoint: str | Non
     The checkpoint comes from the run's artifacts, or, for a run that has not finished,
     from its local checkpoint folder.
     """
-    from mlflow.tracking import MlflowClient
-
     from vitexp.models import load_model
-    from vitexp.tracking import read_class_names, resolve_uri
+    from vitexp.tracking import Tracker
 
-    uri = resolve_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        run = client.get_run(run_id)
-    except Exception:
-        raise RunError(f"no run {run_id!r} in {uri}: check the id (`make ui` lists runs)") from None
+    tracker = Tracker(tracking_uri)
+    run = tracker.get_run(run_id)
+    if run is None:
+        raise RunError(f"no run {run_id!r} in {tracker.uri}: check the id (`make ui` lists runs)")
     folder = Path(tempfile.mkdtemp(prefix=f"vitexp-{run_id[:8]}-"))
     try:
-        cfg = OmegaConf.load(client.download_artifacts(run_id, "config/config.yaml", str(folder)))
+        cfg = OmegaConf.load(tracker.download(run_id, "config/config.yaml", folder))
     except Exception:
         raise RunError(
             f"run {run_id} has no config/config.yaml artifact: it is not a vitexp training run"
         ) from None
     checkpoint = checkpoint or OmegaConf.select(cfg, "trainer.test_checkpoint", default="best")
-    path = _checkpoint(client, run, checkpoint, folder)
-    experiment = client.get_experiment(run.info.experiment_id).name
-    names = read_class_names(client, run, cfg.data.num_classes)
-    return LoadedRun(run, cfg, load_model(str(path)), path, experiment, names)
+    path = _checkpoint(tracker, run, checkpoint, folder)
+    names = tracker.class_names(run, cfg.data.num_classes)
+    return LoadedRun(run, cfg, load_model(str(path)), path, tracker.experiment_of(run), names)
 
 
-def _checkpoint(client, run, name: str, folder: Path) -> Path:
+def _checkpoint(tracker, run, name: str, folder: Path) -> Path:
     try:
-        return Path(client.download_artifacts(run.info.run_id, f"checkpoints/{name}.keras", str(folder)))
+        return tracker.download(run.info.run_id, f"checkpoints/{name}.keras", folder)
     except Exception:
         local = Path(run.data.tags.get("vitexp.output_dir", "/nonexistent")) / "checkpoints" / f"{name}.keras"
         if local.is_file():

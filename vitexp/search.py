@@ -359,11 +359,8 @@ def resumed_parent(config: DictConfig, tracker) -> str | None:
     parent = study.user_attrs.get(PARENT_ATTR) if study is not None else None
     if parent is None:
         return None
-    try:
-        run = tracker.client.get_run(parent)
-    except Exception:
+    run = tracker.get_run(parent)
+    if run is None or run.info.experiment_id != tracker.experiment_id or run.info.lifecycle_stage != "active":
         return None
-    if run.info.experiment_id != tracker.experiment_id or run.info.lifecycle_stage != "active":
-        return None
-    tracker.client.update_run(parent, status="RUNNING")
+    tracker.reopen(parent)
     return parent

@@ -55,8 +55,8 @@ def run_seed(args, seed: int, tracker: Tracker, parent: str) -> float:
 def seed_row(tracker: Tracker, run, wall: float) -> dict:
     """One seed's figures, read back from its MLflow run."""
     metrics = run.data.metrics
-    speeds = [m.value for m in tracker.client.get_metric_history(run.info.run_id, "images_per_s")]
-    epochs = tracker.client.get_metric_history(run.info.run_id, "target_top1")
+    speeds = list(tracker.metric_history(run.info.run_id, "images_per_s").values())
+    epochs = tracker.metric_history(run.info.run_id, "target_top1")
     return {
         "seed": int(run.data.params["trainer.seed"]),
         "run_id": run.info.run_id,

@@ -17,7 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from vitexp.tracking import FAILED, FINISHED, PARENT_ENV, Tracker, command_line
+from vitexp.provenance import command_line
+from vitexp.tracking import ERROR_TAG, FAILED, FINISHED, PARENT_ENV, Tracker
 
 
 class MlflowSweepCallback(Callback):
@@ -50,10 +51,7 @@ class MlflowSweepCallback(Callback):
 
     def close_stale(self, command: str) -> None:
         """Marks FAILED the parents of earlier runs of this same sweep left RUNNING by a kill."""
-        stale = self.tracker.client.search_runs(
-            [self.tracker.experiment_id],
-            filter_string="tags.`vitexp.sweep` = 'true' and attributes.status = 'RUNNING'",
-        )
+        stale = self.tracker.find_runs({"vitexp.sweep": "true"}, "RUNNING")
         for run in stale:
             if run.info.run_id != self.parent_id and run.data.tags.get("vitexp.command") == command:
                 self.tracker.set_tags(run.info.run_id, {"vitexp.superseded_by": self.parent_id})
@@ -86,7 +84,7 @@ class MlflowSweepCallback(Callback):
         # a search's trial that a kill cut short is FAILED but was run again
         failed = [r for r in children if r.info.status == FAILED and "vitexp.retried" not in r.data.tags]
         if failed:
-            first = failed[0].data.tags.get("vitexp.error", "no error recorded").splitlines()[0]
+            first = failed[0].data.tags.get(ERROR_TAG, "no error recorded").splitlines()[0]
             print(
                 f"vitexp: error: {len(failed)} of {len(children)} jobs failed (they are FAILED runs "
                 f"under {parent}); first: {failed[0].info.run_name}: {first}",

@@ -4,18 +4,21 @@ By default every run lands in `sqlite:///<project>/mlflow.db` with artifacts in
 `<project>/mlruns`, the store `make ui` opens, whatever directory Hydra runs a job in.
 """
 
+import contextlib
 import fcntl
+import gc
 import hashlib
 import json
+import logging
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,16 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from mlflow.entities import Metric, Param, RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE  # noqa: E402
+from mlflow.utils.mlflow_tags import (  # noqa: E402
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+    MLFLOW_RUN_NOTE,
+)
+
+# MLflow's INFO lines about creating a new store's tables are noise to a user.
+for _name in ("mlflow.store.db.utils", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "pyproject.toml").exists() else Path.cwd()
@@ -38,14 +50,23 @@ PARENT_ENV = "VITEXP_PARENT_RUN_ID"
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # A run's class names, index i naming logit i, as a JSON list: any character survives.
 CLASS_NAMES_ARTIFACT = "class_names.json"
+# Why a run FAILED, in one line for a user error.
+ERROR_TAG = "vitexp.error"
+# What a run computes, hashed (vitexp.resume.config_hash): the same job across sweeps.
+CONFIG_HASH_TAG = "vitexp.config_hash"
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message is one line naming the fix."""
 
 
+def sqlite_store(folder: Path) -> str:
+    """The URI of a sqlite store in `folder` (its artifacts go beside it)."""
+    return f"sqlite:///{Path(folder) / 'mlflow.db'}"
+
+
 def resolve_uri(uri: str | None) -> str:
-    return uri or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    return uri or sqlite_store(PROJECT_ROOT)
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -103,46 +124,20 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: json.dumps(tree) if isinstance(tree, list) else str(tree)}
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if out.returncode:
-        return "unknown"
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def command_line(resume: bool = False) -> str:
-    """The command that started this process, as the user typed it (the installed `vitexp`
-    script or `python -m vitexp`), quoted for a shell; with `resume`, the one that continues it."""
-    program = "vitexp" if Path(sys.argv[0]).name == "vitexp" else "python -m vitexp"
-    args = [a for a in sys.argv[1:] if not (resume and a.startswith("resume="))]
-    return " ".join([program, *map(shlex.quote, args), *(["resume=true"] if resume else [])])
-
-
 class Tracker:
     """One tracking store; metric writes that fail are kept and sent again later.
 
     Args:
         uri: an MLflow tracking URI, or None for the project's sqlite store.
-        experiment: experiment name (created on first use).
+        experiment: experiment name (created on first use); None to only read runs by id
+            or by experiment name.
         timeout: seconds to wait for a server's /health before giving up.
     """
 
-    def __init__(self, uri: str | None, experiment: str, timeout: float = 10.0):
+    def __init__(self, uri: str | None, experiment: str | None = None, timeout: float = 10.0):
         self.uri = resolve_uri(uri)
         check_reachable(self.uri, timeout)
-        self.client = open_client(self.uri)
+        self._client = open_client(self.uri)
         self.experiment = experiment
         self._experiment_id: str | None = None
         self._pending: list[tuple[str, list[Metric]]] = []
@@ -153,22 +148,24 @@ class Tracker:
 
     @property
     def experiment_id(self) -> str:
+        if self.experiment is None:
+            raise TrackingError("this tracker was opened without an experiment")
         if self._experiment_id is None:
-            found = self.client.get_experiment_by_name(self.experiment)
+            found = self._client.get_experiment_by_name(self.experiment)
             if found is None:
                 try:
-                    self._experiment_id = self.client.create_experiment(
+                    self._experiment_id = self._client.create_experiment(
                         self.experiment,
                         artifact_location=artifact_location(self.uri, self.experiment),
                         tags=EXPERIMENT_TAGS,
                     )
                 except Exception:  # a parallel job created it first
-                    self._experiment_id = self.client.get_experiment_by_name(self.experiment).experiment_id
+                    self._experiment_id = self._client.get_experiment_by_name(self.experiment).experiment_id
             else:
                 self._experiment_id = found.experiment_id
                 for key, value in EXPERIMENT_TAGS.items():  # experiments made before the tag
                     if found.tags.get(key) != value:
-                        self.client.set_experiment_tag(found.experiment_id, key, value)
+                        self._client.set_experiment_tag(found.experiment_id, key, value)
         return self._experiment_id
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
@@ -178,13 +175,13 @@ class Tracker:
         tags = {**resolve_tags(), MLFLOW_RUN_NAME: name, **tags}
         if parent_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_id
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+        run = self._client.create_run(self.experiment_id, tags=tags, run_name=name)
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start : start + 100])
+            self._client.log_batch(run_id, params=items[start : start + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         """Logs metrics at `step`; if the store is down they wait for the next call or `flush`."""
@@ -197,7 +194,7 @@ class Tracker:
         while self._pending:
             run_id, metrics = self._pending[0]
             try:
-                self.client.log_batch(run_id, metrics=metrics)
+                self._client.log_batch(run_id, metrics=metrics)
             except Exception as err:
                 if raise_errors:
                     raise TrackingError(f"tracking store {self.uri} still failing: {err}") from None
@@ -215,10 +212,10 @@ class Tracker:
         return False
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        self._client.log_artifact(run_id, str(path), artifact_path)
 
     def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(run_id, str(folder), artifact_path)
+        self._client.log_artifacts(run_id, str(folder), artifact_path)
 
     def log_class_names(self, run_id: str, names: list[str]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -253,7 +250,7 @@ class Tracker:
                 profile=json.dumps({"num_rows": len(images)}),
             )
             inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
-        self.client.log_inputs(run_id, datasets=inputs)
+        self._client.log_inputs(run_id, datasets=inputs)
 
     def log_model(
         self, run_id: str, checkpoint: Path, class_names: list[str], model=None, registered_name=None
@@ -289,7 +286,7 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+            self._client.set_tag(run_id, key, value)
 
     def ui_link(self, run_id: str | None = None) -> str:
         """The MLflow UI page of the experiment (or one run), in its model-training mode:
@@ -298,38 +295,145 @@ class Tracker:
         page = f"runs/{run_id}" if run_id else "runs"
         return f"{base}/#/experiments/{self.experiment_id}/{page}?workflowType=machine_learning"
 
-    def reopen(self, run_id: str) -> None:
-        """Marks an interrupted run RUNNING again, for the job that resumes it."""
-        self.client.update_run(run_id, status="RUNNING")
-
     def describe(self, run_id: str, text: str) -> None:
         """The run's description, shown at the top of its page in the MLflow UI."""
-        self.client.set_tag(run_id, MLFLOW_RUN_NOTE, text)
+        self._client.set_tag(run_id, MLFLOW_RUN_NOTE, text)
+
+    def reopen(self, run_id: str) -> None:
+        """Marks an interrupted run RUNNING again, for the job that resumes it."""
+        self._client.update_run(run_id, status="RUNNING")
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._client.set_terminated(run_id, status=status)
 
-    def children(self, parent_id: str) -> list:
-        return self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
-            max_results=10000,
+    @contextlib.contextmanager
+    def run(self, run_id: str, error_text: Callable[[BaseException], str] | None = None) -> Iterator[str]:
+        """Ends the run when the block ends: FINISHED; KILLED on Ctrl-C or SIGTERM (any
+        KeyboardInterrupt); FAILED on any other error, which `error_text` (default: type
+        and message) writes into the run's `vitexp.error` tag. Metrics kept back are sent first.
+
+        Args:
+            run_id: a run made by `start_run` (or reopened by `reopen`).
+            error_text: what a FAILED run records about its error.
+        """
+        try:
+            yield run_id
+        except KeyboardInterrupt as stop:
+            release_interrupted(stop)
+            self.flush(raise_errors=False)
+            self.end_run(run_id, KILLED)
+            raise
+        except BaseException as err:
+            self.flush(raise_errors=False)
+            text = error_text(err) if error_text else f"{type(err).__name__}: {err}"[:5000]
+            self.set_tags(run_id, {ERROR_TAG: text})
+            self.end_run(run_id, FAILED)
+            raise
+        self.flush(raise_errors=False)
+        self.end_run(run_id, FINISHED)
+
+    def get_run(self, run_id: str):
+        """The run `run_id` (MLflow's `Run`: `.info`, `.data.tags/params/metrics`), None if unknown."""
+        try:
+            return self._client.get_run(run_id)
+        except Exception:
+            return None
+
+    def experiment_of(self, run) -> str:
+        """The name of the experiment a run belongs to."""
+        return self._client.get_experiment(run.info.experiment_id).name
+
+    def find_runs(
+        self,
+        tags: dict[str, str] | None = None,
+        status: str | None = None,
+        *,
+        unfinished: bool = False,
+        newest_first: bool = False,
+        best_first: str | None = None,
+        limit: int = 10000,
+        experiment_id: str | None = None,
+    ) -> list:
+        """Runs of the experiment (or of `experiment_id`) that carry all `tags`, optionally of
+        one `status` or `unfinished`, newest first or by metric `best_first` (highest first)."""
+        conditions = [f"tags.`{key}` = '{value}'" for key, value in (tags or {}).items()]
+        conditions += [f"attributes.status = '{status}'"] if status else []
+        conditions += [f"attributes.status != '{FINISHED}'"] if unfinished else []
+        order = ["attributes.start_time DESC"] if newest_first else []
+        order += [f"metrics.`{best_first}` DESC"] if best_first else []
+        return list(
+            self._client.search_runs(
+                [experiment_id or self.experiment_id],
+                filter_string=" and ".join(conditions),
+                order_by=order or None,
+                max_results=limit,
+            )
         )
 
+    def children(self, parent_id: str, experiment_id: str | None = None, best_first: str | None = None):
+        """The runs started under `parent_id` (a sweep's jobs)."""
+        tags = {MLFLOW_PARENT_RUN_ID: parent_id}
+        return self.find_runs(tags, experiment_id=experiment_id, best_first=best_first)
 
-def read_class_names(client: MlflowClient, run, num_classes: int) -> list[str]:
-    """A run's class names: its `class_names.json`; for runs recorded before it, the old
-    comma-joined `class_names` param; else `0 .. num_classes-1`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run.info.run_id, CLASS_NAMES_ARTIFACT, tmp)
-        except Exception:
-            path = None
-        if path is not None:
-            return json.loads(Path(path).read_text(encoding="utf-8"))
-    joined = run.data.params.get("class_names", "")
-    names = joined.split(",") if joined else []
-    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+    def unfinished_runs(self, config_hash: str) -> list:
+        """Runs of a config (tag `vitexp.config_hash`) that did not finish, newest first."""
+        return self.find_runs({CONFIG_HASH_TAG: config_hash}, unfinished=True, newest_first=True, limit=50)
+
+    def finished_run(self, config_hash: str):
+        """A FINISHED run of a config (tag `vitexp.config_hash`), None if there is none."""
+        runs = self.find_runs({CONFIG_HASH_TAG: config_hash}, FINISHED, limit=1)
+        return runs[0] if runs else None
+
+    def runs_under(self, target: str, best_first: str | None = None) -> tuple[Any, list]:
+        """What a tool's `target` names: a run id gives that run and its children (a sweep's
+        jobs); an experiment name gives None and the experiment's runs.
+
+        Raises:
+            ValueError: `target` is neither.
+        """
+        run = self.get_run(target)
+        if run is not None:
+            return run, self.children(target, run.info.experiment_id, best_first)
+        experiment = self._client.get_experiment_by_name(target)
+        if experiment is None:
+            raise ValueError(f"{target!r} is neither a run id nor an experiment name")
+        return None, self.find_runs(experiment_id=experiment.experiment_id, best_first=best_first)
+
+    def metric_history(self, run_id: str, key: str) -> dict[int, float]:
+        """Every value of metric `key` the run logged, by step, in step order."""
+        points = sorted(self._client.get_metric_history(run_id, key), key=lambda m: m.step)
+        return {m.step: m.value for m in points}
+
+    def download(self, run_id: str, path: str, folder: str | Path) -> Path:
+        """Fetches the run's artifact `path` into `folder`; raises when it has none there."""
+        return Path(self._client.download_artifacts(run_id, path, str(folder)))
+
+    def class_names(self, run, num_classes: int) -> list[str]:
+        """A run's class names: its `class_names.json`; for runs recorded before it, the old
+        comma-joined `class_names` param; else `0 .. num_classes-1`."""
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self.download(run.info.run_id, CLASS_NAMES_ARTIFACT, tmp)
+                return json.loads(path.read_text(encoding="utf-8"))
+            except Exception:
+                pass
+        joined = run.data.params.get("class_names", "")
+        names = joined.split(",") if joined else []
+        return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+def source_tags(commit: str) -> dict[str, str]:
+    """The tags by which MLflow shows the code of a run: its git commit and MLflow's version."""
+    import mlflow
+
+    return {MLFLOW_GIT_COMMIT: commit, "version.mlflow": mlflow.__version__}
+
+
+def release_interrupted(stop: BaseException) -> None:
+    """Lets go of what the interrupted code held: a signal can land inside a tracking-store
+    write, whose open sqlite transaction would lock the store against closing the run."""
+    traceback.clear_frames(stop.__traceback__)
+    gc.collect()
 
 
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)

@@ -1,11 +1,9 @@
 """One training job: check the config, load data, build, fit, evaluate, record in MLflow."""
 
 import contextlib
-import gc
 import os
 import shutil
 import sys
-import traceback
 from pathlib import Path
 
 import keras
@@ -33,19 +31,11 @@ from vitexp.jobs import Job, Splits, in_multirun, job_dir
 from vitexp.models import adapt_input_norm
 from vitexp.multiworker import start_workers
 from vitexp.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, slurm_job_id
+from vitexp.provenance import command_line
 from vitexp.record import log_pictures, log_setup, print_summary, record_training, run_tags
 from vitexp.report import score_predictions, softmax
 from vitexp.resume import find_resume, finished_before, link_finished, restore
-from vitexp.tracking import (
-    FAILED,
-    FINISHED,
-    KILLED,
-    PARENT_ENV,
-    Tracker,
-    TrackingError,
-    command_line,
-    flatten,
-)
+from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, Tracker, TrackingError, flatten
 from vitexp.trial import trial_callbacks
 from vitexp.validate import ConfigError, check_config
 
@@ -178,7 +168,7 @@ def record_failed_job(tracker: Tracker, cfg: DictConfig, err: BaseException) -> 
     """A sweep job that failed before its run existed (data, model) still gets a FAILED run."""
     run_id = tracker.start_run(cfg.run_name, run_tags(cfg, job_dir()), os.environ.get(PARENT_ENV))
     tracker.log_params(run_id, flatten(OmegaConf.to_container(cfg, resolve=True)))
-    tracker.set_tags(run_id, {"vitexp.error": error_text(err)})
+    tracker.set_tags(run_id, {ERROR_TAG: error_text(err)})
     tracker.end_run(run_id, FAILED)
     return run_id
 
@@ -187,13 +177,6 @@ def error_text(err: BaseException) -> str:
     """What a FAILED run records: the one-line message of a user error, else type and text."""
     text = str(err) if isinstance(err, USER_ERRORS) else f"{type(err).__name__}: {err}"
     return text[:5000]
-
-
-def release_interrupted(stop: BaseException) -> None:
-    """Lets go of what the interrupted code held: a signal can land inside a tracking-store
-    write, whose open sqlite transaction would lock the store against closing the run."""
-    traceback.clear_frames(stop.__traceback__)
-    gc.collect()
 
 
 def interrupted_message(run_id: str, out_dir: Path, stop: KeyboardInterrupt) -> str:
@@ -272,31 +255,23 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     data, splits, steps, strategy, model, schedule = prepare(cfg, tracker, resume, workers)
     run_id, out_dir, first_epoch = open_run(tracker, cfg, resume)
     try:
-        if not resume:
-            log_setup(tracker, run_id, cfg, model, splits, out_dir)
-            replicas = strategy.num_replicas_in_sync if strategy else 1
-            tracker.log_params(run_id, {"replicas": str(replicas)})
-            tracker.log_class_names(run_id, data.class_names)
-        if cfg.trainer.target_top1 is not None:  # time to accuracy, on the test split
-            test_batches = eval_dataset(*splits.test, cfg.data.num_classes, cfg.trainer.batch_size)
-            watch = TargetWatch(tracker, run_id, test_batches, splits.test[1], cfg.trainer.target_top1)
-            callbacks = (*callbacks, watch)
-        job = Job(
-            cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names
-        )
-        result = fit_and_record(job, (*callbacks, *trial_callbacks(tracker, run_id), StopAtStepEnd()))
-    except KeyboardInterrupt as stop:
-        release_interrupted(stop)
-        tracker.flush(raise_errors=False)
-        tracker.end_run(run_id, KILLED)
+        with tracker.run(run_id, error_text):
+            if not resume:
+                log_setup(tracker, run_id, cfg, model, splits, out_dir)
+                replicas = strategy.num_replicas_in_sync if strategy else 1
+                tracker.log_params(run_id, {"replicas": str(replicas)})
+                tracker.log_class_names(run_id, data.class_names)
+            if cfg.trainer.target_top1 is not None:  # time to accuracy, on the test split
+                test_batches = eval_dataset(*splits.test, cfg.data.num_classes, cfg.trainer.batch_size)
+                watch = TargetWatch(tracker, run_id, test_batches, splits.test[1], cfg.trainer.target_top1)
+                callbacks = (*callbacks, watch)
+            job = Job(
+                cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names
+            )
+            result = fit_and_record(job, (*callbacks, *trial_callbacks(tracker, run_id), StopAtStepEnd()))
+    except KeyboardInterrupt as stop:  # the run is KILLED: say how to go on
         print(interrupted_message(run_id, out_dir, stop), file=sys.stderr)
         raise
-    except BaseException as err:
-        tracker.flush(raise_errors=False)
-        tracker.set_tags(run_id, {"vitexp.error": error_text(err)})
-        tracker.end_run(run_id, FAILED)
-        raise
-    tracker.end_run(run_id, FINISHED)
     print_summary(cfg, tracker, run_id, result)
     return float(result["best_val_top1"])
 
