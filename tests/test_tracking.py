@@ -263,6 +263,27 @@ def test_run_context_ends_finished_failed_or_killed(shared_store):
     assert client.get_run(done).data.metrics == {"loss": 1.0}
 
 
+def test_an_interrupt_inside_a_store_write_still_ends_the_run_killed(shared_store):
+    """Ctrl-C or SIGTERM can land while a write holds the store's lock: the interrupted frames
+    are let go first, so closing the run does not find the database locked."""
+    import sqlite3
+
+    from vitexp.tracking import Tracker
+
+    uri, client = shared_store
+    tracker = Tracker(uri, "interrupted-write")
+    run_id = tracker.start_run("r", {})
+
+    def interrupted_write():
+        db = sqlite3.connect(uri.removeprefix("sqlite:///"))
+        db.execute("BEGIN EXCLUSIVE")  # the lock a metric write's transaction holds
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), tracker.run(run_id):
+        interrupted_write()
+    assert status_of(client, run_id) == "KILLED"
+
+
 def test_a_killed_run_is_reopened_running(shared_store):
     from vitexp.tracking import KILLED, Tracker
 
