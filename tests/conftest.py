@@ -78,10 +78,10 @@ def store(tmp_path):
     return uri, MlflowClient(tracking_uri=uri)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_store(tmp_path_factory):
-    """One sqlite MLflow store for a module's in-process tests, each writing its own
-    experiment: a new store spends seconds creating its tables. (uri, client)"""
+    """One sqlite MLflow store for the in-process tests, each writing its own experiment:
+    a new store spends seconds creating its tables. (uri, client)"""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
