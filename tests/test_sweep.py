@@ -51,7 +51,9 @@ def test_jobs_run_under_one_parent_that_finishes_with_them(sweep, capsys):
     assert run.info.status == FINISHED and run.data.tags["vitexp.sweep"] == "true"
     assert run.data.params["sweep.overrides"] == "depth=1,2"
     assert "comparison/comparison.csv" in {a.path for a in client.list_artifacts(parent, "comparison")}
-    assert f"vitexp: sweep {parent}: 2 FINISHED" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"vitexp: sweep {parent}: 2 FINISHED" in err
+    assert f"(after: mlflow ui --backend-store-uri {tracker.uri})" in err
     assert PARENT_ENV not in os.environ
 
 

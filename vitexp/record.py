@@ -2,7 +2,6 @@
 config, model summary, curves, pictures and the closing summary."""
 
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -120,8 +119,7 @@ def log_pictures(job: Job, probs: np.ndarray) -> None:
 
 def print_summary(cfg, tracker: Tracker, run_id: str, result: dict) -> None:
     test = result["test"]
-    served = tracker.uri.startswith(("http://", "https://"))
-    ui = f"open {tracker.uri}" if served else f"mlflow ui --backend-store-uri {shlex.quote(tracker.uri)}"
+    ui = tracker.ui_command() or f"open {tracker.uri}"
     print(
         f"\nvitexp: run {cfg.run_name} ({run_id}) finished\n"
         f"  test top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  loss {test['loss']:.4f}\n"

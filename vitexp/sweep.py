@@ -73,8 +73,7 @@ class MlflowSweepCallback(Callback):
         counts = Counter(run.info.status for run in children)
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         uri = self.tracker.uri
-        served = uri.startswith(("http://", "https://"))
-        serve = "" if served else f" (after: mlflow ui --backend-store-uri {uri})"
+        serve = f" (after: {self.tracker.ui_command()})" if self.tracker.ui_command() else ""
         print(
             f"vitexp: sweep {parent}: {summary or 'no jobs'}\n"
             f"  compare: python -m vitexp.compare {parent} --tracking-uri {uri}\n"

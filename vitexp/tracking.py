@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -294,6 +295,12 @@ class Tracker:
         base = self.uri.rstrip("/") if self.uri.startswith("http") else "http://127.0.0.1:5000"
         page = f"runs/{run_id}" if run_id else "runs"
         return f"{base}/#/experiments/{self.experiment_id}/{page}?workflowType=machine_learning"
+
+    def ui_command(self) -> str | None:
+        """The command that serves the UI of a store file; None for a store that is a server."""
+        if self.uri.startswith(("http://", "https://")):
+            return None
+        return f"mlflow ui --backend-store-uri {shlex.quote(self.uri)}"
 
     def describe(self, run_id: str, text: str) -> None:
         """The run's description, shown at the top of its page in the MLflow UI."""
