@@ -30,7 +30,7 @@ TINY = [
 
 
 def compose(overrides=()):
-    from vitexp.cli import compose as vitexp_compose
+    from vitexp.config import compose as vitexp_compose
 
     return vitexp_compose(list(overrides))
 
