@@ -72,6 +72,54 @@ def test_every_target_is_inside_vitexp():
     assert not outside, outside
 
 
+TOY_SCHEMA = """
+from dataclasses import dataclass
+from omegaconf import MISSING
+from vitexp.models.schema import ModelConfig
+from vitexp.validate import require
+
+
+@dataclass
+class ToyConfig(ModelConfig):
+    _target_: str = "vitexp.models.toy.build_toy"
+    width: int = MISSING
+
+    @classmethod
+    def check(cls, m):
+        super().check(m)
+        require(m.width % 2 == 0, f"model.width={m.width}: use an even width")
+"""
+TOY_OPTION = """defaults:
+  - /toy_schema@_here_
+  - _self_
+
+name: toy
+image_size: 32
+patch_size: ${shortcut:patch_size,4}
+depth: ${shortcut:depth,1}
+width: 8
+"""
+
+
+def test_a_model_family_is_its_own_files(tmp_path, monkeypatch):
+    import vitexp.config
+    import vitexp.models
+
+    (tmp_path / "family" / "model").mkdir(parents=True)
+    (tmp_path / "family" / "toy_schema.py").write_text(TOY_SCHEMA)
+    (tmp_path / "family" / "model" / "toy.yaml").write_text(TOY_OPTION)
+    monkeypatch.setattr(vitexp.models, "__path__", [*vitexp.models.__path__, str(tmp_path / "family")])
+    vitexp.config.register_schemas()
+    cfg = compose(["model=toy", "patch_size=8", "data=synthetic", "data.image_shape=[32,32,3]"],
+                  config_dir=str(tmp_path / "family"))  # fmt: skip
+    assert (cfg.model.width, cfg.model.patch_size, cfg.model.num_classes) == (8, 8, 4)
+    check_config(cfg)
+    with pytest.raises(ConfigError, match="model.width=7: use an even width"):
+        check_config(compose(["model=toy", "model.width=7"], config_dir=str(tmp_path / "family")))
+    with pytest.raises(ConfigError, match="not divisible by patch_size=5"):  # what every family checks
+        check_config(compose(["model=toy", "patch_size=5"], config_dir=str(tmp_path / "family")))
+
+
 # what each Swin option sets over swin.yaml, which it extends
 SWIN_TINY = dict(
     variant="swin_tiny_224", image_size=32, patch_size=4, depth=6, depths=[2, 2, 6, 2], embed_dim=96,
