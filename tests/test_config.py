@@ -120,31 +120,46 @@ def test_a_model_family_is_its_own_files(tmp_path, monkeypatch):
         check_config(compose(["model=toy", "patch_size=5"], config_dir=str(tmp_path / "family")))
 
 
-# what each Swin option sets over swin.yaml, which it extends
-SWIN_TINY = dict(
+# the composed model of each option: its family's file, and what the option sets over it
+VIT = dict(
+    _target_="vitexp.models.vit.build_vit", name="vit", num_classes=100, input_shape=[32, 32, 3],
+    image_size=72, patch_size=6, depth=4, projection_dim=64, num_heads=4, head_dim=None,
+    transformer_units=[128, 64], head_units=[2048, 1024], dropout=0.1, attention_dropout=0.1,
+    head_dropout=0.5, drop_path=0.0, pooling="flatten", pos_embedding="learned",
+    shifted_patches=False, locality_attention=False, tokenizer="patch", stem_channels=[],
+)  # fmt: skip
+SWIN = dict(
+    _target_="vitexp.models.swin.build_swin", name="swin", num_classes=100, input_shape=[32, 32, 3],
     variant="swin_tiny_224", image_size=32, patch_size=4, depth=6, depths=[2, 2, 6, 2], embed_dim=96,
     num_heads=[3, 6, 12, 24], window_size=7, pretrain_size=224, mlp_ratio=4.0, dropout=0.0,
     attention_dropout=0.0, drop_path=0.2, weights=None, head_units=[], head_dropout=0.0,
 )  # fmt: skip
-SWIN_VARIANTS = {
-    "swin": dict(name="swin"),
-    "swin_micro": dict(name="swin_micro", depth=2, depths=[1, 1, 2, 1], embed_dim=24,
-                       num_heads=[1, 2, 4, 8], drop_path=0.1),
-    "swin_small": dict(name="swin_small", variant="swin_small_224", depth=18, depths=[2, 2, 18, 2],
-                       drop_path=0.3),
-    "swin_base": dict(name="swin_base", variant="swin_base_224", depth=18, depths=[2, 2, 18, 2],
-                      embed_dim=128, num_heads=[4, 8, 16, 32], drop_path=0.5),
-    "swin_large": dict(name="swin_large", variant="swin_large_224", depth=18, depths=[2, 2, 18, 2],
-                       embed_dim=192, num_heads=[6, 12, 24, 48]),
+MODEL_OPTIONS = {
+    "vit": (VIT, {}),
+    "vit_tiny": (VIT, dict(name="vit_tiny", image_size=32, patch_size=4, head_units=[], dropout=0.0,
+                           attention_dropout=0.0, head_dropout=0.0, pooling="gap")),
+    "swin": (SWIN, {}),
+    "swin_micro": (SWIN, dict(name="swin_micro", depth=2, depths=[1, 1, 2, 1], embed_dim=24,
+                              num_heads=[1, 2, 4, 8], drop_path=0.1)),
+    "swin_small": (SWIN, dict(name="swin_small", variant="swin_small_224", depth=18,
+                              depths=[2, 2, 18, 2], drop_path=0.3)),
+    "swin_base": (SWIN, dict(name="swin_base", variant="swin_base_224", depth=18, depths=[2, 2, 18, 2],
+                             embed_dim=128, num_heads=[4, 8, 16, 32], drop_path=0.5)),
+    "swin_large": (SWIN, dict(name="swin_large", variant="swin_large_224", depth=18,
+                              depths=[2, 2, 18, 2], embed_dim=192, num_heads=[6, 12, 24, 48])),
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("option", sorted(SWIN_VARIANTS))
-def test_swin_options_compose_to_their_layouts(option):
-    model = OmegaConf.to_container(compose([f"model={option}"]).model, resolve=True)
-    expected = {"_target_": "vitexp.models.swin.build_swin", "num_classes": 100, "input_shape": [32, 32, 3]}
-    assert model == {**expected, **SWIN_TINY, **SWIN_VARIANTS[option]}
-    assert "defaults:\n  - swin\n" in (CONF / "model" / f"{option}.yaml").read_text() or option == "swin"
+def test_every_model_option_is_listed_here():
+    assert sorted(MODEL_OPTIONS) == options("model")
+
+
+@pytest.mark.parametrize("option", sorted(MODEL_OPTIONS))
+def test_model_options_compose_to_their_layouts(option):
+    family, changes = MODEL_OPTIONS[option]
+    assert OmegaConf.to_container(compose([f"model={option}"]).model, resolve=True) == {**family, **changes}
+    text = (CONF / "model" / f"{option}.yaml").read_text()
+    assert f"defaults:\n  - {family['name']}\n" in text or option == family["name"]  # extends it
 
 
 def test_values_are_written_once():

@@ -3,7 +3,8 @@
 The configs ship inside the package (`pkg://vitexp.conf`, the repository's `conf/`), so an
 installed `vitexp` works from any folder; `--config-dir DIR` or `hydra.searchpath=[file://DIR]`
 adds a user's own config folder. Before Hydra runs anything, every job's config is composed
-from the same search path and checked here (for a sweep, every combination of a grid), so a
+from the same search path (`vitexp.config.hydra_app`, as `vitexp.config.compose` does for
+tools and tests) and checked here (for a sweep, every combination of a grid), so a
 typo fails in one line within a second instead of deep in a traceback after data has been
 loaded. TensorFlow is imported only when a job actually trains, so `--help` and `--cfg job`
 answer at once.
