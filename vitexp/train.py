@@ -170,7 +170,8 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
     if job.cfg.tracking.log_checkpoints:
         for path in (checkpoints.best, checkpoints.last):
             job.tracker.log_artifact(job.run_id, path, "checkpoints")
-    job.tracker.log_model(job.run_id, chosen, job.class_names, job.model)
+    if job.cfg.tracking.log_model:
+        job.tracker.log_model(job.run_id, chosen, job.class_names, job.model)
     return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": chosen}
 
 
