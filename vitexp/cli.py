@@ -23,6 +23,7 @@ from omegaconf import DictConfig, open_dict
 
 import vitexp.config  # noqa: F401  (registers the schemas and the `shortcut` resolver)
 from vitexp.cluster import launcher_problem
+from vitexp.errors import fail
 from vitexp.quiet import filter_native_noise
 from vitexp.validate import ConfigError, check_config
 
@@ -38,12 +39,6 @@ def config_path() -> str:
 
 
 CONFIG_PATH = config_path()
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Prints one line to stderr and exits: the form of every user-facing error."""
-    print(f"vitexp: error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 @contextlib.contextmanager
