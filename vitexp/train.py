@@ -29,12 +29,13 @@ from vitexp.data import DataError, ImageData, load_data
 from vitexp.data.augment import build_augment
 from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
 from vitexp.devices import distribution, jit_setting, setup_tensorflow, worker_config
+from vitexp.errors import fail
 from vitexp.jobs import Job, Splits, in_multirun, job_dir
+from vitexp.metrics import score_predictions, softmax
 from vitexp.models import adapt_input_norm
 from vitexp.multiworker import start_workers
 from vitexp.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, slurm_job_id
 from vitexp.record import log_pictures, log_setup, print_summary, record_training, run_tags
-from vitexp.report import score_predictions, softmax
 from vitexp.resume import find_resume, finished_before, link_finished, restore
 from vitexp.tracking import (
     FAILED,
@@ -322,8 +323,7 @@ def run_job(cfg: DictConfig) -> float:
         if not isinstance(err, USER_ERRORS):
             raise
         discard_unused_job_dir()
-        print(f"vitexp: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err))
 
 
 def discard_unused_job_dir() -> None:
