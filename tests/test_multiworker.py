@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.conftest import TINY, run_vitexp
+from conftest import TINY, run_vitexp
+from test_cluster import slurm  # noqa: F401  (the one-node Slurm cluster of `make slurm-up`)
 
 EPOCHS = 2
 JOB = [*TINY, f"trainer.epochs={EPOCHS}", "data.num_train=256", "data.num_test=64"]
@@ -106,3 +106,31 @@ def test_a_worker_whose_peer_never_starts_fails_in_one_line(tmp_path):
         "not answer within 3 s: start every worker (or fix TF_CONFIG); VITEXP_WORKER_TIMEOUT sets the wait"
     )
     assert not (tmp_path / "mlflow.db").exists()  # before any run, or store, exists
+
+
+def consecutive_free_ports(n: int) -> int:
+    """The first of n free ports in a row (Slurm's workers on one node take base, base+1, ...)."""
+    while True:
+        base = free_ports(1)[0]
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("", port))
+            return base
+        except OSError:
+            continue
+
+
+@pytest.mark.slow
+def test_two_workers_under_srun(slurm, tmp_path, store):  # noqa: F811
+    uri, client = store
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VITEXP_WORKER_PORT": str(consecutive_free_ports(2))}
+    args = [*JOB, "trainer.strategy=multi_worker", f"tracking.uri={uri}"]
+    command = ["srun", "-n", "2", "--cpus-per-task=1", sys.executable, "-m", "vitexp", *args]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    (run,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["replicas"] == "2"
+    assert [step for step, _ in history(client, run.info.run_id, "val_top1")] == list(range(1, EPOCHS + 1))
+    digests = [x.rsplit(" ", 1)[1] for x in proc.stderr.splitlines() if "final weights sha256" in x]
+    assert len(digests) == 2 and digests[0] == digests[1]

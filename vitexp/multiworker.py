@@ -3,11 +3,11 @@
 Each worker is one process started with the same command. They find each other through
 `TF_CONFIG` (`{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker",
 "index": i}}`) or, inside `srun`, through Slurm's environment (TensorFlow's
-`SlurmClusterResolver`, ports from 8888). `trainer.batch_size` is the global batch: every
-global batch is the one a single process would train on, split evenly over the workers'
-replicas (tf.data shards each batch by data). Keep `optimizer.learning_rate` for the same
-global batch; when you scale the global batch by k, scale the learning rate by k (the linear
-rule), with the warmup the schedule already has.
+`SlurmClusterResolver`, ports from `VITEXP_WORKER_PORT`, default 8888, up on each node).
+`trainer.batch_size` is the global batch: every global batch is the one a single process
+would train on, split evenly over the workers' replicas (tf.data shards each batch by data).
+Keep `optimizer.learning_rate` for the same global batch; when you scale the global batch by
+k, scale the learning rate by k (the linear rule), with the warmup the schedule already has.
 
 The chief (task `chief`, else worker 0) alone writes the MLflow run and the run folder's
 checkpoints. The other workers train the same steps in lockstep (every collective operation
@@ -43,6 +43,7 @@ from omegaconf import DictConfig
 from vitexp.validate import ConfigError
 
 TIMEOUT_ENV = "VITEXP_WORKER_TIMEOUT"
+PORT_ENV = "VITEXP_WORKER_PORT"
 
 
 @dataclass
@@ -105,10 +106,27 @@ def cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:
             raise ConfigError(f"TF_CONFIG is not JSON of the form {shape}") from None
         return tf.distribute.cluster_resolver.TFConfigClusterResolver()
     if int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "0")) or 0) > 1:
-        return tf.distribute.cluster_resolver.SlurmClusterResolver()
+        return slurm_resolver()
     raise ConfigError(
         "trainer.strategy=multi_worker needs its workers: set TF_CONFIG in each worker's environment "
         "or start the workers with `srun -n N` inside a Slurm allocation"
+    )
+
+
+def slurm_resolver() -> tf.distribute.cluster_resolver.SlurmClusterResolver:
+    """The workers of this `srun` step; ports from `VITEXP_WORKER_PORT` (8888) up, per node.
+
+    TensorFlow's resolver shares a node's GPUs among its tasks and cannot resolve a node
+    with none (it steps through the GPUs by zero): there, each task gets a nominal slot.
+    """
+    port = int(os.environ.get(PORT_ENV, "8888"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = bool(visible) if visible is not None else shutil.which("nvidia-smi") is not None
+    if gpus:
+        return tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port)
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
+    return tf.distribute.cluster_resolver.SlurmClusterResolver(
+        port_base=port, gpus_per_node=tasks, gpus_per_task=1, auto_set_gpu=False
     )
 
 
