@@ -125,9 +125,14 @@ def slurm_resolver() -> tf.distribute.cluster_resolver.SlurmClusterResolver:
     if gpus:
         return tf.distribute.cluster_resolver.SlurmClusterResolver(port_base=port)
     tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
-    return tf.distribute.cluster_resolver.SlurmClusterResolver(
-        port_base=port, gpus_per_node=tasks, gpus_per_task=1, auto_set_gpu=False
-    )
+    return _CPUSlurmResolver(port_base=port, gpus_per_node=tasks, gpus_per_task=1, auto_set_gpu=False)
+
+
+class _CPUSlurmResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
+    """Slurm's workers on nodes without GPUs: the nominal slots are no devices."""
+
+    def num_accelerators(self, task_type=None, task_id=None, config_proto=None):
+        return {}
 
 
 def worker_timeout() -> float:
