@@ -81,7 +81,7 @@ class Workers:
         resuming (early stopping and the best epoch then read the same history)."""
         from vitexp.record import run_tags
 
-        if resume:
+        if resume and (resume.out_dir / "checkpoints").is_dir():
             shutil.copytree(resume.out_dir / "checkpoints", self.scratch / "checkpoints", symlinks=True)
         run_id = tracker.start_run(cfg.run_name, run_tags(cfg, self.scratch))
         return run_id, self.scratch, resume.epoch if resume else 0
