@@ -29,10 +29,10 @@ TINY = [
 ]
 
 
-def compose(overrides=()):
-    from vitexp.cli import compose as vitexp_compose
+def compose(overrides=(), config_dir=None):
+    from vitexp.config import compose as vitexp_compose
 
-    return vitexp_compose(list(overrides))
+    return vitexp_compose(list(overrides), config_dir)
 
 
 def run_vitexp(args, tmp_path, module="vitexp", timeout=600, check=True, env=None):

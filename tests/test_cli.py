@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from vitexp import compare, evaluate, explain, predict, registry
-from vitexp.cli import compose, preflight
+from vitexp import cli, compare, evaluate, explain, predict, registry
+from vitexp.cli import preflight
+from vitexp.config import compose
 
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
 # A user's own recipe in their own folder, built from the packaged groups: one tiny epoch.
@@ -56,6 +57,42 @@ def rejected(argv, capsys, call=preflight, prefix="vitexp: error: ") -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(prefix), lines
     return lines[0]
+
+
+def refused_by_main(argv, monkeypatch, capsys) -> str:
+    """The one line `vitexp ARGV` refuses with, run in this process through `vitexp.cli.main`."""
+    monkeypatch.setattr(sys, "argv", ["vitexp", *argv])
+    return rejected(None, capsys, call=lambda _: cli.main())
+
+
+# ---------------------------------------------------------------- one line for each mistake
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["model.foo=1"], "model.foo: no such key (check the spelling; `vitexp --cfg job` lists every key)"),
+        (["model=swin", "model.pooling=gap"], "model.pooling: no such key (check the spelling"),
+        (["+trainer.foo=1"], "unknown config key trainer.foo: check the spelling"),
+        (["optimizer=adam"], "optimizer=adam: no such option in group optimizer; use one of: adamw, sgd"),
+        (
+            ["model=vitt"],
+            "model=vitt: no such option in group model; use one of: swin, swin_base, swin_large, "
+            "swin_micro, swin_small, vit, vit_tiny",
+        ),
+        (["model.pooling=max"], "model.pooling=max: use one of flatten, cls, gap"),
+        (["trainer.strategy=tpu"], "trainer.strategy=tpu: use one of auto, one_device, mirrored"),
+        (["trainer.epochs=abc"], "trainer.epochs=abc: Value 'abc' of type 'str' could not be converted"),
+        (["model.dropout=[0.1]"], "model.dropout=[0.1]: Value '[0.1]' of type 'list' could not be converted"),
+    ],
+)
+def test_main_refuses_a_mistake_in_one_line(argv, line, monkeypatch, capsys):
+    assert refused_by_main(argv, monkeypatch, capsys).startswith(f"vitexp: error: {line}")
+
+
+def test_main_names_the_file_of_a_bad_value(tmp_path, monkeypatch, capsys):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nmodel:\n  tokenizer: cnn\n")
+    line = refused_by_main(["--config-dir", str(tmp_path), "experiment=mine"], monkeypatch, capsys)
+    assert line == "vitexp: error: model.tokenizer=cnn in experiment/mine.yaml: use one of patch, conv"
 
 
 # ---------------------------------------------------------------- Hydra behaves like Hydra

@@ -1,6 +1,8 @@
 """Config composition: every group option composes, defaults are the textbook's, and bad
 overrides fail in one line before anything runs."""
 
+import ast
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import CONF, ROOT, compose, runs_of
+from hydra.errors import ConfigCompositionException
+from omegaconf import MISSING, OmegaConf
 
+from vitexp.config import SCHEMAS
+from vitexp.models.schema import family_schemas
 from vitexp.validate import ConfigError, check_config
 
 GROUPS = ["model", "data", "optimizer", "schedule", "trainer", "tracking", "report"]
@@ -57,9 +63,117 @@ def test_every_target_is_inside_vitexp():
         for line in path.read_text().splitlines():
             if "_target_:" in line:
                 targets.append((path.name, line.split("_target_:")[1].strip()))
-    assert targets, "no _target_ found under conf/"
-    outside = [t for t in targets if not t[1].startswith(("vitexp.", "hydra_plugins."))]
+    for name, schema in {**SCHEMAS, **family_schemas()}.items():
+        default = next((f.default for f in dataclasses.fields(schema) if f.name == "_target_"), MISSING)
+        if default != MISSING:
+            targets.append((name, default))
+    assert {"vit_schema", "swin_schema", "synthetic_schema"} <= {name for name, _ in targets}
+    outside = [t for t in targets if not t[1].startswith("vitexp.")]
     assert not outside, outside
+
+
+TOY_SCHEMA = """
+from dataclasses import dataclass
+from omegaconf import MISSING
+from vitexp.models.schema import ModelConfig
+from vitexp.validate import require
+
+
+@dataclass
+class ToyConfig(ModelConfig):
+    _target_: str = "vitexp.models.toy.build_toy"
+    width: int = MISSING
+
+    @classmethod
+    def check(cls, m):
+        super().check(m)
+        require(m.width % 2 == 0, f"model.width={m.width}: use an even width")
+"""
+TOY_OPTION = """defaults:
+  - /toy_schema@_here_
+  - _self_
+
+name: toy
+image_size: 32
+patch_size: ${shortcut:patch_size,4}
+depth: ${shortcut:depth,1}
+width: 8
+"""
+
+
+def test_a_model_family_is_its_own_files(tmp_path, monkeypatch):
+    import vitexp.config
+    import vitexp.models
+
+    (tmp_path / "family" / "model").mkdir(parents=True)
+    (tmp_path / "family" / "toy_schema.py").write_text(TOY_SCHEMA)
+    (tmp_path / "family" / "model" / "toy.yaml").write_text(TOY_OPTION)
+    monkeypatch.setattr(vitexp.models, "__path__", [*vitexp.models.__path__, str(tmp_path / "family")])
+    vitexp.config.register_schemas()
+    cfg = compose(["model=toy", "patch_size=8", "data=synthetic", "data.image_shape=[32,32,3]"],
+                  config_dir=str(tmp_path / "family"))  # fmt: skip
+    assert (cfg.model.width, cfg.model.patch_size, cfg.model.num_classes) == (8, 8, 4)
+    check_config(cfg)
+    with pytest.raises(ConfigError, match="model.width=7: use an even width"):
+        check_config(compose(["model=toy", "model.width=7"], config_dir=str(tmp_path / "family")))
+    with pytest.raises(ConfigError, match="not divisible by patch_size=5"):  # what every family checks
+        check_config(compose(["model=toy", "patch_size=5"], config_dir=str(tmp_path / "family")))
+
+
+# the composed model of each option: its family's file, and what the option sets over it
+VIT = dict(
+    _target_="vitexp.models.vit.build_vit", name="vit", num_classes=100, input_shape=[32, 32, 3],
+    image_size=72, patch_size=6, depth=4, projection_dim=64, num_heads=4, head_dim=None,
+    transformer_units=[128, 64], head_units=[2048, 1024], dropout=0.1, attention_dropout=0.1,
+    head_dropout=0.5, drop_path=0.0, pooling="flatten", pos_embedding="learned",
+    shifted_patches=False, locality_attention=False, tokenizer="patch", stem_channels=[],
+)  # fmt: skip
+SWIN = dict(
+    _target_="vitexp.models.swin.build_swin", name="swin", num_classes=100, input_shape=[32, 32, 3],
+    variant="swin_tiny_224", image_size=32, patch_size=4, depth=6, depths=[2, 2, 6, 2], embed_dim=96,
+    num_heads=[3, 6, 12, 24], window_size=7, pretrain_size=224, mlp_ratio=4.0, dropout=0.0,
+    attention_dropout=0.0, drop_path=0.2, weights=None, head_units=[], head_dropout=0.0,
+)  # fmt: skip
+MODEL_OPTIONS = {
+    "vit": (VIT, {}),
+    "vit_tiny": (VIT, dict(name="vit_tiny", image_size=32, patch_size=4, head_units=[], dropout=0.0,
+                           attention_dropout=0.0, head_dropout=0.0, pooling="gap")),
+    "swin": (SWIN, {}),
+    "swin_micro": (SWIN, dict(name="swin_micro", depth=2, depths=[1, 1, 2, 1], embed_dim=24,
+                              num_heads=[1, 2, 4, 8], drop_path=0.1)),
+    "swin_small": (SWIN, dict(name="swin_small", variant="swin_small_224", depth=18,
+                              depths=[2, 2, 18, 2], drop_path=0.3)),
+    "swin_base": (SWIN, dict(name="swin_base", variant="swin_base_224", depth=18, depths=[2, 2, 18, 2],
+                             embed_dim=128, num_heads=[4, 8, 16, 32], drop_path=0.5)),
+    "swin_large": (SWIN, dict(name="swin_large", variant="swin_large_224", depth=18,
+                              depths=[2, 2, 18, 2], embed_dim=192, num_heads=[6, 12, 24, 48])),
+}  # fmt: skip
+
+
+def test_every_model_option_is_listed_here():
+    assert sorted(MODEL_OPTIONS) == options("model")
+
+
+@pytest.mark.parametrize("option", sorted(MODEL_OPTIONS))
+def test_model_options_compose_to_their_layouts(option):
+    family, changes = MODEL_OPTIONS[option]
+    assert OmegaConf.to_container(compose([f"model={option}"]).model, resolve=True) == {**family, **changes}
+    text = (CONF / "model" / f"{option}.yaml").read_text()
+    assert f"defaults:\n  - {family['name']}\n" in text or option == family["name"]  # extends it
+
+
+def test_values_are_written_once():
+    """A value an option sets is not also a default in its schema or its factory."""
+    for option in ("vit", "swin"):
+        schema = family_schemas()[f"{option}_schema"]
+        written = yaml.safe_load((CONF / "model" / f"{option}.yaml").read_text())
+        fields = {f.name: f for f in dataclasses.fields(schema)}
+        assert set(written) - {"defaults"} == set(fields) - {"_target_", "num_classes", "input_shape"}
+        assert all(fields[k].default == MISSING for k in written if k != "defaults"), option
+        module, _, factory = fields["_target_"].default.rpartition(".")
+        source = ast.parse((ROOT / f"{module.replace('.', '/')}.py").read_text())
+        (signature,) = [f.args for f in source.body if getattr(f, "name", None) == factory]
+        assert signature.args and not signature.defaults and not any(signature.kw_defaults), factory
 
 
 @pytest.mark.parametrize(
@@ -71,13 +185,11 @@ def test_every_target_is_inside_vitexp():
         (["model.num_heads=3"], "not divisible by num_heads=3"),
         (["trainer.validation_split=1.0"], "validation_split"),
         (["schedule.warmup_fraction=1.0"], "warmup must be shorter"),
-        (["model.pooling=max"], "model.pooling"),
         (["model.transformer_units=[128,32]"], "must end with projection_dim"),
         (["optimizer.learning_rate=-1"], "positive learning rate"),
         (["data=image_folder"], "is required"),
         (["tracking.uri=ftp://x"], "tracking.uri"),
         (["model.tokenizer=conv", "patch_size=6"], "stride must be 2, 4, 8 or 16"),
-        (["model.tokenizer=cnn"], "model.tokenizer"),
         (["model.tokenizer=conv", "patch_size=8", "model.stem_channels=[8]"], "needs at least 3 stride-2"),
         (["model.stem_channels=[8,8]"], "add model.tokenizer=conv"),
     ],
@@ -87,21 +199,47 @@ def test_check_config_rejects(overrides, message):
         check_config(compose(overrides))
 
 
+@pytest.mark.parametrize(
+    "override, allowed",
+    [
+        ("model.pooling=max", "flatten, cls, gap"),
+        ("model.pos_embedding=rope", "learned, sincos"),
+        ("model.tokenizer=cnn", "patch, conv"),
+        ("trainer.precision=fp8", "float32, mixed_bfloat16, mixed_float16, auto"),
+        ("trainer.strategy=tpu", "auto, one_device, mirrored, multi_worker"),
+    ],
+)
+def test_enum_values_fail_at_compose_time(override, allowed):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose([override])
+    assert f"expected one of [{allowed}]" in str(err.value.__cause__)
+
+
+def test_enum_values_reach_code_and_params_as_plain_names():
+    from vitexp.resume import config_hash
+    from vitexp.tracking import flatten
+
+    cfg = compose(["model.pooling=gap", "trainer.precision=mixed_bfloat16", "trainer.strategy=mirrored"])
+    values = (cfg.model.pooling, cfg.trainer.precision, cfg.trainer.strategy)
+    assert values == ("gap", "mixed_bfloat16", "mirrored") and isinstance(values[0], str)
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    assert (params["model.pooling"], params["trainer.precision"]) == ("gap", "mixed_bfloat16")
+    # the hash that finds a run to resume is the one a config of plain strings had before the Enums
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, enum_to_str=True))
+    assert OmegaConf.get_type(plain.model) is dict and config_hash(cfg) == config_hash(plain)
+    assert config_hash(cfg) != config_hash(compose(["model.pooling=gap", "trainer.strategy=mirrored"]))
+
+
 BAD_COMMANDS = [
-    (["model=vitt"], "model=vitt: no such option"),
-    (["model.foo=1"], "model.foo: no such key"),
-    (["trainer.epochs=abc"], "could not be converted to Integer"),
     (["+model.foo=1"], "unknown config key model.foo"),
     (["patch_size=7"], "not divisible by patch_size=7"),
     (["model.projection_dim=30"], "not divisible by num_heads=4"),
     (["-m", "patch_size=4,7"], "[patch_size=7]"),
-    (["optimizer=adam"], "use one of: adamw, sgd"),
     (["trainer.validation_split=0"], "use a fraction in (0, 1)"),
     (["schedule.warmup_fraction=1.5"], "warmup must be shorter than training"),
     (["data=image_folder"], "data.num_classes is required"),
     (["+trainer.foo=1"], "unknown config key trainer.foo"),
-    (["model.pooling=max"], "model.pooling='max'"),
-    (["trainer.precision=fp8"], "trainer.precision='fp8'"),
+    (["trainer.precision=fp8"], "trainer.precision=fp8: use one of float32, mixed_bfloat16"),
     (["model=swin", "model.image_size=16"], "at least 32 pixels"),
     (["-m", "depth=1,2", "tracking.uri=http://127.0.0.1:9"], "is unreachable"),
     (["tracking.uri=sqlite:///relative.db"], "the path is relative: use sqlite:////"),

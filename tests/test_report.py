@@ -97,12 +97,16 @@ def test_curves_have_whole_epochs_on_the_x_axis():
 
 
 def test_attention_figure_has_one_colour_scale():
-    from vitexp.explain import attention_figure
-    from vitexp.models.vit import build_vit
+    from conftest import compose
+    from hydra.utils import instantiate
 
-    model = build_vit(
-        4,
-        (16, 16, 3),
+    from vitexp.explain import attention_figure
+
+    model = instantiate(
+        compose(["model=vit"]).model,
+        _convert_="all",
+        num_classes=4,
+        input_shape=(16, 16, 3),
         image_size=16,
         patch_size=4,
         depth=1,

@@ -104,11 +104,12 @@ def test_bad_search_fails_in_one_line(tmp_path, capsys, extra, message):
 
 
 def test_two_searches_cannot_share_a_study_name(tmp_path, capsys):
-    from vitexp.cli import _hydra, preflight
+    from vitexp.cli import preflight
+    from vitexp.config import hydra_app
     from vitexp.search import open_study, plan_of
 
     args = search_args(tmp_path, "hydra.sweeper.study_name=mine")
-    with _hydra() as app:
+    with hydra_app() as app:
         open_study(plan_of(app, "config", [*args, "depth=choice(1,2)"]))  # the first search's study
     preflight([*args, "depth=choice(1,2)"])  # the same search again is fine
     with pytest.raises(SystemExit):

@@ -99,7 +99,7 @@ def synthetic(count: int, shape, classes: int):
 
 
 def run_textbook(args) -> dict:
-    from vitexp.cli import compose
+    from vitexp.config import compose
     from vitexp.optim import WarmupCosine
 
     cfg = compose([f"model={args.model}", *args.overrides])
@@ -146,7 +146,7 @@ def run_textbook(args) -> dict:
 def run_vitexp(args, overrides) -> dict:
     import tempfile
 
-    from vitexp.cli import compose
+    from vitexp.config import compose
     from vitexp.train import train
 
     folder = Path(tempfile.mkdtemp(prefix="vitexp-bench-"))
@@ -238,7 +238,7 @@ def training_flops(model_name: str, overrides: list[str]) -> float:
     from hydra.utils import instantiate
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from vitexp.cli import compose
+    from vitexp.config import compose
 
     cfg = compose([f"model={model_name}", *overrides])
     model = instantiate(cfg.model, _convert_="all")
@@ -252,7 +252,7 @@ def training_flops(model_name: str, overrides: list[str]) -> float:
 
 def best_overrides(args) -> list[str]:
     """`trainer.precision=auto`, with the batch and learning rate scaled by `--best-batch-factor`."""
-    from vitexp.cli import compose
+    from vitexp.config import compose
 
     if args.best_batch_factor == 1:
         return ["trainer.precision=auto"]

@@ -3,83 +3,40 @@
 The configs ship inside the package (`pkg://vitexp.conf`, the repository's `conf/`), so an
 installed `vitexp` works from any folder; `--config-dir DIR` or `hydra.searchpath=[file://DIR]`
 adds a user's own config folder. Before Hydra runs anything, every job's config is composed
-from the same search path and checked here (for a sweep, every combination of a grid), so a
+from the same search path (`vitexp.config.hydra_app`, as `vitexp.config.compose` does for
+tools and tests) and checked here (for a sweep, every combination of a grid), so a
 typo fails in one line within a second instead of deep in a traceback after data has been
 loaded. TensorFlow is imported only when a job actually trains, so `--help` and `--cfg job`
 answer at once.
 """
 
 import contextlib
-import importlib.util
 import io
 import itertools
 import os
+import re
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-import vitexp.config  # noqa: F401  (registers the schemas and the `shortcut` resolver)
 from vitexp.cluster import launcher_problem
+from vitexp.config import CONFIG_PATH, compose_with, hydra_app
 from vitexp.quiet import filter_native_noise
 from vitexp.validate import ConfigError, check_config
 
-CONFIG_MODULE = "vitexp.conf"
 MAX_CHECKED_JOBS = 256
-
-
-def config_path() -> str:
-    """The packaged configs; a source tree that is not installed falls back to its conf/."""
-    if importlib.util.find_spec(CONFIG_MODULE) is not None:
-        return f"pkg://{CONFIG_MODULE}"
-    return str(Path(__file__).resolve().parent.parent / "conf")
-
-
-CONFIG_PATH = config_path()
+ENUM_CHOICES = re.compile(r"^Invalid value .*, expected one of \[(.*)\]$")
+IN_FILE = re.compile(
+    r"In '(?P<file>[^']+)': \w+ raised while composing config:\n"
+    r"(?P<detail>(?:Invalid value '(?P<value>[^']*)')?.*)\n\s+full_key: (?P<key>\S+)"
+)
 
 
 def fail(message: str, code: int = 2) -> None:
     """Prints one line to stderr and exits: the form of every user-facing error."""
     print(f"vitexp: error: {message}", file=sys.stderr)
     sys.exit(code)
-
-
-@contextlib.contextmanager
-def _hydra(config_dir: str | None = None, path: str | None = None) -> Iterator:
-    """A Hydra instance with the command line's search path (what `@hydra.main` builds)."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_automatic_config_search_path
-    from hydra.core.config_search_path import SearchPathQuery
-    from hydra.core.global_hydra import GlobalHydra
-
-    search_path = create_automatic_config_search_path(None, None, path or CONFIG_PATH)
-    if config_dir is not None:
-        folder = Path(config_dir).absolute()
-        if not folder.is_dir():
-            fail(f"--config-dir {config_dir}: no such folder")
-        search_path.prepend("command-line", f"file://{folder}", SearchPathQuery(provider="schema"))
-    GlobalHydra.instance().clear()
-    try:
-        yield Hydra.create_main_hydra2(task_name="vitexp", config_search_path=search_path)
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def _compose(app, config_name: str, overrides: list[str]) -> DictConfig:
-    from hydra.types import RunMode
-
-    cfg = app.compose_config(config_name, overrides, run_mode=RunMode.RUN, with_log_configuration=False)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
-def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
-    """Composes the config the way `vitexp` does (for tools and tests)."""
-    with _hydra(config_dir) as app:
-        return _compose(app, "config", overrides)
 
 
 def _job_overrides(app, args: list[str]) -> list[list[str]]:
@@ -124,26 +81,13 @@ def preflight(argv: list[str]) -> None:
     # hydra.* overrides choose Hydra's machinery (launcher, sweeper, run dir), not the job,
     # except the search path, which decides where the job's options come from
     args = [a for a in parsed.overrides if not a.startswith("hydra") or a.startswith("hydra.searchpath")]
-    with _hydra(parsed.config_dir, parsed.config_path) as app:
-        try:
-            jobs = _job_overrides(app, args)
-        except Exception as err:
-            fail(f"cannot parse the overrides: {_first_line(err)}")
-        servers = set()
-        for job in jobs:
-            try:
-                cfg = _compose(app, parsed.config_name or "config", job)
-            except Exception as err:
-                fail(_explain_compose_error(err))
-            if str(cfg.tracking.uri).startswith(("http://", "https://")):
-                servers.add((cfg.tracking.uri, cfg.tracking.timeout_s))
-            try:
-                check_config(cfg)
-            except ConfigError as err:
-                swept = [ov for ov in job if ov not in args]  # this job's values of the sweep axes
-                prefix = f"[{' '.join(swept)}] " if swept else ""
-                fail(f"{prefix}{err}")
-        _check_search(app, parsed.config_name or "config", parsed.overrides)
+    config_name = parsed.config_name or "config"
+    try:
+        with hydra_app(parsed.config_dir, parsed.config_path) as app:
+            cfg, servers = _check_jobs(app, config_name, args)
+            _check_search(app, config_name, parsed.overrides)
+    except ConfigError as err:  # a --config-dir that is not a folder
+        fail(str(err))
     if problem := launcher_problem(argv, cfg.tracking.uri):  # a Slurm sweep: cluster and store
         fail(problem)
     for uri, timeout in sorted(servers):  # before a sweep creates its parent run
@@ -153,6 +97,29 @@ def preflight(argv: list[str]) -> None:
             check_reachable(uri, timeout)
         except TrackingError as err:
             fail(str(err))
+
+
+def _check_jobs(app, config_name: str, args: list[str]) -> tuple[DictConfig, set]:
+    """Composes and checks each job; returns the last config and the tracking servers named."""
+    try:
+        jobs = _job_overrides(app, args)
+    except Exception as err:
+        fail(f"cannot parse the overrides: {_first_line(err)}")
+    servers = set()
+    for job in jobs:
+        try:
+            cfg = compose_with(app, config_name, job)
+        except Exception as err:
+            fail(_explain_compose_error(err))
+        if str(cfg.tracking.uri).startswith(("http://", "https://")):
+            servers.add((cfg.tracking.uri, cfg.tracking.timeout_s))
+        try:
+            check_config(cfg)
+        except ConfigError as err:
+            swept = [ov for ov in job if ov not in args]  # this job's values of the sweep axes
+            prefix = f"[{' '.join(swept)}] " if swept else ""
+            fail(f"{prefix}{err}")
+    return cfg, servers
 
 
 def _check_search(app, config_name: str, overrides: list[str]) -> None:
@@ -189,8 +156,17 @@ def _explain_compose_error(err: BaseException) -> str:
         detail = lines[-1] if len(lines) > 1 else str(err).splitlines()[-1]
         if "To append to your config" in str(err):
             detail = "no such key (check the spelling; `vitexp --cfg job` lists every key)"
-        return f"{override}: {detail}"
+        return f"{override}: {_say(detail)}"
+    if in_file := IN_FILE.match(str(err)):  # a bad value in a config file
+        key = f"{in_file['key']}={in_file['value']}" if in_file["value"] else in_file["key"]
+        return f"{key} in {in_file['file']}.yaml: {_say(in_file['detail'])}"
     return lines[-1] if len(lines) > 1 else lines[0]
+
+
+def _say(detail: str) -> str:
+    """OmegaConf's words for a value outside a schema's Enum, in vitexp's."""
+    choices = ENUM_CHOICES.search(detail)
+    return f"use one of {choices[1]}" if choices else detail
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")

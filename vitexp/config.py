@@ -1,17 +1,30 @@
-"""Config schemas: one dataclass per group option, registered with Hydra's ConfigStore.
+"""The config: one dataclass schema per group option, registered with Hydra's ConfigStore,
+and `compose`, which builds a job's config the way the `vitexp` command does.
 
-Every YAML file under ``conf/`` names its schema in its defaults list, so a typo or a
-wrong type fails when Hydra composes the config. Keys added with ``+key=`` slip past
-Hydra's struct mode; :func:`vitexp.validate.check_config` catches those.
+Every YAML file under ``conf/`` names its schema in its defaults list, so a typo, a wrong
+type or a value outside an Enum fails when Hydra composes the config. The values live in
+the YAML options; a schema holds a default only for a key no option sets. Keys added with
+``+key=`` slip past Hydra's struct mode; :func:`vitexp.validate.check_config` catches those.
+Model schemas live with their family (`vitexp/models/<family>_schema.py`) and are found
+there.
 """
 
+import contextlib
+import importlib.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+
+from vitexp.models.schema import family_schemas
+from vitexp.validate import ConfigError
+
+CONFIG_MODULE = "vitexp.conf"
 
 
 def _shortcut(key: str, default: Any, *, _root_: Any) -> Any:
@@ -24,61 +37,6 @@ if not OmegaConf.has_resolver("shortcut"):
     OmegaConf.register_new_resolver("shortcut", _shortcut)
 if not OmegaConf.has_resolver("pid"):  # run folders: two runs started in the same second differ
     OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
-
-
-# ---------------------------------------------------------------- model
-@dataclass
-class ModelConfig:
-    _target_: str = MISSING
-    name: str = MISSING
-    num_classes: int = II("data.num_classes")
-    input_shape: list[int] = II("data.image_shape")
-
-
-@dataclass
-class ViTConfig(ModelConfig):
-    _target_: str = "vitexp.models.vit.build_vit"
-    name: str = "vit"
-    image_size: int = 72
-    patch_size: int = II("shortcut:patch_size,6")
-    depth: int = II("shortcut:depth,4")
-    projection_dim: int = 64
-    num_heads: int = 4
-    head_dim: int | None = None
-    transformer_units: list[int] = field(default_factory=lambda: [128, 64])
-    head_units: list[int] = field(default_factory=lambda: [2048, 1024])
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    head_dropout: float = 0.5
-    drop_path: float = 0.0
-    pooling: str = "flatten"
-    pos_embedding: str = "learned"
-    shifted_patches: bool = False
-    locality_attention: bool = False
-    tokenizer: str = "patch"
-    stem_channels: list[int] = field(default_factory=list)
-
-
-@dataclass
-class SwinConfig(ModelConfig):
-    _target_: str = "vitexp.models.swin.build_swin"
-    name: str = "swin"
-    variant: str = "swin_tiny_224"
-    image_size: int = 32
-    patch_size: int = II("shortcut:patch_size,4")
-    depth: int = II("shortcut:depth,6")
-    depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
-    embed_dim: int = 96
-    num_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
-    window_size: int = 7
-    pretrain_size: int = 224
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    drop_path: float = 0.2
-    weights: str | None = None
-    head_units: list[int] = field(default_factory=list)
-    head_dropout: float = 0.0
 
 
 # ---------------------------------------------------------------- data
@@ -110,12 +68,10 @@ class DataConfig:
 class SyntheticDataConfig(DataConfig):
     _target_: str = "vitexp.data.synthetic.load_synthetic"
     name: str = "synthetic"
-    num_classes: int = 4
-    image_shape: list[int] = field(default_factory=lambda: [16, 16, 3])
-    num_train: int = 512
-    num_test: int = 128
-    noise: float = 0.25
-    seed: int = 0
+    num_train: int = MISSING
+    num_test: int = MISSING
+    noise: float = MISSING
+    seed: int = MISSING
 
 
 # ---------------------------------------------------------------- optimisation
@@ -123,8 +79,8 @@ class SyntheticDataConfig(DataConfig):
 class AdamWConfig:
     _target_: str = "vitexp.optim.adamw"
     _partial_: bool = True
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
+    learning_rate: float = MISSING
+    weight_decay: float = MISSING
     beta_1: float = 0.9
     beta_2: float = 0.999
     clipnorm: float | None = None
@@ -135,9 +91,9 @@ class AdamWConfig:
 class SGDConfig:
     _target_: str = "vitexp.optim.sgd"
     _partial_: bool = True
-    learning_rate: float = 0.1
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
+    learning_rate: float = MISSING
+    weight_decay: float = MISSING
+    momentum: float = MISSING
     nesterov: bool = True
     clipnorm: float | None = None
     ema_momentum: float | None = None
@@ -147,9 +103,9 @@ class SGDConfig:
 class WarmupCosineConfig:
     _target_: str = "vitexp.optim.WarmupCosine"
     _partial_: bool = True
-    warmup_fraction: float = 0.1
-    warmup_lr: float = 0.0
-    final_lr: float = 0.0
+    warmup_fraction: float = MISSING
+    warmup_lr: float = MISSING
+    final_lr: float = MISSING
 
 
 @dataclass
@@ -162,6 +118,24 @@ class ConstantScheduleConfig:
 
 
 # ---------------------------------------------------------------- trainer, tracking
+class Precision(StrEnum):
+    """Keras' dtype policy; `auto` picks per machine (`vitexp.devices.choose_precision`)."""
+
+    float32 = "float32"
+    mixed_bfloat16 = "mixed_bfloat16"
+    mixed_float16 = "mixed_float16"
+    auto = "auto"
+
+
+class Strategy(StrEnum):
+    """The tf.distribute strategy (`vitexp.devices.distribution`)."""
+
+    auto = "auto"
+    one_device = "one_device"
+    mirrored = "mirrored"
+    multi_worker = "multi_worker"
+
+
 class TestCheckpoint(StrEnum):
     best = "best"
     last = "last"
@@ -182,17 +156,17 @@ class EarlyStoppingConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 30
-    batch_size: int = 64
-    validation_split: float = 0.2
-    seed: int = 42
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    validation_split: float = MISSING
+    seed: int = MISSING
     deterministic: bool = False
     label_smoothing: float = 0.0
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     jit_compile: str = "auto"
     steps_per_execution: int = 1
     steps_per_epoch: int | None = None
-    strategy: str = "auto"
+    strategy: Strategy = Strategy.auto
     logical_cpus: int | None = None
     threads: int | None = None
     keep_checkpoints: int = 2
@@ -208,8 +182,8 @@ class TrainerConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None
-    experiment: str = "vitexp"
+    uri: str | None = MISSING
+    experiment: str = MISSING
     log_checkpoints: bool = True
     timeout_s: float = 10.0
     skip_finished: bool = True
@@ -217,7 +191,7 @@ class TrackingConfig:
 
 @dataclass
 class ReportConfig:
-    enabled: bool = True
+    enabled: bool = MISSING
     num_images: int = 6
 
 
@@ -230,19 +204,17 @@ class Config:
     trainer: TrainerConfig = MISSING
     tracking: TrackingConfig = MISSING
     report: ReportConfig = field(default_factory=ReportConfig)
-    patch_size: int | None = None
-    depth: int | None = None
-    run_name: str = "${model.name}-p${model.patch_size}-d${model.depth}-${data.name}"
-    resume: Any = False
+    patch_size: int | None = MISSING
+    depth: int | None = MISSING
+    run_name: str = MISSING
+    resume: Any = MISSING
 
 
 # Stored at the top of the ConfigStore, outside every option group, so they are neither
 # listed by `--help` nor selectable (`model=vit_schema`); options extend them with
-# `- /vit_schema@_here_` in their defaults list.
+# `- /vit_schema@_here_` in their defaults list. Model families add their own.
 SCHEMAS = {
     "vitexp_schema": Config,
-    "vit_schema": ViTConfig,
-    "swin_schema": SwinConfig,
     "data_schema": DataConfig,
     "synthetic_schema": SyntheticDataConfig,
     "adamw_schema": AdamWConfig,
@@ -258,8 +230,61 @@ SCHEMAS = {
 def register_schemas() -> None:
     """Puts every schema in Hydra's ConfigStore; conf/ files extend them by name."""
     cs = ConfigStore.instance()
-    for name, node in SCHEMAS.items():
+    for name, node in {**SCHEMAS, **family_schemas()}.items():
         cs.store(name=name, node=node)
 
 
 register_schemas()
+
+
+# ---------------------------------------------------------------- composing
+def config_path() -> str:
+    """The packaged configs; a source tree that is not installed falls back to its conf/."""
+    if importlib.util.find_spec(CONFIG_MODULE) is not None:
+        return f"pkg://{CONFIG_MODULE}"
+    return str(Path(__file__).resolve().parent.parent / "conf")
+
+
+CONFIG_PATH = config_path()
+
+
+@contextlib.contextmanager
+def hydra_app(config_dir: str | None = None, path: str | None = None) -> Iterator:
+    """A Hydra instance with the command line's search path (what `@hydra.main` builds).
+
+    Args:
+        config_dir: a user's config folder, searched before the packaged one (`--config-dir`).
+        path: the primary config folder (`--config-path`); the packaged configs by default.
+    """
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
+    from hydra.core.global_hydra import GlobalHydra
+
+    search_path = create_automatic_config_search_path(None, None, path or CONFIG_PATH)
+    if config_dir is not None:
+        folder = Path(config_dir).absolute()
+        if not folder.is_dir():
+            raise ConfigError(f"--config-dir {config_dir}: no such folder")
+        search_path.prepend("command-line", f"file://{folder}", SearchPathQuery(provider="schema"))
+    GlobalHydra.instance().clear()
+    try:
+        yield Hydra.create_main_hydra2(task_name="vitexp", config_search_path=search_path)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose_with(app, config_name: str, overrides: list[str]) -> DictConfig:
+    """One job's config from a `hydra_app`, without Hydra's own `hydra` node."""
+    from hydra.types import RunMode
+
+    cfg = app.compose_config(config_name, overrides, run_mode=RunMode.RUN, with_log_configuration=False)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
+    """Composes the config the way `vitexp` does (for tools and tests)."""
+    with hydra_app(config_dir) as app:
+        return compose_with(app, "config", overrides)

@@ -76,7 +76,7 @@ def choose_precision(precision: str) -> tuple[str, str]:
     elsewhere, where bfloat16 would be emulated. Logits and softmax stay float32 always.
     """
     if precision != "auto":
-        return precision, "set by trainer.precision"
+        return str(precision), "set by trainer.precision"  # the plain name, not the Enum
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])

@@ -29,7 +29,7 @@ def data_config(run_cfg, overrides: list[str]):
     group = [o for o in overrides if o.startswith("data=")]
     try:
         if group:
-            from vitexp.cli import compose
+            from vitexp.config import compose
 
             data = compose(group).data
         dotted = [o.removeprefix("data.") for o in overrides if o.startswith("data.")]

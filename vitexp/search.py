@@ -303,7 +303,7 @@ def plan_of(app, config_name: str, overrides: list[str]) -> Plan | None:
     """The search a command line asks for (None when it is no search); compose errors propagate.
 
     Args:
-        app: the Hydra instance the command line composes with (vitexp.cli._hydra).
+        app: the Hydra instance the command line composes with (vitexp.config.hydra_app).
         config_name: the primary config.
         overrides: the command line's overrides, hydra.* included.
     """

@@ -253,7 +253,7 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     """Runs one job end to end and returns its best validation top-1 (for sweepers).
 
     Args:
-        cfg: the composed config (`vitexp.cli.compose`).
+        cfg: the composed config (`vitexp.config.compose`).
         callbacks: Keras callbacks to add to `fit`, after vitexp's own.
     """
     check_config(cfg)

@@ -3,13 +3,20 @@
 import keras
 import numpy as np
 import pytest
+from conftest import compose
+from hydra.utils import instantiate
 
 from vitexp.models import adapt_input_norm, channel_stats, load_model
-from vitexp.models.vit import attention_maps, build_vit
+from vitexp.models.vit import attention_maps
+
+
+def vit(option="vit", **kwargs):
+    """The model of conf/model/<option>.yaml, with `kwargs` in place of its values."""
+    return instantiate(compose([f"model={option}"]).model, _convert_="all", **kwargs)
 
 
 def test_textbook_parameter_count():
-    model = build_vit(num_classes=100, input_shape=(32, 32, 3))
+    model = vit(num_classes=100, input_shape=(32, 32, 3))
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     assert trainable == 21_426_212
     assert model.count_params() == 21_426_219  # + the input statistics (3 + 3 + 1)
@@ -27,7 +34,7 @@ def small_vit(**kwargs):
         transformer_units=[32, 16],
         head_units=[32],
     )
-    return build_vit(**{**base, **kwargs})
+    return vit(**{**base, **kwargs})
 
 
 def test_input_norm_is_adapted():

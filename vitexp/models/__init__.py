@@ -1,7 +1,18 @@
-"""Model factories (one per family) and what every model needs: input statistics, reload."""
+"""Model families and what every model needs: input statistics, reload.
 
-import keras
+A family is its factory (`<family>.py`) and its config schema (`<family>_schema.py`, found
+by `vitexp.models.schema.family_schemas`). Keras is imported on use, so the command line
+reads the schemas without loading TensorFlow.
+"""
+
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import keras
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -18,7 +29,7 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np
     return mean, total_sq / count - np.square(mean)
 
 
-def adapt_input_norm(model: keras.Model, images: np.ndarray) -> bool:
+def adapt_input_norm(model: "keras.Model", images: np.ndarray) -> bool:
     """Sets the `input_norm` layer's statistics from training images, as `adapt()` would.
 
     Returns:
@@ -34,10 +45,12 @@ def adapt_input_norm(model: keras.Model, images: np.ndarray) -> bool:
     return True
 
 
-def load_model(path: str) -> keras.Model:
-    """Loads a `.keras` checkpoint in safe mode, with every vitexp class registered first."""
-    import vitexp.models.layers  # noqa: F401
-    import vitexp.models.swin  # noqa: F401  (the tfswin layer fix)
-    import vitexp.optim  # noqa: F401  (the learning-rate schedule)
+def load_model(path: str) -> "keras.Model":
+    """Loads a `.keras` checkpoint in safe mode, with every vitexp class registered first
+    (every family's layers, and the learning-rate schedule)."""
+    import keras
 
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    importlib.import_module("vitexp.optim")
     return keras.saving.load_model(path, safe_mode=True)

@@ -18,30 +18,31 @@ from vitexp.models.layers import (
 def build_vit(
     num_classes,
     input_shape,
-    image_size=72,
-    patch_size=6,
-    depth=4,
-    projection_dim=64,
-    num_heads=4,
-    head_dim=None,
-    transformer_units=(128, 64),
-    head_units=(2048, 1024),
-    dropout=0.1,
-    attention_dropout=0.1,
-    head_dropout=0.5,
-    drop_path=0.0,
-    pooling="flatten",
-    pos_embedding="learned",
-    shifted_patches=False,
-    locality_attention=False,
-    tokenizer="patch",
-    stem_channels=(),
-    name="vit",
+    image_size,
+    patch_size,
+    depth,
+    projection_dim,
+    num_heads,
+    head_dim,
+    transformer_units,
+    head_units,
+    dropout,
+    attention_dropout,
+    head_dropout,
+    drop_path,
+    pooling,
+    pos_embedding,
+    shifted_patches,
+    locality_attention,
+    tokenizer,
+    stem_channels,
+    name,
 ):
     """Builds a ViT classifier that maps raw pixels (any scale, uint8 welcome) to logits.
 
-    The defaults are the textbook's model. The first layer (`input_norm`) standardises each
-    channel with statistics that `adapt_input_norm` sets from the training images.
+    conf/model/vit.yaml holds the textbook's values. The first layer (`input_norm`)
+    standardises each channel with statistics that `adapt_input_norm` sets from the training
+    images.
 
     Args:
         num_classes: number of output logits.
