@@ -28,7 +28,7 @@ from vitexp.callbacks import (
 from vitexp.data import DataError, ImageData, load_data
 from vitexp.data.augment import build_augment
 from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
-from vitexp.devices import distribution, jit_setting, setup_tensorflow, worker_config
+from vitexp.devices import distribution, jit_setting, setup_tensorflow
 from vitexp.errors import fail
 from vitexp.jobs import Job, Splits, in_multirun, job_dir
 from vitexp.metrics import score_predictions, softmax
@@ -262,17 +262,18 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     STOP.install()
     workers = start_workers() if cfg.trainer.strategy == "multi_worker" else None  # before TF's devices
     setup_tensorflow(cfg.trainer)
-    if workers and not workers.is_chief:
-        cfg = worker_config(cfg)
+    private = workers and not workers.is_chief  # records into a store of its own; the chief writes the run
+    if private:
+        cfg = workers.private_config(cfg)
     tracker = Tracker.from_config(cfg.tracking)
     done = finished_before(tracker, cfg)
     if done is not None:  # a re-run sweep: this job already finished
         link_finished(tracker, cfg, done)
         print(f"vitexp: {cfg.run_name} already FINISHED as run {done.info.run_id}; skipped", file=sys.stderr)
         return float(done.data.metrics.get("best_val_top1", float("nan")))
-    resume = find_resume(tracker, cfg)
+    resume = workers.find_resume() if private else find_resume(tracker, cfg)
     data, splits, steps, strategy, model, schedule = prepare(cfg, tracker, resume, workers)
-    run_id, out_dir, first_epoch = open_run(tracker, cfg, resume)
+    run_id, out_dir, first_epoch = (workers.open_run if private else open_run)(tracker, cfg, resume)
     try:
         if not resume:
             log_setup(tracker, run_id, cfg, model, splits, out_dir)
@@ -299,7 +300,10 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         tracker.end_run(run_id, FAILED)
         raise
     tracker.end_run(run_id, FINISHED)
-    print_summary(cfg, tracker, run_id, result)
+    if workers:
+        workers.report(model)
+    if not private:
+        print_summary(cfg, tracker, run_id, result)
     return float(result["best_val_top1"])
 
 
