@@ -26,6 +26,7 @@ TINY = [
     "trainer.epochs=3",
     "trainer.batch_size=32",
     "report.enabled=false",
+    "tracking.log_model=false",  # the MLflow Model is tested where it is used
 ]
 
 

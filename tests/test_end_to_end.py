@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 from conftest import TINY, run_vitexp, runs_of
@@ -128,6 +129,10 @@ def test_multirun_is_one_parent_with_a_child_per_job(tmp_path, store):
     for child in children:
         for key in ("train_loss", "val_loss", "val_top1", "lr", "optimizer_step", "images_per_s"):
             assert [s for s, _ in metric_steps(client, child.info.run_id, key)] == [1], key
+    # tracking.log_model=false: checkpoints only, no MLflow Model per job
+    mlflow.set_tracking_uri(uri)
+    experiment_ids = [parents[0].info.experiment_id]
+    assert mlflow.search_logged_models(experiment_ids=experiment_ids, output_format="list") == []
 
 
 def test_a_diverging_job_fails_without_stopping_the_sweep(tmp_path, store):

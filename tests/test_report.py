@@ -1,10 +1,10 @@
-"""Report maths: attention rollout against values worked by hand, confusions, test metrics."""
+"""Pictures and their maths: attention rollout against values worked by hand, position
+similarity, and what the drawn pixels show."""
 
 import numpy as np
 import pytest
 
-from vitexp.explain import attention_rollout
-from vitexp.report import confused_pairs, position_similarity, score_predictions, softmax
+from vitexp.report import attention_rollout, position_similarity
 
 
 def test_rollout_one_layer_without_cls():
@@ -26,16 +26,6 @@ def test_rollout_two_layers_multiply_in_order():
     a2 = np.array([[[[0.0, 1.0], [0.0, 1.0]]]])  # mixed: [[0.5, 0.5], [0, 1]]
     # rollout = M2 @ M1 = [[0.75, 0.25], [0.5, 0.5]]; row mean = [0.625, 0.375]
     np.testing.assert_allclose(attention_rollout([a1, a2], has_cls=False), [[0.625, 0.375]])
-
-
-def test_confused_pairs_and_metrics():
-    y_true = np.array([0, 0, 0, 1, 1, 2])
-    y_pred = np.array([1, 1, 0, 0, 1, 2])
-    assert confused_pairs(y_true, y_pred, 3) == [(0, 1, 2), (1, 0, 1)]
-    probs = softmax(np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])))
-    metrics = score_predictions(probs, np.array([1, 2]))
-    assert metrics["top1"] == 0.5 and metrics["top5"] == 1.0
-    assert metrics["loss"] == pytest.approx(-(np.log(0.2) + np.log(0.6)) / 2)
 
 
 def test_position_similarity():
@@ -74,7 +64,7 @@ def test_patches_of_the_same_grey_get_the_same_pixels():
 
 
 def test_attention_overlay_covers_the_image_to_its_edges():
-    from vitexp.explain import _overlay
+    from vitexp.report import _overlay
 
     image = np.full((8, 8, 3), 120, np.uint8)
     weights = np.full(16, 1 / 16)  # a 4x4 patch grid, one colour everywhere
@@ -100,7 +90,7 @@ def test_attention_figure_has_one_colour_scale():
     from conftest import compose
     from hydra.utils import instantiate
 
-    from vitexp.explain import attention_figure
+    from vitexp.report import attention_figure
 
     model = instantiate(
         compose(["model=vit"]).model,

@@ -53,6 +53,7 @@ def folder_run(tmp_path_factory):
     run_vitexp(
         [
             *overrides,
+            "tracking.log_model=true",
             "data=image_folder",
             f"data.path={tmp / 'images'}",
             "data.num_classes=4",

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from vitexp.cluster import launcher_problem
 from vitexp.config import CONFIG_PATH, compose_with, hydra_app
+from vitexp.errors import fail
 from vitexp.quiet import filter_native_noise
 from vitexp.validate import ConfigError, check_config
 
@@ -31,12 +32,6 @@ IN_FILE = re.compile(
     r"In '(?P<file>[^']+)': \w+ raised while composing config:\n"
     r"(?P<detail>(?:Invalid value '(?P<value>[^']*)')?.*)\n\s+full_key: (?P<key>\S+)"
 )
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Prints one line to stderr and exits: the form of every user-facing error."""
-    print(f"vitexp: error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def _job_overrides(app, args: list[str]) -> list[list[str]]:

@@ -185,6 +185,9 @@ class TrackingConfig:
     uri: str | None = MISSING
     experiment: str = MISSING
     log_checkpoints: bool = True
+    # the test checkpoint as the run's MLflow Model (what evaluate, predict, registry and
+    # `make serve` load by run id); false skips it, e.g. for a large sweep's trials
+    log_model: bool = True
     timeout_s: float = 10.0
     skip_finished: bool = True
 

@@ -7,9 +7,8 @@ import tensorflow as tf
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vitexp.jobs import job_dir, parallel_jobs
+from vitexp.jobs import parallel_jobs
 from vitexp.machine import native_bfloat16
-from vitexp.tracking import sqlite_store
 
 
 def setup_tensorflow(trainer: DictConfig) -> None:
@@ -62,16 +61,6 @@ def distribution(name: str) -> tf.distribute.Strategy | None:
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)
     raise ValueError(f"{name}: multi_worker comes from vitexp.multiworker.start_workers")
-
-
-def worker_config(cfg: DictConfig) -> DictConfig:
-    """A non-chief worker's config: the same job, recorded in a private store in its own folder
-    (the chief alone writes the MLflow run)."""
-    folder = job_dir() / "worker-store"
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.copy()
-    cfg.tracking.uri = sqlite_store(folder)
-    return cfg
 
 
 def resolve_precision(precision: str) -> str:

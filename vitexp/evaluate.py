@@ -38,12 +38,6 @@ def data_config(run_cfg, overrides: list[str]):
         raise DataError(f"{' '.join(overrides)}: {str(err).splitlines()[0]}") from None
 
 
-def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    counts = np.bincount(y_true, minlength=num_classes)
-    hits = np.bincount(y_true[y_pred == y_true], minlength=num_classes)
-    return np.where(counts > 0, hits / np.maximum(counts, 1), np.nan)
-
-
 def fit_to_model(run, data_cfg, images: np.ndarray) -> np.ndarray:
     """The test images in the shape the run's model takes, converted as `predict` converts
     files; raises DataError when the data has more classes than the model."""
@@ -82,7 +76,7 @@ def model_labels(run_classes: list[str], data) -> np.ndarray:
 def evaluate(run, data_cfg, batch_size: int = 256) -> dict:
     from vitexp.data import load_data
     from vitexp.data.pipeline import eval_dataset
-    from vitexp.report import score_predictions, softmax
+    from vitexp.metrics import per_class_accuracy, score_predictions, softmax
 
     data = load_data(data_cfg)
     images = fit_to_model(run, data_cfg, data.test_x)
@@ -116,40 +110,41 @@ def main(argv: list[str] | None = None) -> None:
 
     from vitexp.data import DataError
     from vitexp.runs import RunError, load_run
-    from vitexp.tracking import Tracker
 
-    try:
+    with parser.failing_on(RunError, DataError):
         run = load_run(args.run_id, args.tracking_uri, args.checkpoint)
         cfg = data_config(run.cfg, args.overrides)
         result = evaluate(run, cfg)
-    except (RunError, DataError) as err:
-        parser.fail(str(err))
+    print_result(f"run {args.run_id} ({run.checkpoint.stem} checkpoint) on {cfg.name} test", result)
+    target = log_result(run, result, cfg.name, args)
+    print(f"  logged to run {target}")
+
+
+def print_result(heading: str, result: dict) -> None:
     scores = result["scores"]
-    print(
-        f"run {args.run_id} ({run.checkpoint.stem} checkpoint) on {cfg.name} test, {result['count']} images"
-    )
+    print(f"{heading}, {result['count']} images")
     print(f"  top-1 {scores['top1']:.4f}  top-5 {scores['top5']:.4f}  loss {scores['loss']:.4f}")
     print("  per-class accuracy:")
     for name, acc in zip(result["class_names"], result["per_class"]):
         print(f"    {name:<24} {acc:.4f}")
 
+
+def log_result(run, result: dict, data_name: str, args) -> str:
+    """The scores as `test_*` metrics of a new child run (`eval_*` of the run itself with
+    `--in-place`) and the per-class table as an artifact; returns the run logged to."""
+    from vitexp.tracking import Tracker
+
     tracker = Tracker(args.tracking_uri, run.experiment)
     if args.in_place:
-        target = args.run_id
-        prefix = "eval_"
+        target, prefix = args.run_id, "eval_"
     else:
-        target = tracker.start_run(
-            f"eval-{run.run.info.run_name}", {"vitexp.evaluates": args.run_id}, args.run_id
-        )
-        tracker.log_params(
-            target,
-            {"checkpoint": run.checkpoint.stem, "data": cfg.name, "overrides": " ".join(args.overrides)},
-        )
-        prefix = "test_"
-    tracker.log_metrics(target, {f"{prefix}{k}": v for k, v in scores.items()}, step=0)
-    table = {
-        n: (None if np.isnan(a) else float(a)) for n, a in zip(result["class_names"], result["per_class"])
-    }
+        name = f"eval-{run.run.info.run_name}"
+        target, prefix = tracker.start_run(name, {"vitexp.evaluates": args.run_id}, args.run_id), "test_"
+        params = {"checkpoint": run.checkpoint.stem, "data": data_name, "overrides": " ".join(args.overrides)}
+        tracker.log_params(target, params)
+    tracker.log_metrics(target, {f"{prefix}{k}": v for k, v in result["scores"].items()}, step=0)
+    named = zip(result["class_names"], result["per_class"])
+    table = {n: (None if np.isnan(a) else float(a)) for n, a in named}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "per_class_accuracy.json"
         path.write_text(json.dumps(table, indent=1))
@@ -157,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     tracker.flush()
     if not args.in_place:
         tracker.end_run(target)
-    print(f"  logged to run {target}")
+    return target
 
 
 if __name__ == "__main__":

@@ -11,15 +11,6 @@ import numpy as np
 from vitexp.tool_args import ToolParser
 
 
-def top_k(probs: np.ndarray, class_names: list[str], k: int) -> list[list[dict]]:
-    """Per image, the k most probable classes as `{"class", "label", "probability"}`."""
-    order = np.argsort(probs, axis=-1)[:, ::-1][:, :k]
-    return [
-        [{"class": int(c), "label": class_names[c], "probability": float(p[c])} for c in row]
-        for p, row in zip(probs, order)
-    ]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = ToolParser("vitexp.predict", __doc__)
     parser.add_argument("run_id")
@@ -31,14 +22,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse(argv)
 
-    from vitexp.report import softmax
+    from vitexp.metrics import softmax, top_k
     from vitexp.runs import RunError, load_run, read_images
 
-    try:
+    with parser.failing_on(RunError):
         run = load_run(args.run_id, args.tracking_uri, args.checkpoint)
         images = read_images(args.images, run.image_shape)
-    except RunError as err:
-        parser.fail(str(err))
     probs = softmax(run.model.predict(images, verbose=0).astype(np.float64))
     results = top_k(probs, run.class_names, min(args.top, probs.shape[-1]))
     if args.json:

@@ -36,7 +36,7 @@ class VitexpClassifier(mlflow.pyfunc.PythonModel):
         self.class_names = list(class_names)
 
     def predict(self, context, model_input, params=None):
-        from vitexp.report import softmax
+        from vitexp.metrics import softmax
 
         images = np.asarray(model_input, dtype=np.uint8)
         probs = softmax(self.model.predict(images, verbose=0).astype(np.float64))
@@ -91,11 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     from vitexp.runs import RunError
     from vitexp.tracking import Tracker
 
-    try:
+    with parser.failing_on(RunError, ValueError):
         run = best_run(Tracker(args.tracking_uri), args.target, args.metric)
         uri = register(run.info.run_id, args.name, args.tracking_uri)
-    except (RunError, ValueError) as err:
-        parser.fail(str(err))
     print(
         f"registered run {run.info.run_id} ({run.info.run_name}, {args.metric}="
         f"{run.data.metrics.get(args.metric, float('nan')):.4f}) as {uri}"

@@ -1,6 +1,7 @@
-"""Pictures of a run: curves, samples, patches, position embeddings, confusions, errors.
+"""Pictures of a run: curves, samples, patches, position embeddings, confusions, errors, attention.
 
-Each function draws one PNG from arrays and returns its path; `write_report` picks what
+Every picture vitexp draws of a model lives here. Each `plot_*` function draws one PNG and
+returns its path (a `*_figure` function returns the figure); `write_report` picks what
 applies to the model (attention pictures need a ViT, position similarity a learned one).
 """
 
@@ -12,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from vitexp.metrics import confused_pairs, confusion_counts  # noqa: E402
 
 PANELS = (("loss", "Loss", False), ("top1", "Top-1 accuracy", True), ("top5", "Top-5 accuracy", True))
 
@@ -114,22 +117,11 @@ def plot_position_similarity(embedding: np.ndarray, path: Path) -> Path:
     return _save(fig, path)
 
 
-def confused_pairs(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int, top: int = 20):
-    """The most frequent (true, predicted) mistakes: [(true, pred, count), ...]."""
-    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(counts, (y_true, y_pred), 1)
-    np.fill_diagonal(counts, 0)
-    order = np.argsort(counts, axis=None)[::-1][:top]
-    pairs = [(int(i // num_classes), int(i % num_classes)) for i in order]
-    return [(t, p, int(counts[t, p])) for t, p in pairs if counts[t, p] > 0]
-
-
 def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], path: Path) -> Path:
     """A confusion matrix (up to 20 classes), else the most-confused class pairs."""
     k = len(class_names)
     if k <= 20:
-        counts = np.zeros((k, k), dtype=np.int64)
-        np.add.at(counts, (y_true, y_pred), 1)
+        counts = confusion_counts(y_true, y_pred, k)
         fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 1 + 0.6 * k))
         ax.imshow(counts, cmap="Blues")
         for t in range(k):
@@ -181,27 +173,88 @@ def plot_confident_errors(images, y_true, probs, class_names, path: Path, count:
     return _save(fig, path)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(-1, keepdims=True)
+def attention_rollout(maps: list[np.ndarray], has_cls: bool) -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each patch feeds the output.
+
+    Each layer's head-averaged attention is mixed with the identity (the residual path),
+    rows renormalised, and the layers multiplied from the first to the last.
+
+    Args:
+        maps: per layer, `(batch, heads, tokens, tokens)` attention weights.
+        has_cls: the first token is a [CLS] token; its row is the answer. Otherwise the
+            rows of all tokens are averaged (the model pools or flattens every token).
+
+    Returns:
+        `(batch, patches)` non-negative weights summing to 1.
+    """
+    batch, _, tokens, _ = maps[0].shape
+    rollout = np.broadcast_to(np.eye(tokens), (batch, tokens, tokens)).copy()
+    for layer in maps:
+        mixed = 0.5 * layer.mean(axis=1) + 0.5 * np.eye(tokens)
+        mixed /= mixed.sum(axis=-1, keepdims=True)
+        rollout = mixed @ rollout
+    if has_cls:
+        weights = rollout[:, 0, 1:]
+    else:
+        weights = rollout.mean(axis=1)
+    return weights / weights.sum(axis=-1, keepdims=True)
 
 
-def score_predictions(probs: np.ndarray, y_true: np.ndarray) -> dict[str, float]:
-    """Cross-entropy, top-1 and top-5 of predicted probabilities."""
-    top5 = np.argsort(probs, axis=-1)[:, -5:]
-    return {
-        "loss": float(-np.log(probs[np.arange(len(y_true)), y_true].clip(1e-12)).mean()),
-        "top1": float((probs.argmax(-1) == y_true).mean()),
-        "top5": float((top5 == y_true[:, None]).any(-1).mean()),
-    }
+def _overlay(ax, image: np.ndarray, weights: np.ndarray, title: str, top: float):
+    """The image under its patch weights, the heat map covering exactly the image's pixels."""
+    n = int(round(np.sqrt(len(weights))))
+    show_image(ax, image)
+    height, width = image.shape[:2]
+    heat = ax.imshow(
+        weights.reshape(n, n),
+        cmap="inferno",
+        alpha=0.55,
+        vmin=0,
+        vmax=top,
+        extent=(-0.5, width - 0.5, height - 0.5, -0.5),  # imshow's own pixel-centred extent
+        interpolation="bilinear",
+    )
+    ax.set_title(title, fontsize=8)
+    return heat
+
+
+def plot_attention(model, images: np.ndarray, path: Path, titles: list[str] | None = None) -> Path:
+    """Per image: the image, its attention rollout, and each last-layer head, in one row."""
+    fig = attention_figure(model, images, titles)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def attention_figure(model, images: np.ndarray, titles: list[str] | None = None):
+    from vitexp.models.vit import attention_maps, has_cls_token
+
+    maps = attention_maps(model, images)
+    has_cls = has_cls_token(model)
+    rollout = attention_rollout(maps, has_cls)
+    last = maps[-1][:, :, 0, 1:] if has_cls else maps[-1].mean(axis=2)
+    heads = last.shape[1]
+    fig, axes = plt.subplots(
+        len(images), heads + 2, figsize=(2.2 * (heads + 2), 2.4 * len(images)), squeeze=False
+    )
+    last = last / last.sum(axis=-1, keepdims=True)
+    top = max(rollout.max(), last.max())  # one colour scale for every map
+    for i, image in enumerate(images):
+        show_image(axes[i, 0], image)
+        axes[i, 0].set_title(titles[i] if titles else f"image {i}", fontsize=8)
+        heat = _overlay(axes[i, 1], image, rollout[i], "rollout, all layers", top)
+        for h in range(heads):
+            _overlay(axes[i, 2 + h], image, last[i, h], f"last layer, head {h + 1}", top)
+    fig.colorbar(heat, ax=axes, shrink=0.8, label="share of attention")
+    fig.suptitle("Attention: what each output draws on")
+    return fig
 
 
 def write_report(
     model, cfg, train_x, train_y, test_x, test_y, probs, class_names, folder: Path
 ) -> list[Path]:
     """Every picture that applies to this model, into `folder`; returns their paths."""
-    from vitexp import explain
+    from vitexp.models.vit import has_attention, learned_positions
 
     folder.mkdir(parents=True, exist_ok=True)
     n = cfg.report.num_images
@@ -211,12 +264,12 @@ def write_report(
         plot_confusion(test_y, probs.argmax(-1), class_names, folder / "confusion.png"),
         plot_confident_errors(test_x, test_y, probs, class_names, folder / "errors.png"),
     ]
-    embedding = explain.learned_positions(model)
+    embedding = learned_positions(model)
     if embedding is not None:
         paths.append(plot_position_similarity(embedding, folder / "position_similarity.png"))
-    if explain.has_attention(model):
+    if has_attention(model):
         paths.append(
-            explain.plot_attention(
+            plot_attention(
                 model, test_x[:4], folder / "attention.png", [class_names[int(y)] for y in test_y[:4]]
             )
         )

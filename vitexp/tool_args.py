@@ -8,9 +8,9 @@ any order, and every mistake ends in one line `vitexp.<tool>: error: ...`.
 
 import argparse
 import os
-import sys
 from typing import NoReturn
 
+from vitexp.errors import fail, failing_on
 from vitexp.quiet import filter_native_noise
 from vitexp.validate import tracking_uri_problem
 
@@ -42,8 +42,11 @@ class ToolParser(argparse.ArgumentParser):
         self.fail(message)
 
     def fail(self, message: str) -> NoReturn:
-        print(f"{self.module}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        fail(message, self.module)
+
+    def failing_on(self, *errors: type[Exception]):
+        """A block whose `errors` end the tool in one line, `vitexp.<tool>: error: ...`."""
+        return failing_on(*errors, prog=self.module)
 
     def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
         """Parses options and positionals in any order and settles the tracking URI."""

@@ -26,14 +26,15 @@ from vitexp.callbacks import (
 from vitexp.data import DataError, ImageData, load_data
 from vitexp.data.augment import build_augment
 from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
-from vitexp.devices import distribution, jit_setting, setup_tensorflow, worker_config
+from vitexp.devices import distribution, jit_setting, setup_tensorflow
+from vitexp.errors import fail
 from vitexp.jobs import Job, Splits, in_multirun, job_dir
+from vitexp.metrics import score_predictions, softmax
 from vitexp.models import adapt_input_norm
 from vitexp.multiworker import start_workers
 from vitexp.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, slurm_job_id
 from vitexp.provenance import command_line
 from vitexp.record import log_pictures, log_setup, print_summary, record_training, run_tags
-from vitexp.report import score_predictions, softmax
 from vitexp.resume import find_resume, finished_before, link_finished, restore
 from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, Tracker, TrackingError, flatten
 from vitexp.trial import trial_callbacks
@@ -160,7 +161,8 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
     if job.cfg.tracking.log_checkpoints:
         for path in (checkpoints.best, checkpoints.last):
             job.tracker.log_artifact(job.run_id, path, "checkpoints")
-    job.tracker.log_model(job.run_id, chosen, job.class_names, job.model)
+    if job.cfg.tracking.log_model:
+        job.tracker.log_model(job.run_id, chosen, job.class_names, job.model)
     return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": chosen}
 
 
@@ -243,17 +245,18 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     STOP.install()
     workers = start_workers() if cfg.trainer.strategy == "multi_worker" else None  # before TF's devices
     setup_tensorflow(cfg.trainer)
-    if workers and not workers.is_chief:
-        cfg = worker_config(cfg)
+    private = workers and not workers.is_chief  # records into a store of its own; the chief writes the run
+    if private:
+        cfg = workers.private_config(cfg)
     tracker = Tracker.from_config(cfg.tracking)
     done = finished_before(tracker, cfg)
     if done is not None:  # a re-run sweep: this job already finished
         link_finished(tracker, cfg, done)
         print(f"vitexp: {cfg.run_name} already FINISHED as run {done.info.run_id}; skipped", file=sys.stderr)
         return float(done.data.metrics.get("best_val_top1", float("nan")))
-    resume = find_resume(tracker, cfg)
+    resume = workers.find_resume() if private else find_resume(tracker, cfg)
     data, splits, steps, strategy, model, schedule = prepare(cfg, tracker, resume, workers)
-    run_id, out_dir, first_epoch = open_run(tracker, cfg, resume)
+    run_id, out_dir, first_epoch = (workers.open_run if private else open_run)(tracker, cfg, resume)
     try:
         with tracker.run(run_id, error_text):
             if not resume:
@@ -272,7 +275,10 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     except KeyboardInterrupt as stop:  # the run is KILLED: say how to go on
         print(interrupted_message(run_id, out_dir, stop), file=sys.stderr)
         raise
-    print_summary(cfg, tracker, run_id, result)
+    if workers:
+        workers.report(model)
+    if not private:
+        print_summary(cfg, tracker, run_id, result)
     return float(result["best_val_top1"])
 
 
@@ -296,8 +302,7 @@ def run_job(cfg: DictConfig) -> float:
         if not isinstance(err, USER_ERRORS):
             raise
         discard_unused_job_dir()
-        print(f"vitexp: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err))
 
 
 def discard_unused_job_dir() -> None:

@@ -1,9 +1,14 @@
 """Each layer: output shapes, get_config round trip, and the maths it claims."""
 
+import json
+import zipfile
+
+import h5py
 import keras
 import numpy as np
 import pytest
 
+from vitexp.models import layers
 from vitexp.models.layers import (
     ClassToken,
     ConvTokenizer,
@@ -152,6 +157,18 @@ def test_a_reloaded_random_layer_continues_its_stream(layer_class, tmp_path):
     np.testing.assert_array_equal(drop_mask(again.layers[-1]), drop_mask(layer))
 
 
+# Where a `.keras` file keeps a block's weights (locality attention, MLP [16, 8]): the
+# attributes holding each sublayer, as checkpoints of earlier versions were written.
+BLOCK_WEIGHTS = {
+    "attention/vars/0",  # the learned temperature
+    *(f"attention/{d}/vars/{v}" for d in ("query", "key", "value", "output_dense") for v in (0, 1)),
+    *(f"{n}/vars/{v}" for n in ("norm1", "norm2") for v in (0, 1)),
+    *(f"mlp/{c}/dense/vars/{v}" for c in ("container", "container_1") for v in (0, 1)),
+    *(f"{n}/vars/seed_state" for n in ("attention/attention_dropout", "path_drop")),
+    *(f"mlp/{c}/dropout/vars/seed_state" for c in ("container", "container_1")),
+}
+
+
 def test_layers_reload_inside_a_model(tmp_path):
     inputs = keras.Input((8, 8, 3))
     tokens, _ = PatchTokenization(4, 8, shifted=True)(inputs)
@@ -162,6 +179,24 @@ def test_layers_reload_inside_a_model(tmp_path):
     again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
     images = RNG.random((2, 8, 8, 3)).astype("float32")
     np.testing.assert_array_equal(model(images), again(images))
+    # the names older checkpoints were saved under: classes as `vitexp>Name`, weights as below
+    with zipfile.ZipFile(tmp_path / "m.keras") as archive:
+        config = json.loads(archive.read("config.json"))
+        archive.extract("model.weights.h5", tmp_path)
+    saved = {layer["registered_name"] for layer in config["config"]["layers"][1:]}
+    names = ("PatchTokenization", "ClassToken", "PositionEmbedding", "TransformerBlock", "TokenPooling")
+    assert saved == {f"vitexp>{name}" for name in names}
+    with h5py.File(tmp_path / "model.weights.h5") as weights:
+        block = weights["layers/transformer_block"]
+        paths = set()
+        block.visititems(lambda path, item: paths.add(path) if isinstance(item, h5py.Dataset) else None)
+    assert paths == BLOCK_WEIGHTS
+
+
+def test_every_layer_is_registered_under_its_class_name():
+    for name in layers.__all__:
+        if isinstance(getattr(layers, name), type) and name != "RandomStateMixin":
+            assert keras.saving.get_registered_name(getattr(layers, name)) == f"vitexp>{name}"
 
 
 def test_conv_tokenizer():

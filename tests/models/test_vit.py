@@ -64,10 +64,19 @@ def test_checkpoint_reloads_with_identical_outputs(tmp_path):
 def test_attention_maps(pooling):
     model = small_vit(pooling=pooling)
     images = np.random.default_rng(2).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    logits_before = model.predict(images, verbose=0)
     maps = attention_maps(model, images)
     tokens = 16 + (pooling == "cls")
     assert [m.shape for m in maps] == [(3, 2, tokens, tokens)] * 2
     np.testing.assert_allclose(maps[0].sum(-1), 1.0, rtol=1e-5)
-    logits_before = model.predict(images, verbose=0)
-    np.testing.assert_array_equal(logits_before, model.predict(images, verbose=0))
-    assert isinstance(model, keras.Model)
+    # the first block's weights, by hand from the tokens the model itself feeds that block
+    fed = keras.Model(model.input, model.get_layer("pos_embedding").output)(images)
+    block = model.get_layer("block_0")
+    x = np.asarray(block.norm1(fed))
+    attention = block.attention
+    q, k = (x @ np.asarray(d.kernel) + np.asarray(d.bias) for d in (attention.query, attention.key))
+    q, k = (t.reshape(3, tokens, 2, 16).transpose(0, 2, 1, 3) for t in (q, k))  # (batch, head, token, dim)
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(16)
+    expected = np.exp(scores - scores.max(-1, keepdims=True))
+    np.testing.assert_allclose(maps[0], expected / expected.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(logits_before, model.predict(images, verbose=0))  # the model is untouched

@@ -1,7 +1,9 @@
 """Datasets as uint8 arrays in memory, loaded from the real file formats, and checked."""
 
 import inspect
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from hydra.utils import get_method
@@ -10,6 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 
 class DataError(RuntimeError):
     """A data file is missing or broken; the message is one line naming the file and fix."""
+
+
+def keras_home() -> Path:
+    """Keras' cache folder, where it keeps datasets and tfswin its weights: $KERAS_HOME or ~/.keras."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
 
 
 @dataclass

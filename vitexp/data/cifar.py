@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitexp.data import DataError, ImageData
+from vitexp.data import DataError, ImageData, keras_home
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 LAYOUTS = {
@@ -102,7 +102,7 @@ def read_cifar(path: str | Path, variant: str) -> ImageData:
 
 
 def _keras_cache(variant: str) -> Path | None:
-    root = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "datasets"
+    root = keras_home() / "datasets"
     folder = LAYOUTS[variant]["folder"]
     for candidate in sorted(root.glob(f"{folder}*")):
         if candidate.is_dir() and any(candidate.rglob(LAYOUTS[variant]["meta"])):

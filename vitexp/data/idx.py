@@ -1,12 +1,11 @@
 """Fashion-MNIST (and any MNIST-style set) from idx files, gzipped or not."""
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
 
-from vitexp.data import DataError, ImageData
+from vitexp.data import DataError, ImageData, keras_home
 
 FILES = {
     "train_x": "train-images-idx3-ubyte",
@@ -65,8 +64,7 @@ def _find(folder: Path, stem: str) -> Path | None:
 def search_dirs(path: str | None) -> list[Path]:
     if path:
         return [Path(path).expanduser()]
-    keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
-    return [Path(DEBIAN_DIR), keras_home / "datasets" / "fashion-mnist"]
+    return [Path(DEBIAN_DIR), keras_home() / "datasets" / "fashion-mnist"]
 
 
 def load_fashion_mnist(path: str | None = None) -> ImageData:

@@ -62,6 +62,21 @@ def train_dataset(
     labels = tf.constant(y, dtype=tf.int32)
     count = len(x)
 
+    def gather(idx, batch_seed):
+        return tf.gather(images, idx), tf.one_hot(tf.gather(labels, idx), num_classes), batch_seed
+
+    epoch_batches = _epoch_batches(seed, count, batch_size, steps)
+    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches).map(gather)
+    if augment is None:
+        ds = ds.map(lambda images, one_hot, _: (images, one_hot))
+    else:
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _epoch_batches(seed: int, count: int, batch_size: int, steps: int | None):
+    """`epoch -> (indices, batch seed)` batches: the epoch's seeded permutation of `count` images."""
+
     def epoch_batches(epoch):
         epoch_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
         order = tf.random.experimental.stateless_shuffle(tf.range(count), seed=epoch_seed)
@@ -75,15 +90,7 @@ def train_dataset(
             lambda i, idx: (idx, tf.random.experimental.stateless_fold_in(epoch_seed, i))
         )
 
-    def gather(idx, batch_seed):
-        return tf.gather(images, idx), tf.one_hot(tf.gather(labels, idx), num_classes), batch_seed
-
-    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches).map(gather)
-    if augment is None:
-        ds = ds.map(lambda images, one_hot, _: (images, one_hot))
-    else:
-        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return epoch_batches
 
 
 def eval_dataset(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int) -> tf.data.Dataset:

@@ -20,6 +20,8 @@ from keras import layers
 from tfswin.mlp import MLP
 from tfswin.model import WEIGHT_HASHES, WEIGHT_URLS
 
+from vitexp.data import keras_home
+from vitexp.models.classifier import at_size, classification_head
 from vitexp.validate import ConfigError
 
 IMAGENET_CLASSES = 21841  # tfswin's v1 ImageNet weights carry the 22k-class head
@@ -38,7 +40,7 @@ tfswin.swin.MLP = ReloadableMLP
 
 
 def weights_cache() -> Path:
-    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "tfswin"
+    return keras_home() / "tfswin"
 
 
 def _download(url: str, target: Path, timeout: float) -> None:
@@ -132,38 +134,36 @@ def build_swin(
     Returns:
         A functional `keras.Model` with float32 logits.
     """
-    stage_depths = list(depths)
-    stage_depths[2] = depth
-    weights_file = resolve_weights(weights, variant)
     inputs = keras.Input(tuple(input_shape), name="images")
-    x = inputs
-    if input_shape[-1] == 1:
-        x = layers.Concatenate(name="grey_to_rgb")([x, x, x])
-    if tuple(input_shape[:2]) != (image_size, image_size):
-        x = layers.Resizing(image_size, image_size, name="resize")(x)
-    backbone = tfswin.SwinTransformer(
-        pretrain_size=pretrain_size,
-        window_size=window_size,
+    x = layers.Concatenate(name="grey_to_rgb")([inputs] * 3) if input_shape[-1] == 1 else inputs
+    stages = dict(
         embed_dim=embed_dim,
-        depths=stage_depths,
+        depths=[*depths[:2], depth, *depths[3:]],
         num_heads=list(num_heads),
         patch_size=patch_size,
+        window_size=window_size,
         mlp_ratio=mlp_ratio,
         drop_rate=dropout,
         attn_drop=attention_dropout,
         path_drop=drop_path,
+    )
+    backbone = swin_backbone(variant, weights, image_size, pretrain_size, stages, name)
+    features = backbone(at_size(x, input_shape, image_size))
+    logits = classification_head(features, head_units, head_dropout, num_classes)
+    return keras.Model(inputs, logits, name=name)
+
+
+def swin_backbone(variant, weights, image_size, pretrain_size, stages: dict, name):
+    """tfswin's average-pooled backbone for 0-255 RGB images of `image_size`, with `stages`
+    (tfswin's own argument names) and the weights `resolve_weights` finds for `variant`."""
+    return tfswin.SwinTransformer(
+        pretrain_size=pretrain_size,
         model_name=variant if weights else name,
         include_top=False,
-        weights=weights_file,
+        weights=resolve_weights(weights, variant),
         input_shape=(image_size, image_size, 3),
         pooling="avg",
         classes=IMAGENET_CLASSES,
         include_preprocessing=True,
+        **stages,
     )
-    x = backbone(x)
-    for i, units in enumerate(head_units):
-        x = layers.Dropout(head_dropout, name=f"head_dropout_{i}")(x)
-        x = layers.Dense(units, activation="gelu", name=f"head_{i}")(x)
-    x = layers.Dropout(head_dropout, name="head_dropout")(x)
-    logits = layers.Dense(num_classes, dtype="float32", name="logits")(x)
-    return keras.Model(inputs, logits, name=name)

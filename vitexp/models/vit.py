@@ -4,15 +4,10 @@ import keras
 import numpy as np
 from keras import layers
 
-from vitexp.models.layers import (
-    ClassToken,
-    ConvTokenizer,
-    Dropout,
-    PatchTokenization,
-    PositionEmbedding,
-    TokenPooling,
-    TransformerBlock,
-)
+from vitexp.models.blocks import TransformerBlock
+from vitexp.models.classifier import at_size, classification_head
+from vitexp.models.tokenizers import ConvTokenizer, PatchTokenization
+from vitexp.models.tokens import ClassToken, PositionEmbedding, TokenPooling
 
 
 def build_vit(
@@ -74,36 +69,39 @@ def build_vit(
         A functional `keras.Model` with float32 logits.
     """
     inputs = keras.Input(tuple(input_shape), name="images")
-    x = layers.Normalization(axis=-1, name="input_norm")(inputs)
-    if tuple(input_shape[:2]) != (image_size, image_size):
-        x = layers.Resizing(image_size, image_size, name="resize")(x)
-    if tokenizer == "conv":
-        tokens = ConvTokenizer(patch_size, projection_dim, stem_channels, name="patches")(x)
-    else:
-        tokens, _ = PatchTokenization(patch_size, projection_dim, shifted=shifted_patches, name="patches")(x)
+    x = at_size(layers.Normalization(axis=-1, name="input_norm")(inputs), input_shape, image_size)
+    tokens = tokenize(x, tokenizer, patch_size, projection_dim, shifted_patches, stem_channels)
     if pooling == "cls":
         tokens = ClassToken(name="cls_token")(tokens)
     x = PositionEmbedding(pos_embedding, name="pos_embedding")(tokens)
-    rates = np.linspace(0.0, drop_path, depth) if depth > 1 else [drop_path]
-    for i in range(depth):
-        x = TransformerBlock(
-            num_heads,
-            head_dim or projection_dim,
-            transformer_units,
-            dropout=dropout,
-            attention_dropout=attention_dropout,
-            drop_path=float(rates[i]),
-            locality=locality_attention,
-            name=f"block_{i}",
-        )(x)
-    x = layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x)
+    block = dict(
+        num_heads=num_heads,
+        key_dim=head_dim or projection_dim,
+        mlp_units=transformer_units,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+        locality=locality_attention,
+    )
+    x = encode(x, depth, drop_path, **block)
     x = TokenPooling(pooling, name="pool")(x)
-    x = Dropout(head_dropout, name="head_dropout")(x)
-    for i, units in enumerate(head_units):
-        x = layers.Dense(units, activation="gelu", name=f"head_{i}")(x)
-        x = Dropout(head_dropout, name=f"head_dropout_{i}")(x)
-    logits = layers.Dense(num_classes, dtype="float32", name="logits")(x)
-    return keras.Model(inputs, logits, name=name)
+    return keras.Model(inputs, classification_head(x, head_units, head_dropout, num_classes), name=name)
+
+
+def tokenize(images, tokenizer, patch_size, projection_dim, shifted_patches, stem_channels):
+    """The image as `(batch, tokens, projection_dim)`: projected patches or a conv stem's cells."""
+    if tokenizer == "conv":
+        return ConvTokenizer(patch_size, projection_dim, stem_channels, name="patches")(images)
+    tokens, _ = PatchTokenization(patch_size, projection_dim, shifted=shifted_patches, name="patches")(images)
+    return tokens
+
+
+def encode(tokens, depth: int, drop_path: float, **block):
+    """`depth` encoder blocks, stochastic depth rising linearly to `drop_path`, then a LayerNorm."""
+    rates = np.linspace(0.0, drop_path, depth) if depth > 1 else [drop_path]
+    x = tokens
+    for i in range(depth):
+        x = TransformerBlock(drop_path=float(rates[i]), name=f"block_{i}", **block)(x)
+    return layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x)
 
 
 def attention_maps(model: keras.Model, images) -> list:
@@ -115,7 +113,7 @@ def attention_maps(model: keras.Model, images) -> list:
     Returns:
         One `(batch, heads, tokens, tokens)` float32 array per block, rows summing to 1.
     """
-    if not any(isinstance(layer, TransformerBlock) for layer in model.layers):
+    if not has_attention(model):
         raise ValueError(f"model {model.name!r} has no TransformerBlock layers to explain")
     x, maps = keras.ops.cast(images, "float32"), []
     for layer in model.layers:
@@ -130,3 +128,26 @@ def attention_maps(model: keras.Model, images) -> list:
             x = layer(x)
             x = x[0] if isinstance(layer, PatchTokenization) else x
     return maps
+
+
+def has_attention(model) -> bool:
+    """Whether the model has attention maps to show (a ViT; tfswin keeps its own hidden)."""
+    return any(isinstance(layer, TransformerBlock) for layer in model.layers)
+
+
+def learned_positions(model) -> np.ndarray | None:
+    """The learned position embeddings `(positions, dim)`, or None (sincos, Swin)."""
+    try:
+        layer = model.get_layer("pos_embedding")
+    except ValueError:
+        return None
+    return np.asarray(layer.embedding) if layer.kind == "learned" else None
+
+
+def has_cls_token(model) -> bool:
+    """Whether the model prepends a [CLS] token (its first token is then not a patch)."""
+    try:
+        model.get_layer("cls_token")
+        return True
+    except ValueError:
+        return False
