@@ -110,26 +110,9 @@ def build_swin(
 ):
     """Builds a Swin classifier: resize, tfswin backbone (average-pooled), GELU head, logits.
 
-    Args:
-        num_classes: number of output logits.
-        input_shape: `(height, width, channels)` of the stored images (grey is repeated to RGB).
-        variant: tfswin's name of the pretrained model (`swin_tiny_224`, ...), for weights.
-        image_size: images are resized to this square size (32 at least; 224 for pretrained).
-        patch_size: patch-embedding size.
-        depth: depth of the third stage (the one that differs between Swin-T and Swin-S).
-        depths: the four stage depths; the third is replaced by `depth`.
-        embed_dim: width of the first stage.
-        num_heads: heads per stage.
-        window_size: attention window.
-        pretrain_size: the image size the weights were trained at.
-        mlp_ratio: MLP width over token width.
-        dropout: dropout inside the blocks.
-        attention_dropout: dropout on the attention weights.
-        drop_path: stochastic depth, rising to this rate in the last block.
-        weights: None (scratch), `imagenet`, or a path to an `.h5` file.
-        head_units: widths of an optional GELU MLP head.
-        head_dropout: dropout before each head layer.
-        name: model name.
+    Args: num_classes (logits), input_shape (the stored images' `(height, width,
+    channels)`), name, and the model keys, each documented in `SwinConfig`
+    (vitexp/models/swin_schema.py).
 
     Returns:
         A functional `keras.Model` with float32 logits.

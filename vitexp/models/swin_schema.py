@@ -13,6 +13,27 @@ from vitexp.validate import require
 
 @dataclass
 class SwinConfig(ModelConfig):
+    """The keys of conf/model/swin.yaml and its variants.
+
+    Attributes:
+        variant: tfswin's name of the pretrained model (`swin_tiny_224`, ...), for weights.
+        image_size: images are resized to this square size (32 at least; 224 for pretrained).
+        patch_size: patch-embedding size.
+        depth: depth of the third stage (the one that differs between Swin-T and Swin-S).
+        depths: the four stage depths; the third is replaced by `depth`.
+        embed_dim: width of the first stage.
+        num_heads: heads per stage.
+        window_size: attention window.
+        pretrain_size: the image size the weights were trained at.
+        mlp_ratio: MLP width over token width.
+        dropout: dropout inside the blocks.
+        attention_dropout: dropout on the attention weights.
+        drop_path: stochastic depth, rising to this rate in the last block.
+        weights: None (scratch), `imagenet`, or a path to an `.h5` file.
+        head_units: widths of an optional GELU MLP head.
+        head_dropout: dropout before each head layer.
+    """
+
     _target_: str = "vitexp.models.swin.build_swin"
     variant: str = MISSING
     depths: list[int] = MISSING

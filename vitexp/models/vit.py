@@ -39,31 +39,9 @@ def build_vit(
     standardises each channel with statistics that `adapt_input_norm` sets from the training
     images.
 
-    Args:
-        num_classes: number of output logits.
-        input_shape: `(height, width, channels)` of the stored images.
-        image_size: images are resized to this square size before patching.
-        patch_size: side of each square patch.
-        depth: number of encoder blocks.
-        projection_dim: token width.
-        num_heads: attention heads per block.
-        head_dim: width of each head; None makes each head `projection_dim` wide, as in
-            the textbook (the usual ViT choice is `projection_dim // num_heads`).
-        transformer_units: MLP widths inside each block; the last equals projection_dim.
-        head_units: widths of the GELU MLP head after pooling.
-        dropout: dropout inside the blocks.
-        attention_dropout: dropout on the attention weights.
-        head_dropout: dropout before and inside the head.
-        drop_path: stochastic depth, rising linearly to this rate in the last block.
-        pooling: `flatten` (textbook), `cls` or `gap`.
-        pos_embedding: `learned` (textbook) or `sincos`.
-        shifted_patches: shifted patch tokenization (Lee et al., 2021).
-        locality_attention: locality self-attention (Lee et al., 2021).
-        tokenizer: `patch` (linear projection of patches) or `conv` (a convolutional
-            tokenizer of total stride `patch_size`, as in Compact Convolutional Transformers).
-        stem_channels: with `tokenizer="conv"`, the filters of each 3x3 conv + BatchNorm
-            stage (Xiao et al., 2021); empty for the plain strided stem.
-        name: model name.
+    Args: num_classes (logits), input_shape (the stored images' `(height, width,
+    channels)`), name, and the model keys, each documented in `ViTConfig`
+    (vitexp/models/vit_schema.py).
 
     Returns:
         A functional `keras.Model` with float32 logits.

@@ -32,6 +32,32 @@ CONV_STRIDES = (2, 4, 8, 16)
 
 @dataclass
 class ViTConfig(ModelConfig):
+    """The keys of conf/model/vit.yaml and its variants.
+
+    Attributes:
+        image_size: images are resized to this square size before patching.
+        patch_size: side of each square patch.
+        depth: number of encoder blocks.
+        projection_dim: token width.
+        num_heads: attention heads per block.
+        head_dim: width of each head; None makes each head `projection_dim` wide, as in
+            the textbook (the usual ViT choice is `projection_dim // num_heads`).
+        transformer_units: MLP widths inside each block; the last equals projection_dim.
+        head_units: widths of the GELU MLP head after pooling.
+        dropout: dropout inside the blocks.
+        attention_dropout: dropout on the attention weights.
+        head_dropout: dropout before and inside the head.
+        drop_path: stochastic depth, rising linearly to this rate in the last block.
+        pooling: `flatten` (textbook), `cls` or `gap`.
+        pos_embedding: `learned` (textbook) or `sincos`.
+        shifted_patches: shifted patch tokenization (Lee et al., 2021).
+        locality_attention: locality self-attention (Lee et al., 2021).
+        tokenizer: `patch` (linear projection of patches) or `conv` (a convolutional
+            tokenizer of total stride `patch_size`, as in Compact Convolutional Transformers).
+        stem_channels: with `tokenizer="conv"`, the filters of each 3x3 conv + BatchNorm
+            stage (Xiao et al., 2021); empty for the plain strided stem.
+    """
+
     _target_: str = "vitexp.models.vit.build_vit"
     projection_dim: int = MISSING
     num_heads: int = MISSING
