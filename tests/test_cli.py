@@ -214,6 +214,7 @@ def test_registry_takes_the_experiment_from_the_env(team_store, monkeypatch, cap
         (["feedbeef", "--tracking-uri", "sqlite:///relative.db"], "the path is relative"),
         (["feedbeef", "--tracking-uri", "sqlite:////a.db", "tracking.uri=sqlite:////b.db"], "disagree"),
         (["--checkpoint", "best"], "the following arguments are required: run_id"),
+        (["feedbeef", "--check", "last"], "unrecognized arguments: --check"),  # not --checkpoint
     ],
 )
 def test_tool_mistakes_end_in_one_line(argv, message, tmp_path, monkeypatch, capsys):

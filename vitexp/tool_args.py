@@ -30,7 +30,10 @@ class ToolParser(argparse.ArgumentParser):
     """
 
     def __init__(self, module: str, doc: str):
-        super().__init__(prog=f"python -m {module}", description=doc.strip().split("\n")[0])
+        # no abbreviations: `--seed 3` must not quietly mean `--seeds 3`
+        super().__init__(
+            prog=f"python -m {module}", description=doc.strip().split("\n")[0], allow_abbrev=False
+        )
         self.module = module
         self.add_argument(
             "--tracking-uri",
