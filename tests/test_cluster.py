@@ -163,6 +163,10 @@ def test_preempted_slurm_job_requeues_and_resumes_its_run(slurm, server, tmp_pat
     assert again.data.tags["vitexp.slurm_restarts"] == "1"  # Slurm ran the job a second time
     steps = history(client, run.info.run_id, "optimizer_step")
     assert steps == [(e, float(PER_EPOCH * e)) for e in range(1, epochs + 1)]  # each epoch once
+    # the requeued job went on from the step it was stopped at, inside epoch 2: none trained twice
+    ((epoch, resumed),) = history(client, run.info.run_id, "resumed_step")
+    assert resumed > PER_EPOCH and resumed % PER_EPOCH and epoch == resumed // PER_EPOCH + 1
+    assert not list((sweep / "0" / "checkpoints").glob("step_*"))  # the step checkpoint is spent
     wait_until(lambda: "COMPLETED" in job_states(slurm, [job])[job])
 
 

@@ -22,6 +22,10 @@ def learning_rate_at(schedule, step: int) -> float:
     return float(keras.ops.convert_to_numpy(value))
 
 
+def optimizer_step(model: keras.Model) -> int:
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
 def atomic_write(path: Path, write) -> None:
     """Writes through a temporary name, then renames: a kill never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
@@ -100,6 +104,36 @@ class CheckpointDir:
             link_or_copy(self.model_file(epoch), self.best)
         for old in sorted(self.folder.glob("epoch_*.keras"))[: -self.keep]:
             old.unlink()  # best.keras and last.keras are links of their own
+        self._drop_steps()
+
+    def commit_step(self, model: keras.Model, state: dict) -> None:
+        """A checkpoint inside an epoch, `step_EEEE_SSSSSS.keras` beside its `.json` state
+        (`epoch`, 0-based, and `step`, the steps of it done): the same write-then-rename
+        discipline as an epoch, the `.keras` renamed into place last."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"step_{state['epoch']:04d}_{state['step']:06d}"
+        atomic_write(self.folder / f"{name}.json", lambda p: p.write_text(json.dumps(state)))
+        atomic_write(self.folder / f"{name}.keras", model.save)
+        self._drop_steps(keep=name)
+
+    def step_checkpoint(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint inside the epoch after the last committed one, with its
+        state; None when training stopped at an epoch boundary (or never inside one)."""
+        epoch = self.latest_epoch()
+        found = []
+        for path in self.folder.glob(f"step_{epoch:04d}_*.keras"):
+            state = path.with_suffix(".json")
+            if state.is_file():
+                found.append((int(path.stem.split("_")[2]), path, state))
+        if not found:
+            return None
+        _, path, state = max(found)
+        return path, json.loads(state.read_text())
+
+    def _drop_steps(self, keep: str | None = None) -> None:
+        for old in sorted(self.folder.glob("step_*.keras")) + sorted(self.folder.glob("step_*.json")):
+            if old.stem != keep:
+                old.unlink(missing_ok=True)  # the model file first: a lone state file is inert
 
 
 class EpochRecorder(keras.callbacks.Callback):
@@ -116,6 +150,8 @@ class EpochRecorder(keras.callbacks.Callback):
         schedule: the learning-rate schedule (or a float).
         images_per_epoch: training images seen per epoch, for images/s.
         checkpoints: where to commit checkpoints; None to keep none.
+        resumed: the state of the step checkpoint (`CheckpointDir.commit_step`) this run
+            continues from: its epoch's train metrics and time go on from there.
     """
 
     def __init__(
@@ -125,6 +161,7 @@ class EpochRecorder(keras.callbacks.Callback):
         schedule,
         images_per_epoch: int,
         checkpoints: CheckpointDir | None,
+        resumed: dict | None = None,
     ):
         super().__init__()
         self.tracker = tracker
@@ -132,10 +169,34 @@ class EpochRecorder(keras.callbacks.Callback):
         self.schedule = schedule
         self.images_per_epoch = images_per_epoch
         self.checkpoints = checkpoints
+        self.resumed = resumed
         self._started = 0.0
+        self._epoch = self._steps_before = self._iterations = 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._started = time.perf_counter()
+        state, self.resumed = self.resumed, None
+        if state is None or state["epoch"] != epoch:
+            state = {"step": 0, "seconds": 0.0}
+        else:  # after Keras reset them: the running sums of the steps already done
+            for variable, value in zip(self.model.metrics_variables, state["metrics"], strict=True):
+                variable.assign(np.asarray(value, dtype=variable.dtype))
+        self._epoch, self._steps_before = epoch, state["step"]
+        self._iterations = optimizer_step(self.model)
+        self._started = time.perf_counter() - state["seconds"]
+
+    def commit_step(self) -> str:
+        """Checkpoints the model where it stands inside the epoch (at a step boundary);
+        returns where that is, for the user."""
+        step = self._steps_before + optimizer_step(self.model) - self._iterations
+        state = {
+            "epoch": self._epoch,
+            "step": step,
+            "iterations": optimizer_step(self.model),
+            "seconds": time.perf_counter() - self._started,
+            "metrics": [keras.ops.convert_to_numpy(v).tolist() for v in self.model.metrics_variables],
+        }
+        self.checkpoints.commit_step(self.model, state)
+        return f"at step {step} of epoch {self._epoch + 1} (checkpointed)"
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self._started
@@ -143,7 +204,7 @@ class EpochRecorder(keras.callbacks.Callback):
         for key, value in (logs or {}).items():
             split = "val" if key.startswith("val_") else "train"
             metrics[f"{split}_{key.removeprefix('val_')}"] = float(value)
-        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        step = optimizer_step(self.model)
         metrics["lr"] = learning_rate_at(self.schedule, max(step - 1, 0))
         metrics["optimizer_step"] = float(step)
         metrics["epoch_time_s"] = seconds
@@ -243,7 +304,7 @@ class DivergenceGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not np.isfinite(loss):
-            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            step = optimizer_step(self.model)
             lr = learning_rate_at(self.schedule, max(step - 1, 0))
             raise DivergenceError(
                 f"training diverged: loss is {float(loss)} at epoch {self.epoch + 1}, step "

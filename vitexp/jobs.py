@@ -54,3 +54,4 @@ class Job:
     out_dir: Path
     first_epoch: int
     class_names: list[str]
+    in_epoch: dict | None = None  # a step checkpoint's state: resumed inside first_epoch

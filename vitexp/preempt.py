@@ -5,10 +5,13 @@ run at once, as Ctrl-C does: the run ends KILLED with the command that resumes i
 
 Inside a Slurm batch job, SIGTERM (`scancel --signal=TERM`, pre-emption) and the time-limit
 warning (`sbatch --signal=USR2@90`, what submitit asks for) stop training at the next step
-boundary; the job requeues itself (`scontrol requeue`) and the requeued job resumes the
-same MLflow run from the last committed epoch checkpoint, so each epoch's metrics are
-logged once and the optimizer step continues. The steps of the interrupted epoch are
-trained again.
+boundary, where a step checkpoint is written (`CheckpointDir.commit_step`: weights,
+optimizer state with its step and EMA averages, the epoch, its steps done and the running
+state of its train metrics). The job requeues itself (`scontrol requeue`) and the requeued
+job resumes the same MLflow run from that step (`vitexp.resume`): it trains the epoch's
+remaining batches only, in their original order, so each epoch's metrics are logged once,
+over the whole epoch, and the optimizer step goes on with none repeated or lost.
+Multi-worker jobs write no step checkpoint: they resume from the last committed epoch.
 """
 
 import os
@@ -24,11 +27,13 @@ SLURM_TAG = "vitexp.slurm_job_id"
 
 class Terminated(KeyboardInterrupt):
     """The run was stopped by SIGTERM (or Slurm's warning signal); `requeue` when Slurm
-    should run the job again."""
+    should run the job again; `where` says where training stopped, when it says more than
+    the last committed epoch."""
 
-    def __init__(self, requeue: bool = False):
+    def __init__(self, requeue: bool = False, where: str = ""):
         super().__init__()
         self.requeue = requeue
+        self.where = where
 
 
 def slurm_job_id() -> str | None:
@@ -70,19 +75,32 @@ STOP = StopSignal()
 
 
 class StopAtStepEnd(keras.callbacks.Callback):
-    """Ends training at the step boundary after a remembered stop signal (Slurm)."""
+    """Ends training at the step boundary after a remembered stop signal (Slurm), once
+    `recorder` (a `vitexp.callbacks.EpochRecorder`, None for none) has checkpointed that
+    step. After an epoch's last step it lets the epoch end (validated and committed) and
+    stops at the next boundary. Place it after every other callback: they all see the step.
+    """
+
+    def __init__(self, recorder=None):
+        super().__init__()
+        self.recorder = recorder
 
     def on_train_batch_end(self, batch, logs=None):
-        if STOP.received is not None:
-            raise Terminated(requeue=True)
+        if STOP.received is not None and batch + 1 < self.params["steps"]:
+            where = self.recorder.commit_step() if self.recorder is not None else ""
+            raise Terminated(requeue=True, where=where)
 
 
 def requeue() -> str:
     """Asks Slurm to run this job again; returns what to tell the user."""
     job = slurm_job_id()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue signals this process too
-    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-    if done.returncode:
-        print(f"vitexp: warning: scontrol requeue {job} failed: {done.stderr.strip()}", file=sys.stderr)
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        error = done.stderr.strip() if done.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as err:  # no scontrol on the PATH, no answer
+        error = str(err)
+    if error:
+        print(f"vitexp: warning: scontrol requeue {job} failed: {error}", file=sys.stderr)
         return f"Slurm job {job} could not be requeued"
     return f"Slurm job {job} requeued; it resumes this run"

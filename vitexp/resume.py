@@ -29,9 +29,20 @@ def config_hash(cfg: DictConfig) -> str:
 
 @dataclass
 class Resume:
+    """Where an interrupted run goes on: after `epoch` committed epochs and, when it was
+    checkpointed inside the next one (a Slurm pre-emption), from `in_epoch`, the state of
+    that step checkpoint (`CheckpointDir.commit_step`), kept in `step_file`."""
+
     run_id: str
     out_dir: Path
     epoch: int
+    in_epoch: dict | None = None
+    step_file: Path | None = None
+
+    def describe(self) -> str:
+        if self.in_epoch is None:
+            return f"after epoch {self.epoch}"
+        return f"in epoch {self.epoch + 1} after its step {self.in_epoch['step']}"
 
 
 def find_resume(tracker: Tracker, cfg: DictConfig) -> Resume | None:
@@ -76,20 +87,50 @@ def requeued_run(tracker: Tracker) -> Resume | None:
 
 
 def _resumable(run) -> Resume | None:
-    """The run's last committed epoch; a run stopped (KILLED) in its first epoch starts over
-    in the same run and folder."""
+    """The run's last committed epoch, or the step checkpoint after it; a run stopped
+    (KILLED) in its first epoch with neither starts over in the same run and folder."""
     folder = run.data.tags.get("vitexp.output_dir")
     if not folder:
         return None
     out_dir = Path(folder)
-    epoch = CheckpointDir(out_dir / "checkpoints").latest_epoch() if out_dir.is_dir() else 0
-    return Resume(run.info.run_id, out_dir, epoch) if epoch or run.info.status == KILLED else None
+    checkpoints = CheckpointDir(out_dir / "checkpoints")
+    epoch = checkpoints.latest_epoch() if out_dir.is_dir() else 0
+    step_file, in_epoch = (checkpoints.step_checkpoint() if out_dir.is_dir() else None) or (None, None)
+    resume = Resume(run.info.run_id, out_dir, epoch, in_epoch, step_file)
+    return resume if epoch or step_file or run.info.status == KILLED else None
 
 
 def restore(model: keras.Model, resume: Resume) -> None:
-    """Loads weights and optimizer state (moments, step) of the last committed epoch."""
+    """Loads weights and optimizer state (moments, EMA, step) of the step checkpoint, else
+    of the last committed epoch; nothing when the run resumes before its first."""
+    if resume.step_file is None and not resume.epoch:
+        return
     model.optimizer.build(model.trainable_variables)
-    model.load_weights(CheckpointDir(resume.out_dir / "checkpoints").model_file(resume.epoch))
+    model.load_weights(resume.step_file or CheckpointDir(resume.out_dir / "checkpoints").model_file(resume.epoch))
+
+
+class EndResumedEpoch(keras.callbacks.Callback):
+    """Ends the `fit` that trains the rest of a resumed epoch when that epoch ends (a later
+    `fit` trains the epochs after it), and keeps Keras from putting the weight averages
+    (EMA) into the model at that `fit`'s end: they stay in the optimizer, as in one `fit`.
+
+    Args:
+        epochs: the run's epochs; the last one ends training as usual.
+    """
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+        self._use_ema = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 < self.epochs:
+            self.model.stop_training = True
+            self._use_ema, self.model.optimizer.use_ema = self.model.optimizer.use_ema, False
+
+    def on_train_end(self, logs=None):
+        if self._use_ema:
+            self.model.optimizer.use_ema = True
 
 
 def finished_before(tracker: Tracker, cfg: DictConfig):

@@ -35,7 +35,7 @@ from vitexp.multiworker import start_workers
 from vitexp.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, slurm_job_id
 from vitexp.provenance import command_line
 from vitexp.record import log_pictures, log_setup, print_summary, record_training, run_tags
-from vitexp.resume import find_resume, finished_before, link_finished, restore
+from vitexp.resume import EndResumedEpoch, find_resume, finished_before, link_finished, restore
 from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, Tracker, TrackingError, flatten
 from vitexp.trial import trial_callbacks
 from vitexp.validate import ConfigError, check_config
@@ -82,25 +82,35 @@ def split(data: ImageData, fraction: float) -> Splits:
 def training_callbacks(job: Job, checkpoints: CheckpointDir, extra=()) -> list:
     """vitexp's callbacks in the order they must run, then `extra`."""
     t = job.cfg.trainer
-    callbacks = [
-        DivergenceGuard(job.schedule),
-        EpochRecorder(job.tracker, job.run_id, job.schedule, job.steps * t.batch_size, checkpoints),
-    ]
+    recorder = EpochRecorder(
+        job.tracker, job.run_id, job.schedule, job.steps * t.batch_size, checkpoints, job.in_epoch
+    )
+    callbacks = [DivergenceGuard(job.schedule), recorder]
     if job.model.optimizer.use_ema:  # validate and checkpoint the averaged weights
-        callbacks.insert(1, SwapEMAWeights(restored=job.first_epoch > 0))
+        callbacks.insert(1, SwapEMAWeights(restored=job.first_epoch > 0 and job.in_epoch is None))
     stop = t.early_stopping
     if stop.patience is not None:  # after EpochRecorder: it reads the committed metrics
         callbacks.append(EarlyStopping(checkpoints, stop.patience, str(stop.monitor), stop.min_delta))
     if t.profile:
         callbacks.append(ProfileSteps(job.out_dir / "profile", *t.profile_steps))
-    return [*callbacks, *extra]
+    in_step = t.strategy != "multi_worker"  # workers train in lockstep: epoch checkpoints only
+    return [*callbacks, *extra, StopAtStepEnd(recorder if in_step else None)]
 
 
 def fit(job: Job, callbacks: list) -> None:
+    """Trains epochs `job.first_epoch ..`; a run resumed inside that epoch trains its
+    remaining steps first, as a `fit` of their own, on the same batches it would have seen."""
+    done = job.in_epoch["step"] if job.in_epoch else 0
+    if done:
+        fit_epochs(job, [*callbacks, EndResumedEpoch(job.cfg.trainer.epochs)], job.first_epoch, done)
+    fit_epochs(job, callbacks, job.first_epoch + bool(done), 0)
+
+
+def fit_epochs(job: Job, callbacks: list, first_epoch: int, done: int) -> None:
     t = job.cfg.trainer
     num_classes = job.cfg.data.num_classes
     stoppers = [c for c in callbacks if isinstance(c, EarlyStopping)]
-    if job.first_epoch >= t.epochs or any(s.should_stop() for s in stoppers):
+    if first_epoch >= t.epochs or any(s.should_stop() for s in stoppers):
         return  # a resumed run that had already finished training (or stopped early)
     job.model.fit(
         train_dataset(
@@ -108,14 +118,15 @@ def fit(job: Job, callbacks: list) -> None:
             num_classes,
             t.batch_size,
             t.seed,
-            job.first_epoch,
+            first_epoch,
             t.epochs,
             steps=job.steps,
             augment=build_augment(job.cfg.data.augment),
+            skip=done,
         ),
         epochs=t.epochs,
-        initial_epoch=job.first_epoch,
-        steps_per_epoch=job.steps,
+        initial_epoch=first_epoch,
+        steps_per_epoch=job.steps - done,
         validation_data=eval_dataset(*job.splits.val, num_classes, t.batch_size),
         shuffle=False,  # the dataset is already a seeded permutation per epoch
         callbacks=callbacks,
@@ -188,7 +199,8 @@ def interrupted_message(run_id: str, out_dir: Path, stop: KeyboardInterrupt) -> 
     checkpoints = CheckpointDir(out_dir / "checkpoints")
     epoch = checkpoints.latest_epoch() if checkpoints.folder.is_dir() else 0
     if getattr(stop, "requeue", False):
-        return f"vitexp: {how}; run {run_id} is KILLED after epoch {epoch}; {requeue()}"
+        where = stop.where or f"after epoch {epoch}"
+        return f"vitexp: {how}; run {run_id} is KILLED {where}; {requeue()}"
     if not epoch:
         return (
             f"vitexp: {how} in the first epoch; run {run_id} is KILLED with no checkpoint; "
@@ -213,7 +225,7 @@ def prepare(cfg: DictConfig, tracker: Tracker, resume, workers) -> tuple:
         with strategy.scope() if strategy else contextlib.nullcontext():
             model = build_model(cfg, splits.train[0])
             schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
-            if resume and resume.epoch:
+            if resume:
                 restore(model, resume)
     except Exception as err:
         if in_multirun() and not resume:
@@ -227,7 +239,10 @@ def open_run(tracker: Tracker, cfg: DictConfig, resume) -> tuple[str, Path, int]
     if resume:
         tracker.reopen(resume.run_id)
         replay_missing(tracker, resume.run_id, CheckpointDir(resume.out_dir / "checkpoints"))
-        print(f"vitexp: resuming run {resume.run_id} after epoch {resume.epoch}", file=sys.stderr)
+        if resume.in_epoch:  # the optimizer step it goes on from: none is trained twice
+            step = resume.in_epoch["iterations"]
+            tracker.log_metrics(resume.run_id, {"resumed_step": step}, step=resume.epoch + 1)
+        print(f"vitexp: resuming run {resume.run_id} {resume.describe()}", file=sys.stderr)
         return resume.run_id, resume.out_dir, resume.epoch
     out_dir = job_dir()
     tags = {**run_tags(cfg, out_dir), **({SLURM_TAG: slurm_job_id()} if slurm_job_id() else {})}
@@ -269,9 +284,10 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
                 watch = TargetWatch(tracker, run_id, test_batches, splits.test[1], cfg.trainer.target_top1)
                 callbacks = (*callbacks, watch)
             job = Job(
-                cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names
+                cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names,
+                resume.in_epoch if resume else None,
             )
-            result = fit_and_record(job, (*callbacks, *trial_callbacks(tracker, run_id), StopAtStepEnd()))
+            result = fit_and_record(job, (*callbacks, *trial_callbacks(tracker, run_id)))
     except KeyboardInterrupt as stop:  # the run is KILLED: say how to go on
         print(interrupted_message(run_id, out_dir, stop), file=sys.stderr)
         raise

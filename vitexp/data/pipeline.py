@@ -42,6 +42,7 @@ def train_dataset(
     epochs: int,
     steps: int | None = None,
     augment=None,
+    skip: int = 0,
 ) -> tf.data.Dataset:
     """Batches for epochs `first_epoch .. epochs-1`, each epoch a seeded permutation.
 
@@ -57,6 +58,8 @@ def train_dataset(
         steps: batches per epoch; None for one pass over the images.
         augment: an optional batch op `(images, one_hot, seed) -> (images, labels)`
             (see `vitexp.data.augment`); it receives a distinct stateless seed per batch.
+        skip: batches of `first_epoch` already trained (a run resumed inside it): the
+            stream starts after them, the rest of the epoch unchanged.
     """
     images = tf.constant(x)
     labels = tf.constant(y, dtype=tf.int32)
@@ -66,7 +69,7 @@ def train_dataset(
         return tf.gather(images, idx), tf.one_hot(tf.gather(labels, idx), num_classes), batch_seed
 
     epoch_batches = _epoch_batches(seed, count, batch_size, steps)
-    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches).map(gather)
+    ds = tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches).skip(skip).map(gather)
     if augment is None:
         ds = ds.map(lambda images, one_hot, _: (images, one_hot))
     else:

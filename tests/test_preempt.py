@@ -1,0 +1,102 @@
+"""Pre-emption inside an epoch: the job checkpoints the step it is at and the requeued job
+goes on from that very step. In-process, through the real signal handler and `train`; a
+Slurm batch job is what its environment says it is (test_cluster.py runs one for real)."""
+
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import TINY, compose, runs_of
+
+from vitexp.preempt import Terminated
+from vitexp.train import train
+
+EPOCHS = 2
+PER_EPOCH = 8  # 320 images, 256 of them trained on, batch 32
+STOP_AT = PER_EPOCH + 3  # the optimizer step after which the job is pre-empted: epoch 2, step 3
+ARGS = [
+    *TINY,
+    "data.num_train=320",
+    f"trainer.epochs={EPOCHS}",
+    "model.drop_path=0.2",  # random per step: the resumed steps must draw what they would have
+    "optimizer.ema_momentum=0.9",  # averages kept in the optimizer across the stop
+    "data.augment.random_crop_padding=2",
+]
+
+
+class PreemptAfter(keras.callbacks.Callback):
+    """Sends this process Slurm's time-limit warning once the optimizer has made `step` steps."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == self.step:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+
+@pytest.fixture
+def slurm_job(monkeypatch):
+    """This process plays a Slurm batch job whose `scontrol` is out of reach; the signal
+    handlers `train` installs are put back afterwards."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    monkeypatch.setenv("SLURM_JOB_ID", f"{os.getpid()}7")
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    yield monkeypatch
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def final_weights(run) -> list[np.ndarray]:
+    path = Path(run.data.tags["vitexp.output_dir"]) / "checkpoints" / "last.keras"
+    return [np.asarray(w) for w in keras.saving.load_model(path, compile=False).get_weights()]
+
+
+def test_preempted_inside_an_epoch_resumes_at_the_same_step(slurm_job, shared_store, capsys):
+    uri, client = shared_store
+    config = [*ARGS, f"tracking.uri={uri}"]
+    with slurm_job.context() as outside:  # the same job, never stopped, outside Slurm
+        outside.delenv("SLURM_JOB_ID")
+        train(compose([*config, "tracking.experiment=preempt-whole"]))
+    cfg = compose([*config, "tracking.experiment=preempt-cut"])
+    with pytest.raises(Terminated):
+        train(cfg, callbacks=(PreemptAfter(STOP_AT),))
+    (whole,) = runs_of(client, "preempt-whole")
+    (cut,) = runs_of(client, "preempt-cut")
+    folders = [Path(r.data.tags["vitexp.output_dir"]) for r in (whole, cut)]
+    try:
+        assert cut.info.status == "KILLED"
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+            f"vitexp: terminated (SIGTERM); run {cut.info.run_id} is KILLED at step 3 of epoch 2 (checkpointed)"
+        )
+        assert sorted(p.name for p in (folders[1] / "checkpoints").glob("step_*")) == [
+            "step_0001_000003.json",
+            "step_0001_000003.keras",
+        ]
+        slurm_job.setenv("SLURM_RESTART_COUNT", "1")  # Slurm starts the requeued job
+        train(cfg)
+        assert "resuming run" in capsys.readouterr().err  # the same run, not a new one
+        (again,) = runs_of(client, "preempt-cut")
+        assert again.info.status == "FINISHED" and again.data.tags["vitexp.slurm_restarts"] == "1"
+        assert history(client, cut.info.run_id, "resumed_step") == [(2, float(STOP_AT))]
+        for key in ("optimizer_step", "train_loss", "train_top1", "val_loss"):  # each epoch once
+            assert history(client, cut.info.run_id, key) == history(client, whole.info.run_id, key), key
+        assert history(client, cut.info.run_id, "optimizer_step") == [(1, PER_EPOCH), (2, 2 * PER_EPOCH)]
+        for resumed, uninterrupted in zip(final_weights(again), final_weights(whole), strict=True):
+            np.testing.assert_array_equal(resumed, uninterrupted)
+        assert not list((folders[1] / "checkpoints").glob("step_*"))  # dropped at the epoch's end
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
