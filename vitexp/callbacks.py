@@ -172,17 +172,24 @@ class EpochRecorder(keras.callbacks.Callback):
         self.resumed = resumed
         self._started = 0.0
         self._epoch = self._steps_before = self._iterations = 0
+        self._carried = None
 
     def on_epoch_begin(self, epoch, logs=None):
         state, self.resumed = self.resumed, None
         if state is None or state["epoch"] != epoch:
-            state = {"step": 0, "seconds": 0.0}
-        else:  # after Keras reset them: the running sums of the steps already done
-            for variable, value in zip(self.model.metrics_variables, state["metrics"], strict=True):
-                variable.assign(np.asarray(value, dtype=variable.dtype))
-        self._epoch, self._steps_before = epoch, state["step"]
+            state = {"step": 0, "seconds": 0.0, "metrics": None}
+        self._epoch, self._steps_before, self._carried = epoch, state["step"], state["metrics"]
         self._iterations = optimizer_step(self.model)
         self._started = time.perf_counter() - state["seconds"]
+
+    def on_train_batch_end(self, batch, logs=None):
+        # The train metrics are running sums (Keras builds them with the first step): the
+        # sums of the steps done before a resume are added once, the epoch's figures whole.
+        if self._carried is None:
+            return
+        for variable, value in zip(self.model.metrics_variables, self._carried, strict=True):
+            variable.assign_add(np.asarray(value, dtype=variable.dtype))
+        self._carried = None
 
     def commit_step(self) -> str:
         """Checkpoints the model where it stands inside the epoch (at a step boundary);

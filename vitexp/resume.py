@@ -106,7 +106,8 @@ def restore(model: keras.Model, resume: Resume) -> None:
     if resume.step_file is None and not resume.epoch:
         return
     model.optimizer.build(model.trainable_variables)
-    model.load_weights(resume.step_file or CheckpointDir(resume.out_dir / "checkpoints").model_file(resume.epoch))
+    epoch_file = CheckpointDir(resume.out_dir / "checkpoints").model_file(resume.epoch)
+    model.load_weights(resume.step_file or epoch_file)
 
 
 class EndResumedEpoch(keras.callbacks.Callback):

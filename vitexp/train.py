@@ -284,9 +284,9 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
                 watch = TargetWatch(tracker, run_id, test_batches, splits.test[1], cfg.trainer.target_top1)
                 callbacks = (*callbacks, watch)
             job = Job(
-                cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names,
-                resume.in_epoch if resume else None,
+                cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names
             )
+            job.in_epoch = resume.in_epoch if resume else None
             result = fit_and_record(job, (*callbacks, *trial_callbacks(tracker, run_id)))
     except KeyboardInterrupt as stop:  # the run is KILLED: say how to go on
         print(interrupted_message(run_id, out_dir, stop), file=sys.stderr)
