@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from conftest import TINY, compose, runs_of
 
+from vitexp.callbacks import CheckpointDir
+from vitexp.data.pipeline import train_dataset
 from vitexp.preempt import Terminated
 from vitexp.train import train
 
@@ -100,3 +102,29 @@ def test_preempted_inside_an_epoch_resumes_at_the_same_step(slurm_job, shared_st
     finally:
         for folder in folders:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_resumed_epoch_skips_exactly_its_batches_done():
+    x = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    y = np.arange(10) % 3
+
+    def first_pixels(first_epoch, skip=0):
+        ds = train_dataset(x, y, 3, 4, seed=7, first_epoch=first_epoch, epochs=3, skip=skip)
+        return [batch[0][:, 0, 0, 0].numpy().tolist() for batch in ds]
+
+    full = first_pixels(0)  # 3 batches an epoch
+    assert first_pixels(1, skip=2) == full[5:]
+
+
+def test_the_step_checkpoint_is_the_newest_whole_one_after_the_last_epoch(tmp_path):
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    checkpoints = CheckpointDir(tmp_path)
+    assert checkpoints.step_checkpoint() is None
+    for step in (3, 5):
+        checkpoints.commit_step(model, {"epoch": 0, "step": step})
+    (tmp_path / "step_0000_000009.json").write_text("{}")  # cut off before its model file
+    path, state = checkpoints.step_checkpoint()
+    assert path.name == "step_0000_000005.keras" and state == {"epoch": 0, "step": 5}
+    assert not (tmp_path / "step_0000_000003.keras").exists()  # one step checkpoint at a time
+    checkpoints.commit(model, 1, {"val_top1": 0.5})  # the epoch ends: its step checkpoint is spent
+    assert checkpoints.step_checkpoint() is None and not list(tmp_path.glob("step_*"))
