@@ -147,7 +147,7 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
     t = job.cfg.trainer
     checkpoints = CheckpointDir(job.out_dir / "checkpoints", keep=t.keep_checkpoints)
     callbacks = training_callbacks(job, checkpoints, extra_callbacks)
-    monitor = job.tracker.monitor_system(job.run_id, resume=job.first_epoch > 0)
+    monitor = job.tracker.monitor_system(job.run_id, resume=job.first_epoch > 0 or job.in_epoch is not None)
     try:
         fit(job, callbacks)
         record_training(job, checkpoints)
