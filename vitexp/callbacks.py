@@ -45,7 +45,8 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 class CheckpointDir:
     """A run's checkpoints: `epoch_NNNN.keras` (the last few), their metrics as
-    `epoch_NNNN.json` (all), `last.keras` and `best.keras`.
+    `epoch_NNNN.json` (all), `last.keras` and `best.keras`; after a Slurm pre-emption, one
+    step checkpoint inside the epoch after the last (`commit_step`).
 
     An epoch is committed when its `.keras` file is renamed into place, after its metrics
     file: whatever the moment of a kill, the newest epoch file loads and its metrics exist.
