@@ -1,6 +1,7 @@
 """Shared helpers: compose the real config, a temporary MLflow store, a real subprocess."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,11 +101,23 @@ def start_vitexp(args, cwd):
     )
 
 
-@pytest.fixture
-def store(tmp_path):
-    """A fresh sqlite MLflow store in a temporary folder: (uri, client)."""
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An sqlite MLflow store with its tables and nothing else, made once: a new store spends
+    seconds creating its tables (tens of seconds on a loaded machine)."""
     from mlflow.tracking import MlflowClient
 
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, empty_store):
+    """A fresh sqlite MLflow store in a temporary folder, a copy of the empty one: (uri, client)."""
+    from mlflow.tracking import MlflowClient
+
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return uri, MlflowClient(tracking_uri=uri)
 
