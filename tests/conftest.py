@@ -1,6 +1,7 @@
 """Shared helpers: compose the real config, a temporary MLflow store, a real subprocess."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,36 @@ def run_vitexp(args, tmp_path, module="vitexp", timeout=600, check=True, env=Non
     return proc
 
 
+@pytest.fixture
+def vitexp_in_process(tmp_path, monkeypatch, capsys):
+    """`vitexp ARGS` run in this process through `vitexp.cli.main`, in `tmp_path`, for commands
+    that end before training (a new TensorFlow process spends ~15 s starting): a function
+    ARGS -> (exit status, stderr). What a job would set for the whole process is left alone
+    (Hydra's logging set-up, which would close pytest's own handlers) or put back afterwards
+    (the Keras precision policy, SIGTERM's handler)."""
+    import hydra._internal.logging_config
+
+    from vitexp import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "filter_native_noise", lambda: None)  # fd 2 stays pytest's
+    monkeypatch.setattr(hydra._internal.logging_config, "configure_logging", lambda conf: None)
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    keras = sys.modules.get("keras")
+    policy = keras.mixed_precision.global_policy().name if keras else "float32"
+
+    def run(args):
+        monkeypatch.setattr(sys, "argv", ["vitexp", *args])
+        with pytest.raises(SystemExit) as stop:
+            cli.main()
+        return stop.value.code, capsys.readouterr().err
+
+    yield run
+    if "keras" in sys.modules:
+        sys.modules["keras"].mixed_precision.set_global_policy(policy)
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def start_vitexp(args, cwd):
     """Starts `python -m vitexp ARGS` in the background, for tests that signal or race it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -70,11 +101,23 @@ def start_vitexp(args, cwd):
     )
 
 
-@pytest.fixture
-def store(tmp_path):
-    """A fresh sqlite MLflow store in a temporary folder: (uri, client)."""
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An sqlite MLflow store with its tables and nothing else, made once: a new store spends
+    seconds creating its tables (tens of seconds on a loaded machine)."""
     from mlflow.tracking import MlflowClient
 
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, empty_store):
+    """A fresh sqlite MLflow store in a temporary folder, a copy of the empty one: (uri, client)."""
+    from mlflow.tracking import MlflowClient
+
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return uri, MlflowClient(tracking_uri=uri)
 

@@ -246,13 +246,34 @@ BAD_COMMANDS = [
 ]
 
 
+def with_store(args, uri) -> list[str]:
+    return args if any(a.startswith("tracking.uri=") for a in args) else [*args, f"tracking.uri={uri}"]
+
+
+def nothing_recorded(uri) -> bool:
+    """No store at `uri` (a preflight failure should not even create it), or no run in it."""
+    from mlflow.tracking import MlflowClient
+
+    return not Path(uri[len("sqlite:///") :]).exists() or runs_of(MlflowClient(uri)) == []
+
+
 @pytest.mark.parametrize("args, message", BAD_COMMANDS)
-def test_bad_command_line_fails_in_one_line(args, message, tmp_path, store):
-    uri, client = store
-    if not any(a.startswith("tracking.uri=") for a in args):
-        args = [*args, f"tracking.uri={uri}"]
+def test_bad_command_line_fails_in_one_line(args, message, tmp_path, vitexp_in_process):
+    """`vitexp.cli.main` in this process; the next test runs the real command."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, stderr = vitexp_in_process(with_store(args, uri))
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("vitexp: error:") and message in lines[0]
+    assert nothing_recorded(uri)
+
+
+def test_the_command_prints_only_that_line(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args, message = BAD_COMMANDS[3]  # a sweep: every job is checked before any runs
     proc = subprocess.run(
-        [sys.executable, "-m", "vitexp", *args],
+        [sys.executable, "-m", "vitexp", *with_store(args, uri)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -262,7 +283,7 @@ def test_bad_command_line_fails_in_one_line(args, message, tmp_path, store):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("vitexp: error:") and message in lines[0]
-    assert not Path(uri[len("sqlite:///") :]).exists() or runs_of(client) == []
+    assert nothing_recorded(uri)
 
 
 def test_help_and_cfg_do_not_import_tensorflow(tmp_path):

@@ -19,7 +19,7 @@ def metric_steps(client, run_id, key):
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_single_run_records_everything(tmp_path, store):
+def test_single_run_records_everything(tmp_path, store, capsys):
     uri, client = store
     proc = run_vitexp(
         [*TINY, "report.enabled=true", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path
@@ -89,7 +89,10 @@ def test_single_run_records_everything(tmp_path, store):
         assert pixels[..., :3].var() > 1e-4, f"{name} is blank"
 
     keras.utils.save_img(tmp_path / "mine.png", data.test_x[0], scale=False)
-    explained = run_vitexp(
+    from vitexp import explain  # in this process: the model is loaded here already
+
+    capsys.readouterr()
+    explain.main(
         [
             "--tracking-uri",
             uri,
@@ -97,11 +100,9 @@ def test_single_run_records_everything(tmp_path, store):
             str(tmp_path / "explained"),
             run.info.run_id,
             str(tmp_path / "mine.png"),
-        ],
-        tmp_path,
-        module="vitexp.explain",
+        ]
     )
-    written = [Path(line) for line in explained.stdout.split()]
+    written = [Path(line) for line in capsys.readouterr().out.split()]
     assert written == [tmp_path / "explained" / "attention_00.png"] and written[0].stat().st_size > 10_000
 
 

@@ -24,6 +24,16 @@ def wait_for(condition, proc, timeout=300, poll=0.01):
     raise AssertionError("timed out")
 
 
+def wait_for_line(proc, text):
+    """Reads the run's output until a line holds `text`."""
+    for line in proc.stdout:
+        if text in line:
+            return
+    raise AssertionError(
+        f"process ended ({proc.wait()}) before printing {text!r}: {proc.stderr.read()[-3000:]}"
+    )
+
+
 def steps(client, run_id, key):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
@@ -46,8 +56,8 @@ def test_sigkill_in_third_epoch_then_resume(tmp_path, store):
     run_dir = tmp_path / "run"
     args = [*LONG, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"]
     proc = start_vitexp(args, tmp_path)
-    wait_for(lambda: (run_dir / "checkpoints" / "epoch_0002.keras").exists(), proc)
-    time.sleep(0.3)  # into the third epoch
+    wait_for_line(proc, "Epoch 3/5")  # Keras starts the third epoch once the second is recorded
+    assert (run_dir / "checkpoints" / "epoch_0002.keras").exists()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (run,) = runs_of(client)
@@ -192,11 +202,13 @@ def test_fixed_seed_is_deterministic(tmp_path, store):
     assert tags["vitexp.git_commit"] != ""
 
 
-def write_bad_files(root: Path) -> dict[str, Path]:
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
     import gzip
 
     from data.test_loaders import write_cifar100, write_mnist_folder, write_png_folder
 
+    root = tmp_path_factory.mktemp("bad")
     tarball, _, _ = write_cifar100(root)
     truncated = root / "truncated.tar.gz"
     truncated.write_bytes(tarball.read_bytes()[:2000])
@@ -238,15 +250,38 @@ BAD_DATA = [
 ]
 
 
-@pytest.mark.parametrize("args, message", BAD_DATA)
-def test_bad_inputs_fail_in_one_line_without_a_run(args, message, tmp_path, store):
-    uri, client = store
-    files = write_bad_files(tmp_path)
+def bad_command(args, files, uri, experiment) -> list[str]:
+    """The arguments of a bad case, into `experiment` of the store at `uri` unless it names one."""
     args = [a.format(**files) for a in args]
     if not any(a.startswith("tracking.uri=") for a in args):
         args.append(f"tracking.uri={uri}")
+    return [*args, f"tracking.experiment={experiment}"]
+
+
+@pytest.mark.parametrize("args, message", BAD_DATA)
+def test_bad_inputs_fail_in_one_line_without_a_run(
+    args, message, bad_files, shared_store, vitexp_in_process, tmp_path
+):
+    """`vitexp.cli.main` in this process, as the command runs it (the next test checks that the
+    real command prints the same line)."""
+    uri, client = shared_store
+    experiment = f"bad-{tmp_path.name}"
+    code, stderr = vitexp_in_process(bad_command(args, bad_files, uri, experiment))
+    assert code == 2, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("vitexp: error:") and message in last, last
+    assert runs_of(client, experiment) == []  # it failed before a run was created, let alone trained
+
+
+def test_the_command_fails_with_the_line_main_prints(bad_files, shared_store, vitexp_in_process, tmp_path):
+    """A real `python -m vitexp` process ends a bad input with the same one line, no traceback."""
+    uri, client = shared_store
+    args = bad_command(BAD_DATA[0][0], bad_files, uri, f"bad-{tmp_path.name}")
     proc = run_vitexp(args, tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("vitexp: error:") and message in last, last
-    assert runs_of(client) == []  # it failed before a run was created, let alone trained
+    assert last.startswith("vitexp: error:") and BAD_DATA[0][1] in last, last
+    code, stderr = vitexp_in_process(args)
+    assert code == 2 and stderr.strip().splitlines()[-1] == last
+    assert runs_of(client, f"bad-{tmp_path.name}") == []

@@ -56,6 +56,18 @@ def write_images(folder, images):
     return paths
 
 
+def in_process(tool, argv, capsys):
+    """`python -m vitexp.<tool> ARGV` run in this process through its `main`: (exit status,
+    stdout, stderr). The tests that run a tool as a real command are the ones without it."""
+    try:
+        tool.main(argv)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def test_evaluate_reproduces_the_runs_test_metrics(trained):
     folder, uri, client, run = trained
     out = run_vitexp(
@@ -77,16 +89,16 @@ def test_evaluate_reproduces_the_runs_test_metrics(trained):
         (["data=no_such_data"], "vitexp.evaluate: error: data=no_such_data: In 'config': Could not find"),
     ],
 )
-def test_evaluate_adapts_the_data_or_says_what_to_change(overrides, expect, trained):
-    folder, uri, _, run = trained
-    out = run_vitexp(
-        [run.info.run_id, *overrides, "--tracking-uri", uri], folder, module="vitexp.evaluate", check=False
-    )
+def test_evaluate_adapts_the_data_or_says_what_to_change(overrides, expect, trained, capsys):
+    from vitexp import evaluate
+
+    _, uri, _, run = trained
+    code, stdout, stderr = in_process(evaluate, [run.info.run_id, *overrides, "--tracking-uri", uri], capsys)
     if "error" in expect:
-        assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(expect), out.stderr
+        assert code == 2 and stderr.strip().splitlines()[-1].startswith(expect), stderr
     else:
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert expect in out.stdout and "top-1" in out.stdout
+        assert code == 0, stderr[-3000:]
+        assert expect in stdout and "top-1" in stdout
 
 
 def test_predict_top5_on_image_files(trained):
@@ -114,7 +126,9 @@ def test_predict_top5_on_image_files(trained):
         ("no_checkpoint", "has no best.keras checkpoint"),
     ],
 )
-def test_bad_inputs(case, message, trained):
+def test_bad_inputs(case, message, trained, capsys):
+    from vitexp import predict
+
     folder, uri, client, run = trained
     run_id = run.info.run_id
     paths = write_images(folder, synthetic_test_images().test_x[:1])
@@ -127,9 +141,9 @@ def test_bad_inputs(case, message, trained):
         empty = client.create_run(run.info.experiment_id)
         client.log_artifact(empty.info.run_id, str(folder / "run" / "config" / "config.yaml"), "config")
         run_id = empty.info.run_id
-    out = run_vitexp([run_id, *paths, "--tracking-uri", uri], folder, module="vitexp.predict", check=False)
-    assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
+    code, _, stderr = in_process(predict, [run_id, *paths, "--tracking-uri", uri], capsys)
+    assert code == 2
+    lines = stderr.strip().splitlines()
     assert message in lines[-1] and lines[-1].startswith("vitexp.predict: error:")
 
 

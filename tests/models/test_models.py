@@ -6,8 +6,10 @@ import pytest
 import tensorflow as tf
 from conftest import CONF, compose
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from vitexp.models import load_model
+from vitexp.models.schema import family_schemas
 from vitexp.models.swin import resolve_weights
 from vitexp.validate import ConfigError, check_config
 
@@ -27,16 +29,34 @@ def small(name):
     """The model's own config on 32x32 synthetic data; Swin widths cut to 8 per head."""
     overrides = [f"model={name}", "data=synthetic", "data.image_shape=[32,32,3]", "data.num_classes=7"]
     cfg = compose(overrides)
-    if "swin" in cfg.model._target_:
+    if OmegaConf.get_type(cfg.model) is family_schemas()["swin_schema"]:
         cfg.model.embed_dim = 8 * cfg.model.num_heads[0]
     check_config(cfg)
     return cfg
 
 
+@pytest.fixture(scope="module")
+def built():
+    """`built(name, **changes)`: the model of `small(name)` with `changes` to its keys, built
+    once per distinct config in this module (a Swin build takes seconds)."""
+    models = {}
+
+    def build(name, **changes):
+        cfg = small(name)
+        for key, value in changes.items():
+            cfg.model[key] = value
+        check_config(cfg)
+        layout = OmegaConf.to_yaml(cfg.model, resolve=True)
+        if layout not in models:
+            models[layout] = instantiate(cfg.model, _convert_="all")
+        return models[layout]
+
+    return build
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_model_builds_and_trains_a_step(name):
-    cfg = small(name)
-    model = instantiate(cfg.model, _convert_="all")
+def test_model_builds_and_trains_a_step(name, built):
+    model = built(name)
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     labels = keras.ops.one_hot(np.array([0, 1, 2, 6]), 7)
     logits = model(images)
@@ -47,9 +67,8 @@ def test_model_builds_and_trains_a_step(name):
     assert changed > len(before) // 2
 
 
-def test_swin_checkpoint_round_trip_and_training_continues(tmp_path):
-    cfg = small("swin_micro")
-    model = instantiate(cfg.model, _convert_="all")
+def test_swin_checkpoint_round_trip_and_training_continues(tmp_path, built):
+    model = built("swin_micro")  # trained a step or not, a checkpoint must give it back
     images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     labels = keras.ops.one_hot(np.array([0, 1, 2, 3]), 7)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
@@ -111,12 +130,8 @@ VIT_OPTIONS = [
 
 
 @pytest.mark.parametrize("option", VIT_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_each_vit_design_choice_builds_and_trains(option):
-    cfg = small("vit_tiny")
-    for key, value in option.items():
-        cfg.model[key] = value
-    check_config(cfg)
-    model = instantiate(cfg.model, _convert_="all")
+def test_each_vit_design_choice_builds_and_trains(option, built):
+    model = built("vit_tiny", **option)  # vit_tiny's own choices share its model
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     labels = keras.ops.one_hot(np.array([0, 1, 2, 6]), 7)
     assert np.isfinite(eager_step(model, keras.optimizers.AdamW(1e-3), images, labels))
