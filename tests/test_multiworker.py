@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import TINY
@@ -90,6 +91,63 @@ def test_two_workers_train_one_run_as_one_process_would(tmp_path, store):
         ours, theirs = history(client, run.info.run_id, key), history(single, alone.info.run_id, key)
         assert [s for s, _ in ours] == [s for s, _ in theirs]
         assert all(abs(a - b) <= tolerance for (_, a), (_, b) in zip(ours, theirs)), (key, ours, theirs)
+
+
+def wait_for_file(pattern: str, folder, procs, timeout: float = 600) -> None:
+    """Returns once a file matching `pattern` exists under `folder`; fails if a worker ends first."""
+    deadline = time.monotonic() + timeout
+    while not list(folder.glob(pattern)):
+        ended = [p for p in procs if p.poll() is not None]
+        assert not ended, ended[0].log.read_text()[-5000:]
+        assert time.monotonic() < deadline, f"no {pattern} within {timeout} s"
+        time.sleep(0.05)  # a polling interval, not a timing assumption
+
+
+@pytest.mark.slow
+def test_workers_killed_after_an_epoch_resume_the_chiefs_run(tmp_path, store):
+    """Both workers SIGKILLed once the chief committed epoch 1, then started again with
+    `resume=true`: every worker loads the chief's checkpoint and the one run goes on."""
+    uri, client = store
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    epochs = 3
+    args = [*JOB, f"trainer.epochs={epochs}", "trainer.strategy=multi_worker", f"tracking.uri={uri}"]
+
+    def workers(args, name):  # fresh ports each time: the killed workers' may linger
+        ports = free_ports(2)
+        envs = [{"TF_CONFIG": tf_config(ports, i), "TMPDIR": str(scratch)} for i in (0, 1)]
+        return [start(args, tmp_path, env, tmp_path / f"{name}{i}.err") for i, env in enumerate(envs)]
+
+    procs = workers(args, "first")
+    try:
+        wait_for_file("outputs/*/*/checkpoints/epoch_0001.keras", tmp_path, procs)
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=60)
+        (run,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
+        assert run.info.status == "RUNNING"  # a hard stop: nobody closed the run
+        procs = workers([*args, "resume=true"], "again")
+        errors = []
+        for proc in procs:
+            proc.wait(timeout=600)
+            errors.append(proc.log.read_text())
+            assert proc.returncode == 0, errors[-1][-5000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
+
+    (resumed,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    (line,) = [x for x in errors[0].splitlines() if x.startswith("vitexp: resuming run ")]
+    done = int(line.removeprefix(f"vitexp: resuming run {run.info.run_id} after epoch "))
+    assert 1 <= done < epochs  # it continued after a committed epoch, before the last
+    assert [s for s, _ in history(client, run.info.run_id, "val_top1")] == list(range(1, epochs + 1))
+    steps = history(client, run.info.run_id, "optimizer_step")  # the step goes on, none twice
+    assert steps == [(e, e * steps[0][1]) for e in range(1, epochs + 1)]
+    # both workers restored weights and optimizer state from the chief's checkpoint
+    assert weights_line(errors[0]) == weights_line(errors[1])
 
 
 def test_a_worker_whose_peer_never_starts_fails_in_one_line(monkeypatch):
