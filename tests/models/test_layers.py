@@ -208,6 +208,17 @@ def test_conv_tokenizer():
         ConvTokenizer(patch_size=6, projection_dim=16)
 
 
+def test_conv_tokenizer_rounds_up_where_the_stride_does_not_divide_the_image():
+    # 'same' padding: 28 -> 14 -> 7 -> 4 cells a side at stride 8; the model's position
+    # embedding is sized from compute_output_shape, which once said 3 (floor)
+    layer = ConvTokenizer(patch_size=8, projection_dim=16, channels=[8, 8, 8])
+    assert layer.compute_output_shape((None, 28, 28, 1)) == (None, 16, 16)
+    assert layer(RNG.random((2, 28, 28, 1)).astype("float32")).shape == (2, 16, 16)
+    inputs = keras.Input((28, 28, 1))
+    model = keras.Model(inputs, PositionEmbedding("learned")(layer(inputs)))
+    assert model(RNG.random((2, 28, 28, 1)).astype("float32")).shape == (2, 16, 16)
+
+
 def test_conv_tokenizer_with_batchnorm_stem(tmp_path):
     layer = ConvTokenizer(patch_size=4, projection_dim=16, channels=[8, 8, 12])
     images = RNG.random((2, 28, 28, 1)).astype("float32")

@@ -40,12 +40,18 @@ class ModelConfig:
         for key in ("dropout", "attention_dropout", "head_dropout", "drop_path"):
             if key in m:
                 check_range(f"model.{key}", m[key], 0.0, 1.0)
-        require(
-            m.image_size % m.patch_size == 0,
-            f"model.image_size={m.image_size} is not divisible by patch_size={m.patch_size}: "
-            f"pick a patch size that divides {m.image_size} (e.g. patch_size="
-            f"{_nearest_divisor(m.image_size, m.patch_size)}) or change model.image_size",
-        )
+        if cls.patches_must_tile(m):
+            require(
+                m.image_size % m.patch_size == 0,
+                f"model.image_size={m.image_size} is not divisible by patch_size={m.patch_size}: "
+                f"pick a patch size that divides {m.image_size} (e.g. patch_size="
+                f"{_nearest_divisor(m.image_size, m.patch_size)}) or change model.image_size",
+            )
+
+    @classmethod
+    def patches_must_tile(cls, m: Any) -> bool:
+        """Whether the patches must tile the image exactly (a family with padding says no)."""
+        return True
 
 
 def _nearest_divisor(n: int, near: int) -> int:

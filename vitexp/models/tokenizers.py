@@ -103,7 +103,7 @@ class ConvTokenizer(layers.Layer):
             for the plain stem.
 
     Returns:
-        `(batch, (H / patch_size) * (W / patch_size), projection_dim)` tokens.
+        `(batch, ceil(H / patch_size) * ceil(W / patch_size), projection_dim)` tokens.
     """
 
     def __init__(self, patch_size, projection_dim, channels=(), **kwargs):
@@ -159,7 +159,9 @@ class ConvTokenizer(layers.Layer):
 
     def compute_output_shape(self, input_shape):
         _, height, width, _ = input_shape
-        return (input_shape[0], (height // self.patch_size) * (width // self.patch_size), self.projection_dim)
+        # 'same' padding: each stride-2 stage rounds up, so 28x28 at stride 8 gives 4x4 tokens
+        cells = (-(-height // self.patch_size)) * (-(-width // self.patch_size))
+        return (input_shape[0], cells, self.projection_dim)
 
     def get_config(self):
         return {

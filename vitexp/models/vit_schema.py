@@ -93,6 +93,10 @@ class ViTConfig(ModelConfig):
         check_tokenizer(m)
         require(m.image_size >= m.patch_size, "model.image_size must be at least the patch size")
 
+    @classmethod
+    def patches_must_tile(cls, m: Any) -> bool:
+        return m.tokenizer != Tokenizer.conv  # the conv stem pads: 28x28 at stride 8 gives 4x4 tokens
+
 
 def check_tokenizer(m: Any) -> None:
     if m.tokenizer == Tokenizer.conv:
