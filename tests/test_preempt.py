@@ -81,7 +81,7 @@ def test_preempted_inside_an_epoch_resumes_at_the_same_step(slurm_job, shared_st
     try:
         assert cut.info.status == "KILLED"
         last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last.startswith(f"vitexp: terminated (SIGTERM); run {cut.info.run_id} is KILLED at step 3 ")
+        assert last.startswith(f"vitexp: terminated (SIGUSR2); run {cut.info.run_id} is KILLED at step 3 ")
         assert "of epoch 2 (checkpointed)" in last
         assert sorted(p.name for p in (folders[1] / "checkpoints").glob("step_*")) == [
             "step_0001_000003.json",

@@ -30,10 +30,11 @@ class Terminated(KeyboardInterrupt):
     should run the job again; `where` says where training stopped, when it says more than
     the last committed epoch."""
 
-    def __init__(self, requeue: bool = False, where: str = ""):
+    def __init__(self, requeue: bool = False, where: str = "", signum: int = signal.SIGTERM):
         super().__init__()
         self.requeue = requeue
         self.where = where
+        self.signal_name = signal.Signals(signum).name
 
 
 def slurm_job_id() -> str | None:
@@ -88,7 +89,7 @@ class StopAtStepEnd(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if STOP.received is not None and batch + 1 < self.params["steps"]:
             where = self.recorder.commit_step() if self.recorder is not None else ""
-            raise Terminated(requeue=True, where=where)
+            raise Terminated(requeue=True, where=where, signum=STOP.received)
 
 
 def requeue() -> str:

@@ -195,7 +195,7 @@ def error_text(err: BaseException) -> str:
 def interrupted_message(run_id: str, out_dir: Path, stop: KeyboardInterrupt) -> str:
     """What to do after Ctrl-C or SIGTERM: resume from the last checkpoint, or start again;
     under Slurm, a pre-empted job requeues itself."""
-    how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+    how = f"terminated ({stop.signal_name})" if isinstance(stop, Terminated) else "interrupted"
     checkpoints = CheckpointDir(out_dir / "checkpoints")
     epoch = checkpoints.latest_epoch() if checkpoints.folder.is_dir() else 0
     if getattr(stop, "requeue", False):
