@@ -1,12 +1,16 @@
 """Runs that survive: kill and resume, Ctrl-C, divergence, determinism, bad inputs."""
 
+import os
 import signal
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
-from conftest import TINY, run_vitexp, runs_of, start_vitexp
+from conftest import TINY, compose, run_vitexp, runs_of, start_vitexp
+
+from vitexp.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -106,28 +110,40 @@ def history(client, run_id, key):
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_interrupted_run_with_ema_and_stochastic_depth_resumes_identically(tmp_path, store):
+class CtrlCAt(keras.callbacks.Callback):
+    """Presses Ctrl-C (SIGINT to this process) once the optimizer has made `step` steps."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_interrupted_run_with_ema_and_stochastic_depth_resumes_identically(tmp_path, store, capsys):
+    """In-process, through Python's own Ctrl-C (the command's exit code 130: the tests below)."""
     uri, client = store
-    args = [
-        *LONG,
-        "trainer.epochs=3",
+    cfg = [
+        *TINY,
+        "data.num_train=320",  # 8 steps an epoch
         "depth=2",
         "model.drop_path=0.3",
         "optimizer.ema_momentum=0.9",
         "trainer.deterministic=true",
         f"tracking.uri={uri}",
     ]
-    run_vitexp([*args, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path)
-    run_dir = tmp_path / "cut"
-    proc = start_vitexp([*args, f"hydra.run.dir={run_dir}"], tmp_path)
-    wait_for(lambda: (run_dir / "checkpoints" / "epoch_0001.keras").exists(), proc)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 130  # stopped before its last epoch
-    run_vitexp([*args, f"hydra.run.dir={run_dir}", "resume=true"], tmp_path)
+    train(compose(cfg))
+    with pytest.raises(KeyboardInterrupt):
+        train(compose(cfg), callbacks=(CtrlCAt(8 + 3),))  # in epoch 2
+    assert "resume=true" in capsys.readouterr().err.strip().splitlines()[-1]
+    train(compose([*cfg, "resume=true"]))
+    assert "resuming run" in capsys.readouterr().err
     whole, cut = sorted(runs_of(client), key=lambda r: r.info.start_time)
     assert cut.info.status == "FINISHED"
     for key in ("train_loss", "val_loss", "val_top1"):
+        assert len(history(client, cut.info.run_id, key)) == 3, key  # each epoch once
         assert history(client, cut.info.run_id, key) == history(client, whole.info.run_id, key), key
     assert cut.data.metrics["test_loss"] == whole.data.metrics["test_loss"]
 

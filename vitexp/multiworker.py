@@ -222,6 +222,7 @@ def _symbolic_build_from_local_batch(self, iterator=None, data_batch=None):
     strategy = self._distribute_strategy
     if strategy is None:
         return
+
     def first_replica(value):
         if isinstance(value, tf.distribute.DistributedValues):
             return strategy.experimental_local_results(value)[0]
