@@ -120,6 +120,20 @@ def test_a_model_family_is_its_own_files(tmp_path, monkeypatch):
         check_config(compose(["model=toy", "patch_size=5"], config_dir=str(tmp_path / "family")))
 
 
+def test_the_conv_stem_pads_where_patches_must_tile():
+    # 28x28 at stride 8: the conv stem pads to 4x4 tokens; patches of 8 cannot tile 28
+    check_config(compose(["experiment=vit_fashion_mnist", "patch_size=8"]))
+    with pytest.raises(ConfigError, match="not divisible by patch_size=8"):
+        check_config(compose(["experiment=vit_fashion_mnist", "patch_size=8", "model.tokenizer=patch",
+                              "model.stem_channels=[]"]))  # fmt: skip
+
+
+def test_a_search_budget_keeps_the_mlp_twice_the_width():
+    cfg = compose(["experiment=vit_fashion_mnist_search", "model.projection_dim=96"])
+    check_config(cfg)
+    assert list(cfg.model.transformer_units) == [192, 96]
+
+
 # the composed model of each option: its family's file, and what the option sets over it
 VIT = dict(
     _target_="vitexp.models.vit.build_vit", name="vit", num_classes=100, input_shape=[32, 32, 3],

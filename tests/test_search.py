@@ -118,6 +118,23 @@ def test_two_searches_cannot_share_a_study_name(tmp_path, capsys):
     assert err.count("\n") == 1 and "study 'mine'" in err and "holds another search" in err, err
 
 
+def test_fashion_mnist_search_preset_plans_a_pruned_search(tmp_path):
+    import optuna
+
+    from vitexp.config import hydra_app
+    from vitexp.search import build_pruner, plan_of
+
+    args = ["experiment=vit_fashion_mnist_search", "hparams_search=vit_fashion_mnist",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+    with hydra_app() as app:
+        plan = plan_of(app, "config", args)
+    assert set(plan.space) == {"patch_size", "depth", "model.projection_dim",
+                               "optimizer.learning_rate", "optimizer.weight_decay"}  # fmt: skip
+    assert (plan.n_trials, plan.epochs) == (12, 8)
+    assert isinstance(build_pruner(plan.pruner, plan.epochs), optuna.pruners.SuccessiveHalvingPruner)
+    assert plan.storage_url == f"sqlite:///{tmp_path}/optuna.db"
+
+
 def test_bad_search_from_the_command_line(tmp_path):
     args = search_args(tmp_path, "depth=choice(1,2)", "hydra.sweeper.pruner.name=patience")
     out = run_vitexp(args, tmp_path, check=False)

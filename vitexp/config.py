@@ -35,6 +35,8 @@ def _shortcut(key: str, default: Any, *, _root_: Any) -> Any:
 
 if not OmegaConf.has_resolver("shortcut"):
     OmegaConf.register_new_resolver("shortcut", _shortcut)
+if not OmegaConf.has_resolver("mul"):  # widths that follow another: ${mul:2,${model.projection_dim}}
+    OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
 if not OmegaConf.has_resolver("pid"):  # run folders: two runs started in the same second differ
     OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
 
