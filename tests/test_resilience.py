@@ -96,7 +96,7 @@ def test_ctrl_c_ends_killed_with_a_usable_checkpoint(tmp_path, store):
     wait_for(lambda: (run_dir / "checkpoints" / "epoch_0001.keras").exists(), proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr[-4000:]
     assert "resume=true" in stderr.strip().splitlines()[-1]
     (run,) = runs_of(client)
     assert run.info.status == "KILLED"
@@ -122,6 +122,15 @@ class CtrlCAt(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's Ctrl-C, as a terminal gives it: a suite started in the background ignores SIGINT."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_interrupted_run_with_ema_and_stochastic_depth_resumes_identically(tmp_path, store, capsys):
     """In-process, through Python's own Ctrl-C (the command's exit code 130: the tests below)."""
     uri, client = store
@@ -155,7 +164,7 @@ def test_ctrl_c_in_the_first_epoch_says_to_start_again(tmp_path, store):
     wait_for(lambda: (run_dir / "model_summary.txt").exists(), proc)  # set up, not yet one epoch
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, stderr[-4000:]
     last = stderr.strip().splitlines()[-1]
     assert "no checkpoint" in last and "start it again" in last and "resume=true" not in last, last
     assert not (run_dir / "checkpoints").exists()
