@@ -137,3 +137,15 @@ def runs_of(client, experiment="vitexp"):
     if exp is None:
         return []
     return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def signal_at_step(step: int, signum: int):
+    """A Keras callback that sends this process `signum` once the optimizer has made `step` steps."""
+    import keras
+
+    class SignalAtStep(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == step:
+                os.kill(os.getpid(), signum)
+
+    return SignalAtStep()

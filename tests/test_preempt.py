@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import TINY, compose, runs_of
+from conftest import TINY, compose, runs_of, signal_at_step
 
 from vitexp.callbacks import CheckpointDir
 from vitexp.data.pipeline import train_dataset
@@ -29,18 +29,6 @@ ARGS = [
     "optimizer.ema_momentum=0.9",  # averages kept in the optimizer across the stop
     "data.augment.random_crop_padding=2",
 ]
-
-
-class PreemptAfter(keras.callbacks.Callback):
-    """Sends this process Slurm's time-limit warning once the optimizer has made `step` steps."""
-
-    def __init__(self, step: int):
-        super().__init__()
-        self.step = step
-
-    def on_train_batch_end(self, batch, logs=None):
-        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == self.step:
-            os.kill(os.getpid(), signal.SIGUSR2)
 
 
 @pytest.fixture
@@ -74,7 +62,7 @@ def test_preempted_inside_an_epoch_resumes_at_the_same_step(slurm_job, shared_st
         train(compose([*config, "tracking.experiment=preempt-whole"]))
     cfg = compose([*config, "tracking.experiment=preempt-cut"])
     with pytest.raises(Terminated):
-        train(cfg, callbacks=(PreemptAfter(STOP_AT),))
+        train(cfg, callbacks=(signal_at_step(STOP_AT, signal.SIGUSR2),))  # Slurm's time-limit warning
     (whole,) = runs_of(client, "preempt-whole")
     (cut,) = runs_of(client, "preempt-cut")
     folders = [Path(r.data.tags["vitexp.output_dir"]) for r in (whole, cut)]

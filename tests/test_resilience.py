@@ -1,14 +1,12 @@
 """Runs that survive: kill and resume, Ctrl-C, divergence, determinism, bad inputs."""
 
-import os
 import signal
 import time
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
-from conftest import TINY, compose, run_vitexp, runs_of, start_vitexp
+from conftest import TINY, compose, run_vitexp, runs_of, signal_at_step, start_vitexp
 
 from vitexp.train import train
 
@@ -110,18 +108,6 @@ def history(client, run_id, key):
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-class CtrlCAt(keras.callbacks.Callback):
-    """Presses Ctrl-C (SIGINT to this process) once the optimizer has made `step` steps."""
-
-    def __init__(self, step: int):
-        super().__init__()
-        self.step = step
-
-    def on_train_batch_end(self, batch, logs=None):
-        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == self.step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 @pytest.fixture
 def ctrl_c_raises():
     """Python's Ctrl-C, as a terminal gives it: a suite started in the background ignores SIGINT."""
@@ -145,7 +131,7 @@ def test_interrupted_run_with_ema_and_stochastic_depth_resumes_identically(tmp_p
     ]
     train(compose(cfg))
     with pytest.raises(KeyboardInterrupt):
-        train(compose(cfg), callbacks=(CtrlCAt(8 + 3),))  # in epoch 2
+        train(compose(cfg), callbacks=(signal_at_step(8 + 3, signal.SIGINT),))  # in epoch 2
     assert "resume=true" in capsys.readouterr().err.strip().splitlines()[-1]
     train(compose([*cfg, "resume=true"]))
     assert "resuming run" in capsys.readouterr().err
