@@ -112,10 +112,22 @@ def test_two_searches_cannot_share_a_study_name(tmp_path, capsys):
     with hydra_app() as app:
         open_study(plan_of(app, "config", [*args, "depth=choice(1,2)"]))  # the first search's study
     preflight([*args, "depth=choice(1,2)"])  # the same search again is fine
-    with pytest.raises(SystemExit):
-        preflight([*args, "depth=choice(1,3)"])
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "study 'mine'" in err and "holds another search" in err, err
+    for other in (["depth=choice(1,3)"], ["depth=choice(1,2)", "hydra.sweeper.pruner.name=none"]):
+        with pytest.raises(SystemExit):  # another space; the same space with another pruner
+            preflight([*args, *other])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "study 'mine'" in err and "holds another search" in err, (other, err)
+
+
+def test_a_search_with_another_pruner_gets_a_study_of_its_own(tmp_path):
+    from vitexp.config import hydra_app
+    from vitexp.search import plan_of
+
+    args = [*search_args(tmp_path), "depth=choice(1,2)"]
+    with hydra_app() as app:
+        names = {plan_of(app, "config", [*args, f"hydra.sweeper.pruner.name={p}"]).study_name
+                 for p in ("none", "median", "median")}  # fmt: skip
+    assert len(names) == 2, names
 
 
 def test_fashion_mnist_search_preset_plans_a_pruned_search(tmp_path):

@@ -71,6 +71,8 @@ class Plan:
             "fixed": sorted(o for o in self.fixed if not o.lstrip("+~").startswith(NOT_FINGERPRINTED)),
             "directions": self.directions,
             "objectives": self.objectives,
+            # which trials a pruner stopped shapes the study: another pruner is another search
+            "pruner": self.pruner,
         }
         return json.dumps(body, sort_keys=True)
 
