@@ -45,6 +45,7 @@ def test_speedrun_times_every_seed_to_the_target(tmp_path, store):
     for s in seeds:  # both reach 0.4, at an epoch, before their run ended
         assert s["epochs"] == 2 and s["images_per_s"] > 0 and s["test_top1"] >= 0.4
         assert 0 < s["time_to_target_s"] < s["wall_s"] and s["target_epoch"] in (1, 2)
+        assert s["tta"] == "flip" and 0 < s["test_top1_1view"] <= 1  # the preset's test-time flips
     assert report["seeds_reached"] == 2
     mean = sum(s["time_to_target_s"] for s in seeds) / 2
     assert float(match.group(1)) == pytest.approx(mean, abs=0.05)
@@ -57,3 +58,5 @@ def test_speedrun_times_every_seed_to_the_target(tmp_path, store):
     assert parent.data.metrics["wall_s_mean"] > 0 and parent.data.params["machine.cpu"]
     history = client.get_metric_history(children[0].info.run_id, "target_top1")
     assert sorted(m.step for m in history) == [1, 2]  # the test split scored after each epoch
+    one_view = client.get_metric_history(children[0].info.run_id, "target_top1_1view")
+    assert sorted(m.step for m in one_view) == [1, 2]

@@ -138,6 +138,13 @@ class Strategy(StrEnum):
     multi_worker = "multi_worker"
 
 
+class TTA(StrEnum):
+    """Test-time augmentation of the test split's scoring (`vitexp.data.pipeline.predict_views`)."""
+
+    none = "none"
+    flip = "flip"
+
+
 class TestCheckpoint(StrEnum):
     best = "best"
     last = "last"
@@ -180,6 +187,9 @@ class TrainerConfig:
     # a top-1 to reach on the test split, checked after each epoch for time-to-accuracy
     # figures (`make speedrun`); it never steers training
     target_top1: float | None = None
+    # test-time augmentation: `flip` scores the test split on the images and their mirrors
+    # (logits averaged); the one-view figure is logged beside it as `*_top1_1view`
+    tta: TTA = TTA.none
 
 
 @dataclass

@@ -75,16 +75,19 @@ def model_labels(run_classes: list[str], data) -> np.ndarray:
 
 def evaluate(run, data_cfg, batch_size: int = 256) -> dict:
     from vitexp.data import load_data
-    from vitexp.data.pipeline import eval_dataset
+    from vitexp.data.pipeline import predict_views
     from vitexp.metrics import per_class_accuracy, score_predictions, softmax
 
     data = load_data(data_cfg)
     images = fit_to_model(run, data_cfg, data.test_x)
     labels = model_labels(run.class_names, data)
     num_classes = max(int(run.cfg.data.num_classes), int(data_cfg.num_classes))
-    logits = run.model.predict(eval_dataset(images, labels, num_classes, batch_size), verbose=0)
-    probs = softmax(logits.astype(np.float64))
+    tta = OmegaConf.select(run.cfg, "trainer.tta", default="none")  # as the run scored its test split
+    views = predict_views(run.model, images, labels, num_classes, batch_size, tta)
+    probs = softmax(views.mean(0).astype(np.float64))
     scores = score_predictions(probs, labels)
+    if len(views) > 1:
+        scores["top1_1view"] = float(np.mean(views[0].argmax(-1) == labels))
     per_class = per_class_accuracy(labels, probs.argmax(-1), probs.shape[-1])
     return {
         "scores": scores,
@@ -123,7 +126,10 @@ def main(argv: list[str] | None = None) -> None:
 def print_result(heading: str, result: dict) -> None:
     scores = result["scores"]
     print(f"{heading}, {result['count']} images")
-    print(f"  top-1 {scores['top1']:.4f}  top-5 {scores['top5']:.4f}  loss {scores['loss']:.4f}")
+    views = (
+        f" (test-time views averaged; one view {scores['top1_1view']:.4f})" if "top1_1view" in scores else ""
+    )
+    print(f"  top-1 {scores['top1']:.4f}  top-5 {scores['top5']:.4f}  loss {scores['loss']:.4f}{views}")
     print("  per-class accuracy:")
     for name, acc in zip(result["class_names"], result["per_class"]):
         print(f"    {name:<24} {acc:.4f}")

@@ -4,6 +4,7 @@ import contextlib
 import os
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import keras
@@ -25,7 +26,7 @@ from vitexp.callbacks import (
 )
 from vitexp.data import DataError, ImageData, load_data
 from vitexp.data.augment import build_augment
-from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
+from vitexp.data.pipeline import eval_dataset, predict_views, split_validation, steps_per_epoch, train_dataset
 from vitexp.devices import distribution, jit_setting, setup_tensorflow
 from vitexp.errors import fail
 from vitexp.jobs import Job, Splits, in_multirun, job_dir
@@ -135,12 +136,17 @@ def fit_epochs(job: Job, callbacks: list, first_epoch: int, done: int) -> None:
 
 
 def test_scores(job: Job, checkpoint: Path) -> tuple[dict, np.ndarray]:
-    """Test metrics of `checkpoint`'s weights, loaded into the job's model."""
+    """Test metrics of `checkpoint`'s weights, loaded into the job's model, on the mean of
+    the test-time views' logits (`trainer.tta`; `top1_1view` too when there are several)."""
     t = job.cfg.trainer
     job.model.load_weights(checkpoint)
-    test_ds = eval_dataset(*job.splits.test, job.cfg.data.num_classes, t.batch_size)
-    probs = softmax(job.model.predict(test_ds, verbose=0).astype(np.float64))
-    return score_predictions(probs, job.splits.test[1]), probs
+    labels = job.splits.test[1]
+    views = predict_views(job.model, *job.splits.test, job.cfg.data.num_classes, t.batch_size, t.tta)
+    probs = softmax(views.mean(0).astype(np.float64))
+    scores = score_predictions(probs, labels)
+    if len(views) > 1:
+        scores["top1_1view"] = float(np.mean(views[0].argmax(-1) == labels))
+    return scores, probs
 
 
 def fit_and_record(job: Job, extra_callbacks=()) -> dict:
@@ -280,8 +286,16 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
                 tracker.log_params(run_id, {"replicas": str(replicas)})
                 tracker.log_class_names(run_id, data.class_names)
             if cfg.trainer.target_top1 is not None:  # time to accuracy, on the test split
-                test_batches = eval_dataset(*splits.test, cfg.data.num_classes, cfg.trainer.batch_size)
-                watch = TargetWatch(tracker, run_id, test_batches, splits.test[1], cfg.trainer.target_top1)
+                t = cfg.trainer
+                predict = partial(
+                    predict_views,
+                    x=splits.test[0],
+                    y=splits.test[1],
+                    num_classes=cfg.data.num_classes,
+                    batch_size=t.batch_size,
+                    tta=t.tta,
+                )
+                watch = TargetWatch(tracker, run_id, predict, splits.test[1], t.target_top1)
                 callbacks = (*callbacks, watch)
             job = Job(
                 cfg, tracker, run_id, model, schedule, splits, steps, out_dir, first_epoch, data.class_names

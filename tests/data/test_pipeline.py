@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vitexp.data.pipeline import eval_dataset, split_validation, steps_per_epoch, train_dataset
+from vitexp.data.pipeline import eval_dataset, predict_views, split_validation, steps_per_epoch, train_dataset
 
 X = np.arange(10 * 2 * 2 * 1, dtype=np.uint8).reshape(10, 2, 2, 1)
 Y = np.arange(10) % 3
@@ -51,3 +51,16 @@ def test_fixed_steps_per_epoch():
 def test_eval_dataset_keeps_order():
     ds = eval_dataset(X, Y, 3, batch_size=4)
     assert sum(first_pixels(ds), []) == X[:, 0, 0, 0].tolist()
+
+
+def test_predict_views_adds_the_mirrored_images_for_flip():
+    import keras
+
+    pixels = keras.Sequential([keras.Input((2, 2, 1)), keras.layers.Flatten()])  # logits = the pixels
+    (one,) = predict_views(pixels, X, Y, 3, batch_size=4, tta="none")
+    np.testing.assert_array_equal(one, X.reshape(10, 4))
+    views = predict_views(pixels, X, Y, 3, batch_size=4, tta="flip")
+    assert views.shape == (2, 10, 4)
+    np.testing.assert_array_equal(views[0], X.reshape(10, 4))
+    np.testing.assert_array_equal(views[1], X[:, :, ::-1].reshape(10, 4))  # left and right swapped
+    assert not np.array_equal(views[0], views[1])

@@ -100,3 +100,21 @@ def eval_dataset(x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int
     """In-order batches of uint8 images and one-hot labels, for validation and test."""
     ds = tf.data.Dataset.from_tensor_slices((x, y.astype(np.int32))).batch(batch_size)
     return ds.map(_one_hot(num_classes)).prefetch(tf.data.AUTOTUNE)
+
+
+def predict_views(
+    model, x: np.ndarray, y: np.ndarray, num_classes: int, batch_size: int, tta: str
+) -> np.ndarray:
+    """The model's logits for each test-time view of the images, shape [views, images, classes].
+
+    `tta="none"`: the images as they are (one view). `"flip"`: the images and their
+    horizontal mirrors, for models trained with horizontal flips; callers average the views'
+    logits, and view 0 is always the images as they are.
+    """
+    views = [x, x[:, :, ::-1]] if tta == "flip" else [x]
+    return np.stack(
+        [
+            model.predict(eval_dataset(np.ascontiguousarray(v), y, num_classes, batch_size), verbose=0)
+            for v in views
+        ]
+    )
