@@ -15,19 +15,26 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def cpu_info(path: Path = Path("/proc/cpuinfo")) -> dict[str, str | set[str]]:
-    """The first processor's model name and flags, from /proc/cpuinfo (empty elsewhere)."""
-    model, flags = "unknown", set()
+    """The first processor's model name, with its family and model numbers (a VM's name can
+    be as vague as "AMD EPYC", the numbers still tell Zen 3 from Zen 4), and its flags, from
+    /proc/cpuinfo (empty elsewhere)."""
+    fields, flags = {}, set()
     try:
         text = path.read_text()
     except OSError:
-        return {"model": model, "flags": flags}
+        return {"model": "unknown", "flags": flags}
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
-        if key == "model name" and model == "unknown":
-            model = value.strip()
-        elif key == "flags" and not flags:
+        if key == "flags" and not flags:
             flags = set(value.split())
+        elif key in ("model name", "cpu family", "model") and key not in fields:
+            fields[key] = value.strip()
+        elif not key and fields:  # the blank line after the first processor
+            break
+    model = fields.get("model name", "unknown")
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']} model {fields['model']})"
     return {"model": model, "flags": flags}
 
 
