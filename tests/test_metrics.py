@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vitexp.metrics import confused_pairs, per_class_accuracy, score_predictions, softmax, top_k
+from vitexp.metrics import confused_pairs, per_class_accuracy, score_predictions, score_views, softmax, top_k
 
 
 def test_confused_pairs_and_scores():
@@ -31,3 +31,15 @@ def test_per_class_accuracy_leaves_absent_classes_undefined():
     accuracy = per_class_accuracy(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 3)
     np.testing.assert_array_equal(accuracy[:2], [0.5, 1.0])
     assert np.isnan(accuracy[2])
+
+
+def test_score_views_averages_the_logits_and_keeps_the_first_view_apart():
+    y = np.array([0, 1, 1])
+    plain = np.array([[2.0, 0.0], [3.0, 0.0], [0.0, 1.0]])  # one view: 2 of 3 right
+    mirror = np.array([[2.0, 0.0], [0.0, 4.0], [0.0, 1.0]])  # outvotes the wrong one
+    (one, one_probs) = score_views(plain[None], y)
+    assert one["top1"] == pytest.approx(2 / 3) and "top1_1view" not in one
+    both, probs = score_views(np.stack([plain, mirror]), y)
+    assert both["top1"] == 1.0 and both["top1_1view"] == pytest.approx(2 / 3)
+    np.testing.assert_allclose(probs.sum(-1), 1.0)
+    assert probs[1, 1] > 0.5 > one_probs[1, 1]

@@ -10,6 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from vitexp.metrics import score_views
 from vitexp.tracking import Tracker
 
 
@@ -292,12 +293,12 @@ class TargetWatch(keras.callbacks.Callback):
         self.reached = False
 
     def on_epoch_end(self, epoch, logs=None):
-        views = self.predict(self.model)
-        top1 = float(np.mean(np.argmax(views.mean(0), axis=-1) == self.labels))
+        scores, _ = score_views(self.predict(self.model), self.labels)
+        top1 = scores["top1"]
         elapsed = time.time() - self.started
         metrics = {"target_top1": top1, "elapsed_s": elapsed}
-        if len(views) > 1:
-            metrics["target_top1_1view"] = float(np.mean(np.argmax(views[0], axis=-1) == self.labels))
+        if "top1_1view" in scores:
+            metrics["target_top1_1view"] = scores["top1_1view"]
         if top1 >= self.target and not self.reached:
             self.reached = True
             metrics.update(time_to_target_s=elapsed, target_epoch=float(epoch + 1))

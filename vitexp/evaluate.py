@@ -76,7 +76,7 @@ def model_labels(run_classes: list[str], data) -> np.ndarray:
 def evaluate(run, data_cfg, batch_size: int = 256) -> dict:
     from vitexp.data import load_data
     from vitexp.data.pipeline import predict_views
-    from vitexp.metrics import per_class_accuracy, score_predictions, softmax
+    from vitexp.metrics import per_class_accuracy, score_views
 
     data = load_data(data_cfg)
     images = fit_to_model(run, data_cfg, data.test_x)
@@ -84,10 +84,7 @@ def evaluate(run, data_cfg, batch_size: int = 256) -> dict:
     num_classes = max(int(run.cfg.data.num_classes), int(data_cfg.num_classes))
     tta = OmegaConf.select(run.cfg, "trainer.tta", default="none")  # as the run scored its test split
     views = predict_views(run.model, images, labels, num_classes, batch_size, tta)
-    probs = softmax(views.mean(0).astype(np.float64))
-    scores = score_predictions(probs, labels)
-    if len(views) > 1:
-        scores["top1_1view"] = float(np.mean(views[0].argmax(-1) == labels))
+    scores, probs = score_views(views, labels)
     per_class = per_class_accuracy(labels, probs.argmax(-1), probs.shape[-1])
     return {
         "scores": scores,

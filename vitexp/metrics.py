@@ -24,6 +24,17 @@ def score_predictions(probs: np.ndarray, y_true: np.ndarray) -> dict[str, float]
     }
 
 
+def score_views(views: np.ndarray, y_true: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """Scores of the mean of test-time views' logits ([views, images, classes], view 0 the
+    images as they are): `score_predictions`, plus `top1_1view` when there are several views;
+    and the probabilities."""
+    probs = softmax(views.mean(0).astype(np.float64))
+    scores = score_predictions(probs, y_true)
+    if len(views) > 1:
+        scores["top1_1view"] = float((views[0].argmax(-1) == y_true).mean())
+    return scores, probs
+
+
 def top_k(probs: np.ndarray, class_names: list[str], k: int) -> list[list[dict]]:
     """Per image, the k most probable classes as `{"class", "label", "probability"}`."""
     order = np.argsort(probs, axis=-1)[:, ::-1][:, :k]

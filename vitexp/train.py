@@ -30,7 +30,7 @@ from vitexp.data.pipeline import eval_dataset, predict_views, split_validation, 
 from vitexp.devices import distribution, jit_setting, setup_tensorflow
 from vitexp.errors import fail
 from vitexp.jobs import Job, Splits, in_multirun, job_dir
-from vitexp.metrics import score_predictions, softmax
+from vitexp.metrics import score_views
 from vitexp.models import adapt_input_norm
 from vitexp.multiworker import start_workers
 from vitexp.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, slurm_job_id
@@ -140,13 +140,8 @@ def test_scores(job: Job, checkpoint: Path) -> tuple[dict, np.ndarray]:
     the test-time views' logits (`trainer.tta`; `top1_1view` too when there are several)."""
     t = job.cfg.trainer
     job.model.load_weights(checkpoint)
-    labels = job.splits.test[1]
     views = predict_views(job.model, *job.splits.test, job.cfg.data.num_classes, t.batch_size, t.tta)
-    probs = softmax(views.mean(0).astype(np.float64))
-    scores = score_predictions(probs, labels)
-    if len(views) > 1:
-        scores["top1_1view"] = float(np.mean(views[0].argmax(-1) == labels))
-    return scores, probs
+    return score_views(views, job.splits.test[1])
 
 
 def fit_and_record(job: Job, extra_callbacks=()) -> dict:
