@@ -33,14 +33,15 @@ class MultiHeadSelfAttention(layers.Layer):
     def build(self, input_shape):
         dim = input_shape[-1]
         inner = self.num_heads * self.key_dim
-        self.query = layers.Dense(inner, name="query")
-        self.key = layers.Dense(inner, name="key")
-        self.value = layers.Dense(inner, name="value")
+        policy = self.dtype_policy  # sublayers compute as this layer does, also when reloaded
+        self.query = layers.Dense(inner, name="query", dtype=policy)
+        self.key = layers.Dense(inner, name="key", dtype=policy)
+        self.value = layers.Dense(inner, name="value", dtype=policy)
         for dense in (self.query, self.key, self.value):
             dense.build(input_shape)
-        self.output_dense = layers.Dense(dim, name="attention_output")
+        self.output_dense = layers.Dense(dim, name="attention_output", dtype=policy)
         self.output_dense.build((None, None, inner))
-        self.attention_dropout = Dropout(self.dropout, name="attention_dropout")
+        self.attention_dropout = Dropout(self.dropout, name="attention_dropout", dtype=policy)
         if self.locality:
             self.log_temperature = self.add_weight(
                 shape=(),

@@ -47,27 +47,33 @@ class TransformerBlock(layers.Layer):
 
     def build(self, input_shape):
         dim = input_shape[-1]
+        policy = self.dtype_policy  # sublayers compute as the block does, also when reloaded
         if self.mlp_units[-1] != dim:
             raise ValueError(
                 f"mlp_units ends with {self.mlp_units[-1]} but tokens are {dim} wide: "
                 f"make the last MLP width {dim}"
             )
-        self.norm1 = layers.LayerNormalization(epsilon=1e-6, name="self_attention_layer_norm")
+        self.norm1 = layers.LayerNormalization(epsilon=1e-6, name="self_attention_layer_norm", dtype=policy)
         self.norm1.build(input_shape)
         self.attention = MultiHeadSelfAttention(
-            self.num_heads, self.key_dim, self.attention_dropout, self.locality, name="self_attention"
+            self.num_heads,
+            self.key_dim,
+            self.attention_dropout,
+            self.locality,
+            name="self_attention",
+            dtype=policy,
         )
         self.attention.build(input_shape)
-        self.norm2 = layers.LayerNormalization(epsilon=1e-6, name="feedforward_layer_norm")
+        self.norm2 = layers.LayerNormalization(epsilon=1e-6, name="feedforward_layer_norm", dtype=policy)
         self.norm2.build(input_shape)
         self.mlp = []
         width = dim
         for i, units in enumerate(self.mlp_units):
-            dense = layers.Dense(units, activation="gelu", name=f"feedforward_dense_{i}")
+            dense = layers.Dense(units, activation="gelu", name=f"feedforward_dense_{i}", dtype=policy)
             dense.build((None, None, width))
-            self.mlp.append((dense, Dropout(self.dropout, name=f"feedforward_dropout_{i}")))
+            self.mlp.append((dense, Dropout(self.dropout, name=f"feedforward_dropout_{i}", dtype=policy)))
             width = units
-        self.path_drop = DropPath(self.drop_path, name="drop_path")
+        self.path_drop = DropPath(self.drop_path, name="drop_path", dtype=policy)
 
     def call(self, x, training=False, return_attention=False):
         attended, weights = self.attention(self.norm1(x), training=training, return_attention=True)

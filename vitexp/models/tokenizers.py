@@ -41,9 +41,11 @@ class PatchTokenization(layers.Layer):
         depth = channels * (5 if self.shifted else 1)
         patch_dim = self.patch_size * self.patch_size * depth
         if self.shifted:
-            self.patch_norm = layers.LayerNormalization(epsilon=1e-6, name="patch_norm")
+            self.patch_norm = layers.LayerNormalization(
+                epsilon=1e-6, name="patch_norm", dtype=self.dtype_policy
+            )
             self.patch_norm.build((None, None, patch_dim))
-        self.projection = layers.Dense(self.projection_dim, name="projection")
+        self.projection = layers.Dense(self.projection_dim, name="projection", dtype=self.dtype_policy)
         self.projection.build((None, None, patch_dim))
 
     def _shifted_stack(self, images):
@@ -141,15 +143,16 @@ class ConvTokenizer(layers.Layer):
                 activation=None if norm or last_projection else "relu",
                 use_bias=not norm,
                 name=f"conv_{i}",
+                dtype=self.dtype_policy,
             )
             conv.build(shape)
             shape = (shape[0], -(-shape[1] // stride), -(-shape[2] // stride), filters)
             self.stages.append(conv)
             if norm:
-                bn = layers.BatchNormalization(momentum=0.9, name=f"batch_norm_{i}")
+                bn = layers.BatchNormalization(momentum=0.9, name=f"batch_norm_{i}", dtype=self.dtype_policy)
                 bn.build(shape)
                 self.stages.append(bn)
-                self.stages.append(layers.ReLU(name=f"relu_{i}"))
+                self.stages.append(layers.ReLU(name=f"relu_{i}", dtype=self.dtype_policy))
 
     def call(self, images, training=None):
         x = images
