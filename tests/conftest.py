@@ -28,6 +28,8 @@ TINY = [
     "trainer.batch_size=32",
     "report.enabled=false",
     "tracking.log_model=false",  # the MLflow Model is tested where it is used
+    # set, not `auto`: the same path on every machine (auto's choice: tests/test_devices.py)
+    "trainer.precision=float32",
 ]
 
 
@@ -83,6 +85,14 @@ def vitexp_in_process(tmp_path, monkeypatch, capsys):
     if "keras" in sys.modules:
         sys.modules["keras"].mixed_precision.set_global_policy(policy)
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+@pytest.fixture(autouse=True)
+def default_precision():
+    """Keras' default policy again after each test: an in-process run sets its own globally."""
+    yield
+    if "keras" in sys.modules:
+        sys.modules["keras"].mixed_precision.set_global_policy("float32")
 
 
 def start_vitexp(args, cwd):

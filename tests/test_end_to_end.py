@@ -9,7 +9,6 @@ import pytest
 from conftest import TINY, run_vitexp, runs_of
 
 from vitexp.data.idx import DEBIAN_DIR
-from vitexp.machine import native_bfloat16
 from vitexp.quiet import has_nvidia_device, noise_pattern
 
 pytestmark = pytest.mark.slow
@@ -35,11 +34,10 @@ def test_single_run_records_everything(tmp_path, store, capsys):
     assert params["model.depth"] == "1" and params["trainer.epochs"] == "3"
     assert params["model.transformer_units"] == "[64, 32]"
     assert int(params["trainable_params"]) > 1000 and params["trainer.test_checkpoint"] == "best"
-    # the CPU defaults, resolved from trainer.precision=auto and trainer.jit_compile=auto
+    # the CPU default of trainer.jit_compile=auto, and the precision set (auto's choice and
+    # its reason for each kind of machine: tests/test_devices.py)
     assert params["trainer.jit_compile"] == "auto" and params["xla"] == "False"
-    # float32 on a CPU without native bfloat16, mixed_bfloat16 on one with it, and why
-    assert params["precision"] == ("mixed_bfloat16" if native_bfloat16() else "float32")
-    assert params["precision_reason"].startswith("auto: CPU")
+    assert (params["precision"], params["precision_reason"]) == ("float32", "set by trainer.precision")
     for key in ("train_loss", "val_loss", "train_top1", "val_top1", "train_top5", "val_top5", "lr"):
         assert [s for s, _ in metric_steps(client, run.info.run_id, key)] == [1, 2, 3], key
     lrs = [v for _, v in metric_steps(client, run.info.run_id, "lr")]
@@ -226,21 +224,36 @@ def test_real_fashion_mnist_recipe_shortened_learns(tmp_path, store):
 
 
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path, store):
+    """Two replicas in mixed_bfloat16, as on a machine with two GPUs: the model saved inside
+    the strategy loads outside it, with Keras' default policy, and scores as the run did.
+    XLA, which cannot place a replica's variables on logical CPUs, is refused in one line."""
     uri, client = store
-    run_vitexp(
-        [
-            *TINY,
-            "trainer.epochs=2",
-            "trainer.strategy=mirrored",
-            "trainer.logical_cpus=2",
-            f"tracking.uri={uri}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        tmp_path,
+    args = [
+        *TINY,
+        "trainer.epochs=2",
+        "trainer.strategy=mirrored",
+        "trainer.logical_cpus=2",
+        "trainer.precision=mixed_bfloat16",
+        f"tracking.uri={uri}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    refused = run_vitexp([*args, "trainer.jit_compile=true"], tmp_path, check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "vitexp: error: trainer.jit_compile=true with trainer.strategy=mirrored over 2 logical CPUs: "
+        "XLA cannot reach a variable on another CPU device; set trainer.jit_compile=auto"
     )
+    run_vitexp(args, tmp_path)
     (run,) = runs_of(client)
     assert run.info.status == "FINISHED" and run.data.params["replicas"] == "2"
+    assert run.data.params["precision"] == "mixed_bfloat16"
     assert [s for s, _ in metric_steps(client, run.info.run_id, "val_top1")] == [1, 2]
+    out = run_vitexp(
+        [run.info.run_id, "--tracking-uri", uri, "--in-place"], tmp_path, module="vitexp.evaluate"
+    )
+    assert "top-1" in out.stdout
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert metrics["eval_top1"] == pytest.approx(metrics["test_top1"], abs=1e-6)
 
 
 def test_swin_run_is_recorded_like_a_vit_run(tmp_path, store):

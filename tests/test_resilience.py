@@ -9,6 +9,7 @@ import pytest
 from conftest import TINY, compose, run_vitexp, runs_of, signal_at_step, start_vitexp
 
 from vitexp.train import train
+from vitexp.validate import ConfigError
 
 pytestmark = pytest.mark.slow
 
@@ -117,8 +118,12 @@ def ctrl_c_raises():
 
 
 @pytest.mark.usefixtures("ctrl_c_raises")
-def test_interrupted_run_with_ema_and_stochastic_depth_resumes_identically(tmp_path, store, capsys):
-    """In-process, through Python's own Ctrl-C (the command's exit code 130: the tests below)."""
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
+def test_interrupted_run_with_ema_and_stochastic_depth_resumes_identically(
+    precision, tmp_path, store, capsys
+):
+    """In-process, through Python's own Ctrl-C (the command's exit code 130: the tests below),
+    in each precision: a float16 run's loss scale goes on as its optimizer moments do."""
     uri, client = store
     cfg = [
         *TINY,
@@ -127,12 +132,18 @@ def test_interrupted_run_with_ema_and_stochastic_depth_resumes_identically(tmp_p
         "model.drop_path=0.3",
         "optimizer.ema_momentum=0.9",
         "trainer.deterministic=true",
+        f"trainer.precision={precision}",
         f"tracking.uri={uri}",
     ]
     train(compose(cfg))
     with pytest.raises(KeyboardInterrupt):
         train(compose(cfg), callbacks=(signal_at_step(8 + 3, signal.SIGINT),))  # in epoch 2
     assert "resume=true" in capsys.readouterr().err.strip().splitlines()[-1]
+    other = "float32" if precision != "float32" else "mixed_bfloat16"
+    with pytest.raises(ConfigError) as wrong:  # its checkpoints hold this precision's state
+        train(compose([*cfg, f"trainer.precision={other}", "resume=true"]))
+    assert f"trained with trainer.precision={precision}" in str(wrong.value)
+    assert f"resume it with trainer.precision={precision}" in str(wrong.value)
     train(compose([*cfg, "resume=true"]))
     assert "resuming run" in capsys.readouterr().err
     whole, cut = sorted(runs_of(client), key=lambda r: r.info.start_time)
@@ -141,6 +152,7 @@ def test_interrupted_run_with_ema_and_stochastic_depth_resumes_identically(tmp_p
         assert len(history(client, cut.info.run_id, key)) == 3, key  # each epoch once
         assert history(client, cut.info.run_id, key) == history(client, whole.info.run_id, key), key
     assert cut.data.metrics["test_loss"] == whole.data.metrics["test_loss"]
+    assert cut.data.params["precision"] == whole.data.params["precision"] == precision
 
 
 def test_ctrl_c_in_the_first_epoch_says_to_start_again(tmp_path, store):

@@ -1,6 +1,7 @@
 """Devices, threads, precision and distribution strategy, set before any model is built."""
 
 import os
+from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
@@ -9,6 +10,7 @@ from omegaconf import DictConfig
 
 from vitexp.jobs import parallel_jobs
 from vitexp.machine import native_bfloat16
+from vitexp.validate import ConfigError
 
 
 def setup_tensorflow(trainer: DictConfig) -> None:
@@ -43,7 +45,7 @@ def setup_tensorflow(trainer: DictConfig) -> None:
     keras.mixed_precision.set_global_policy(resolve_precision(trainer.precision))
 
 
-def distribution(name: str) -> tf.distribute.Strategy | None:
+def distribution(name: str, jit_compile: str = "auto") -> tf.distribute.Strategy | None:
     """The tf.distribute strategy for `trainer.strategy`; None trains on the default device.
 
     `auto` mirrors over all GPUs when there are several. `mirrored` uses every GPU, else
@@ -58,8 +60,13 @@ def distribution(name: str) -> tf.distribute.Strategy | None:
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     if name == "mirrored":
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=devices)
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        if not gpus and len(cpus) > 1 and jit_setting(jit_compile) is True:
+            raise ConfigError(
+                f"trainer.jit_compile=true with trainer.strategy=mirrored over {len(cpus)} logical CPUs: "
+                "XLA cannot reach a variable on another CPU device; set trainer.jit_compile=auto"
+            )
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in gpus] or cpus)
     raise ValueError(f"{name}: multi_worker comes from vitexp.multiworker.start_workers")
 
 
@@ -67,25 +74,48 @@ def resolve_precision(precision: str) -> str:
     return choose_precision(precision)[0]
 
 
-def choose_precision(precision: str) -> tuple[str, str]:
+@dataclass(frozen=True)
+class Gpu:
+    """What `auto` needs to know of a GPU: its name and CUDA compute capability."""
+
+    name: str
+    compute_capability: tuple[int, int]
+
+
+def visible_gpus() -> list[Gpu]:
+    """The GPUs TensorFlow sees here (none on a machine with CUDA wheels but no GPU)."""
+    found = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        found.append(Gpu(details.get("device_name", "GPU"), tuple(details.get("compute_capability", (0, 0)))))
+    return found
+
+
+def choose_precision(
+    precision: str, cpu_flags: set[str] | None = None, gpus: list[Gpu] | None = None
+) -> tuple[str, str]:
     """The Keras policy for `trainer.precision`, and why (recorded as run params).
 
     `auto`: bfloat16 compute on GPUs that have it (Ampere and newer), float16 with loss
     scaling on older GPUs; on a CPU, bfloat16 where its instruction set runs bfloat16
     matmuls natively (AVX-512 BF16, AMX: same accuracy, faster; see `make bench`), float32
     elsewhere, where bfloat16 would be emulated. Logits and softmax stay float32 always.
+
+    Args:
+        precision: `trainer.precision`.
+        cpu_flags: the CPU's flags (/proc/cpuinfo); None reads this machine's.
+        gpus: the GPUs to train on; None asks TensorFlow for this machine's.
     """
     if precision != "auto":
         return str(precision), "set by trainer.precision"  # the plain name, not the Enum
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = visible_gpus() if gpus is None else gpus
     if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        major, _ = details.get("compute_capability", (0, 0))
-        name = details.get("device_name", "GPU")
+        gpu = gpus[0]
+        major = gpu.compute_capability[0]
         if major >= 8:
-            return "mixed_bfloat16", f"auto: {name} has bfloat16 (compute capability {major}.x)"
-        return "mixed_float16", f"auto: {name} has no bfloat16 (compute capability {major}.x)"
-    isa = native_bfloat16()
+            return "mixed_bfloat16", f"auto: {gpu.name} has bfloat16 (compute capability {major}.x)"
+        return "mixed_float16", f"auto: {gpu.name} has no bfloat16 (compute capability {major}.x)"
+    isa = native_bfloat16(cpu_flags)
     if isa:
         return "mixed_bfloat16", f"auto: CPU runs bfloat16 natively ({isa})"
     return "float32", "auto: CPU without native bfloat16 (no avx512_bf16 or amx_bf16)"

@@ -57,11 +57,15 @@ def best_run(tracker, target: str, metric: str):
     return finished[0]
 
 
-def requirements() -> list[str]:
-    """What the logged model needs to load and run: the versions this process has."""
+def requirements(model) -> list[str]:
+    """What the logged model needs to load and run: the versions this process has, tfswin
+    only for a Swin model (its stale numpy<2 pin conflicts with numpy 2 in a fresh env)."""
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("tensorflow", "keras", "tfswin", "numpy", "mlflow", "omegaconf")]
+    packages = ["tensorflow", "keras", "numpy", "mlflow", "omegaconf"]
+    if any(type(layer).__module__.startswith("tfswin") for layer in model._flatten_layers()):
+        packages.append("tfswin")
+    return [f"{p}=={version(p)}" for p in packages]
 
 
 def register(run_id: str, name: str, tracking_uri: str | None = None) -> str:

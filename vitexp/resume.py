@@ -1,6 +1,7 @@
 """Recognising a job again: its config hash, the interrupted run to resume, the finished
 run a re-run sweep skips."""
 
+import copy
 import hashlib
 import os
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import keras
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp.callbacks import CheckpointDir
+from vitexp.config import Precision
 from vitexp.jobs import in_multirun
 from vitexp.preempt import SLURM_TAG, requeued, slurm_job_id
 from vitexp.tracking import CONFIG_HASH_TAG, FINISHED, KILLED, PARENT_ENV, Tracker, flatten
@@ -38,6 +40,7 @@ class Resume:
     epoch: int
     in_epoch: dict | None = None
     step_file: Path | None = None
+    precision: str | None = None  # the Keras policy it trained in (its `precision` param)
 
     def describe(self) -> str:
         if self.in_epoch is None:
@@ -57,6 +60,7 @@ def find_resume(tracker: Tracker, cfg: DictConfig) -> Resume | None:
             found = _resumable(run)
             if found:
                 return found
+        other_precision(tracker, cfg)
         raise ConfigError(
             f"resume=true: no interrupted run of this config with a checkpoint in experiment "
             f"{tracker.experiment!r}: run without resume, or give resume=<mlflow run id>"
@@ -67,6 +71,7 @@ def find_resume(tracker: Tracker, cfg: DictConfig) -> Resume | None:
     if run.info.status == FINISHED:
         raise ConfigError(f"resume={cfg.resume}: that run already FINISHED; nothing to resume")
     if run.data.tags.get(CONFIG_HASH_TAG) != wanted:
+        other_precision(tracker, cfg, run)
         raise ConfigError(
             f"resume={cfg.resume}: that run was started with another config; repeat its command "
             f"({run.data.tags.get('vitexp.command', '?')}) with resume={cfg.resume}"
@@ -75,6 +80,27 @@ def find_resume(tracker: Tracker, cfg: DictConfig) -> Resume | None:
     if found is None:
         raise ConfigError(f"resume={cfg.resume}: the run has no checkpoint to continue from")
     return found
+
+
+def other_precision(tracker: Tracker, cfg: DictConfig, run=None) -> None:
+    """Fails in one line when the run to resume (`run`, else an interrupted run of this
+    config) differs from this command in `trainer.precision` alone: its checkpoints hold
+    that precision's weights and optimizer state (a float16 loss scale, say)."""
+    for precision in Precision:
+        if precision == cfg.trainer.precision:
+            continue
+        changed = copy.deepcopy(cfg)
+        changed.trainer.precision = precision
+        wanted = config_hash(changed)
+        candidates = [run] if run is not None else tracker.unfinished_runs(wanted)
+        for candidate in candidates:
+            if candidate.data.tags.get(CONFIG_HASH_TAG) == wanted and _resumable(candidate):
+                trained = candidate.data.params.get("precision", precision)
+                raise ConfigError(
+                    f"resume: run {candidate.info.run_id} trained with trainer.precision={precision} "
+                    f"({trained}), this command asks for trainer.precision={cfg.trainer.precision}: "
+                    f"resume it with trainer.precision={precision}, or start a new run without resume"
+                )
 
 
 def requeued_run(tracker: Tracker) -> Resume | None:
@@ -96,7 +122,7 @@ def _resumable(run) -> Resume | None:
     checkpoints = CheckpointDir(out_dir / "checkpoints")
     epoch = checkpoints.latest_epoch() if out_dir.is_dir() else 0
     step_file, in_epoch = (checkpoints.step_checkpoint() if out_dir.is_dir() else None) or (None, None)
-    resume = Resume(run.info.run_id, out_dir, epoch, in_epoch, step_file)
+    resume = Resume(run.info.run_id, out_dir, epoch, in_epoch, step_file, run.data.params.get("precision"))
     return resume if epoch or step_file or run.info.status == KILLED else None
 
 

@@ -60,6 +60,10 @@ def build_model(cfg: DictConfig, train_images: np.ndarray) -> keras.Model:
 def compile_model(model: keras.Model, cfg: DictConfig, total_steps: int):
     schedule = instantiate(cfg.schedule)(peak_lr=cfg.optimizer.learning_rate, total_steps=total_steps)
     optimizer = instantiate(cfg.optimizer)(learning_rate=schedule)
+    if keras.mixed_precision.global_policy().name == "mixed_float16":
+        # wrapped here rather than by `compile`, so that a checkpoint's compile config names
+        # the loss-scale optimizer and a reload gets its state back, the loss scale included
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, name="loss_scale_optimizer")
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(
@@ -222,7 +226,9 @@ def prepare(cfg: DictConfig, tracker: Tracker, resume, workers) -> tuple:
         data = load_data(cfg.data)
         splits = split(data, cfg.trainer.validation_split)
         steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
-        strategy = workers.strategy if workers else distribution(cfg.trainer.strategy)
+        strategy = (
+            workers.strategy if workers else distribution(cfg.trainer.strategy, cfg.trainer.jit_compile)
+        )
         with strategy.scope() if strategy else contextlib.nullcontext():
             model = build_model(cfg, splits.train[0])
             schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
@@ -233,6 +239,19 @@ def prepare(cfg: DictConfig, tracker: Tracker, resume, workers) -> tuple:
             record_failed_job(tracker, cfg, err)
         raise
     return data, splits, steps, strategy, model, schedule
+
+
+def continue_in_precision(resume) -> None:
+    """A resumed run trains on in the precision its checkpoints hold, also where
+    `trainer.precision=auto` would choose another here (a requeued job on another node)."""
+    now = keras.mixed_precision.global_policy().name
+    if resume.precision and resume.precision != now:
+        print(
+            f"vitexp: run {resume.run_id} trained in {resume.precision}, and goes on in it "
+            f"(auto would choose {now} here)",
+            file=sys.stderr,
+        )
+        keras.mixed_precision.set_global_policy(resume.precision)
 
 
 def open_run(tracker: Tracker, cfg: DictConfig, resume) -> tuple[str, Path, int]:
@@ -271,6 +290,8 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         print(f"vitexp: {cfg.run_name} already FINISHED as run {done.info.run_id}; skipped", file=sys.stderr)
         return float(done.data.metrics.get("best_val_top1", float("nan")))
     resume = workers.find_resume() if private else find_resume(tracker, cfg)
+    if resume:
+        continue_in_precision(resume)
     data, splits, steps, strategy, model, schedule = prepare(cfg, tracker, resume, workers)
     run_id, out_dir, first_epoch = (workers.open_run if private else open_run)(tracker, cfg, resume)
     try:

@@ -14,15 +14,22 @@ import urllib.request
 from pathlib import Path
 
 import keras
-import tfswin
-import tfswin.swin
 from keras import layers
-from tfswin.mlp import MLP
-from tfswin.model import WEIGHT_HASHES, WEIGHT_URLS
 
 from vitexp.data import keras_home
 from vitexp.models.classifier import at_size, classification_head
 from vitexp.validate import ConfigError
+
+try:  # not a declared dependency: its numpy<2 pin is stale (pyproject.toml)
+    import tfswin
+    import tfswin.swin
+    from tfswin.mlp import MLP
+    from tfswin.model import WEIGHT_HASHES, WEIGHT_URLS
+except ModuleNotFoundError:
+    raise ConfigError(
+        "Swin models need tfswin, which is not installed: pip install --no-deps tfswin==4.1.1 "
+        "(make install does it)"
+    ) from None
 
 IMAGENET_CLASSES = 21841  # tfswin's v1 ImageNet weights carry the 22k-class head
 

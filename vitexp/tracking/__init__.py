@@ -207,7 +207,7 @@ class Tracker:
                     code_paths=[str(PACKAGE_DIR)],
                     signature=signature,
                     input_example=example,
-                    pip_requirements=requirements(),
+                    pip_requirements=requirements(classifier.model),
                     registered_model_name=registered_name,
                 )
 
