@@ -3,8 +3,11 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -109,6 +112,118 @@ def start_vitexp(args, cwd):
         # give the run Ctrl-C as a terminal would, however the suite itself was started
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def wait_for(condition, *procs, timeout=300, poll=0.01, what=None):
+    """The tests' one polling loop: polls `condition()` until it holds and returns its value;
+    fails at once when one of `procs` (processes the wait depends on) ends first, with the end
+    of its output, and after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"process ended ({proc.returncode}) before {what or 'the wait'}: {tail(proc)}"
+                )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or 'the condition'}")
+        time.sleep(poll)
+
+
+def tail(proc) -> str:
+    """The end of a process's output: its log file (`proc.log`) or its stderr pipe."""
+    if getattr(proc, "log", None) is not None:
+        return proc.log.read_text()[-5000:]
+    return proc.stderr.read()[-3000:] if proc.stderr else ""
+
+
+def answers(url: str) -> bool:
+    """Whether an HTTP server answers `url`."""
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend: (uri, client, start, stop)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("server")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    procs = []
+
+    def start():
+        proc = subprocess.Popen(
+            cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        procs.append(proc)
+        wait_for(lambda: answers(f"{uri}/health"), proc, timeout=120, poll=0.5, what="the server")
+
+    def stop():
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+
+    start()
+    yield uri, MlflowClient(uri), start, stop
+    stop()
+
+
+# ----------------------------------------------------------------- a real one-node Slurm cluster
+SCRIPT = ROOT / "scripts" / "slurm-local.sh"
+# what a job asks of the local cluster: no GPU, one core, a little memory
+LOCAL_JOBS = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=2",
+    "hydra.launcher.timeout_min=30",
+]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The one-node cluster of `make slurm-up`; its job-completion log."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (it starts munged, slurmctld and slurmd)")
+    if shutil.which("slurmctld") is None or shutil.which("munged") is None:
+        pytest.skip("Slurm is not installed: apt-get install -y slurm-wlm munge")
+    was_up = subprocess.run([SCRIPT, "status"]).returncode == 0
+    subprocess.run([SCRIPT, "up"], check=True, capture_output=True, timeout=120)
+    yield Path(os.environ.get("SLURM_LOCAL", "/var/lib/vitexp-slurm")) / "jobcomp.log"
+    if not was_up:
+        subprocess.run([SCRIPT, "down"], capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from vitexp import cli, compare, evaluate, explain, predict, registry
+from vitexp import cli
 from vitexp.cli import preflight
 from vitexp.config import compose
+from vitexp.tools import compare, evaluate, explain, predict, registry
 
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
 # A user's own recipe in their own folder, built from the packaged groups: one tiny epoch.
@@ -196,7 +197,8 @@ def test_tools_find_the_store_the_same_way(tool, argv, env, team_store, monkeypa
     if env:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", team_store)
     argv = [a.replace("URI", team_store) for a in argv]
-    line = rejected(argv, capsys, tool.main, f"{tool.__name__}: error: ")
+    name = tool.__name__.replace(".tools.", ".")  # the command users type: python -m vitexp.<tool>
+    line = rejected(argv, capsys, tool.main, f"{name}: error: ")
     assert f"no run 'feedbeef' in {team_store}" in line
 
 

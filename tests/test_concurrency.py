@@ -4,7 +4,6 @@ import multiprocessing
 
 import pytest
 from conftest import TINY, runs_of, start_vitexp
-from test_sweeps import server  # noqa: F401  (a real `mlflow server` on 127.0.0.1)
 
 pytestmark = pytest.mark.slow
 

@@ -230,8 +230,8 @@ def test_enum_values_fail_at_compose_time(override, allowed):
 
 
 def test_enum_values_reach_code_and_params_as_plain_names():
-    from vitexp.resume import config_hash
     from vitexp.tracking import flatten
+    from vitexp.train.resume import config_hash
 
     cfg = compose(["model.pooling=gap", "trainer.precision=mixed_bfloat16", "trainer.strategy=mirrored"])
     values = (cfg.model.pooling, cfg.trainer.precision, cfg.trainer.strategy)

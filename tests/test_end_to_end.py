@@ -87,7 +87,7 @@ def test_single_run_records_everything(tmp_path, store, capsys):
         assert pixels[..., :3].var() > 1e-4, f"{name} is blank"
 
     keras.utils.save_img(tmp_path / "mine.png", data.test_x[0], scale=False)
-    from vitexp import explain  # in this process: the model is loaded here already
+    from vitexp.tools import explain  # in this process: the model is loaded here already
 
     capsys.readouterr()
     explain.main(

@@ -20,10 +20,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from vitexp.cluster import launcher_problem
 from vitexp.config import CONFIG_PATH, compose_with, hydra_app
 from vitexp.errors import fail
 from vitexp.quiet import filter_native_noise
+from vitexp.train.cluster import launcher_problem
 from vitexp.validate import ConfigError, check_config
 
 MAX_CHECKED_JOBS = 256
@@ -119,7 +119,7 @@ def _check_jobs(app, config_name: str, args: list[str]) -> tuple[DictConfig, set
 
 def _check_search(app, config_name: str, overrides: list[str]) -> None:
     """An Optuna search (hparams_search=...): its space, sampler, pruner, storage and study name."""
-    from vitexp.search import SearchError, check
+    from vitexp.search.study import SearchError, check
 
     try:
         check(app, config_name, overrides)
@@ -166,7 +166,7 @@ def _say(detail: str) -> str:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from vitexp.train import run_job  # imports TensorFlow: only when a job really runs
+    from vitexp.train.run import run_job  # imports TensorFlow: only when a job really runs
 
     return run_job(cfg)
 

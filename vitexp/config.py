@@ -121,7 +121,7 @@ class ConstantScheduleConfig:
 
 # ---------------------------------------------------------------- trainer, tracking
 class Precision(StrEnum):
-    """Keras' dtype policy; `auto` picks per machine (`vitexp.devices.choose_precision`)."""
+    """Keras' dtype policy; `auto` picks per machine (`vitexp.train.devices.choose_precision`)."""
 
     float32 = "float32"
     mixed_bfloat16 = "mixed_bfloat16"
@@ -130,7 +130,7 @@ class Precision(StrEnum):
 
 
 class Strategy(StrEnum):
-    """The tf.distribute strategy (`vitexp.devices.distribution`)."""
+    """The tf.distribute strategy (`vitexp.train.devices.distribution`)."""
 
     auto = "auto"
     one_device = "one_device"

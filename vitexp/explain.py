@@ -1,43 +1,6 @@
-"""What the model attends to: attention rollout and per-head maps, for a run or your images.
+"""`python -m vitexp.explain`: the tool is `vitexp.tools.explain`."""
 
-    python -m vitexp.explain <run id> [image files ...] [--out DIR] [--tracking-uri URI]
-
-Without image files it explains the first test images of the run's own data. Writes one
-PNG per image (rollout over all layers, and each head of the last layer) and prints paths.
-"""
-
-from pathlib import Path
-
-from vitexp.tool_args import ToolParser
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = ToolParser("vitexp.explain", __doc__)
-    parser.add_argument("run_id")
-    parser.add_argument("images", nargs="*", help="PNG/JPEG files (default: the run's first test images)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the PNG files")
-    args = parser.parse(argv)
-
-    from vitexp.models.vit import has_attention
-    from vitexp.report import plot_attention
-    from vitexp.runs import RunError, load_run, read_images
-
-    with parser.failing_on(RunError):
-        run = load_run(args.run_id, args.tracking_uri)
-        if not has_attention(run.model):
-            raise RunError(f"run {args.run_id} is a {run.model.name} model: attention maps need a ViT")
-        if args.images:
-            images = read_images(args.images, run.image_shape)
-            titles = [Path(p).name for p in args.images]
-        else:
-            images, labels = run.test_images(4)
-            titles = [run.class_names[int(y)] for y in labels]
-    out = args.out or Path(f"explain-{args.run_id[:8]}")
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (image, title) in enumerate(zip(images, titles)):
-        path = plot_attention(run.model, image[None], out / f"attention_{i:02d}.png", [title])
-        print(path)
-
+from vitexp.tools.explain import main
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 
 The search space has the Optuna sweeper's syntax (`choice`, `range`, `interval`,
 `tag(log, interval(...))`) in `hydra.sweeper.params` or on the command line. Each trial's
-job learns its trial through `hydra.job.env_set` (vitexp.search), so the basic, joblib and
+job learns its trial through `hydra.job.env_set` (vitexp.search.study), so the basic, joblib and
 submitit launchers all carry it. Re-running the same command continues the study: finished
 trials are kept, trials whose sweeper died are marked failed and asked again, and only the
 missing ones run.
@@ -17,7 +17,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from vitexp.search import (
+from vitexp.search.study import (
     OWNER_ATTR,
     PARENT_ATTR,
     PRUNED_ATTR,
@@ -52,7 +52,7 @@ class VitexpOptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        from vitexp.search_report import SearchLog
+        from vitexp.search.report import SearchLog
 
         plan = make_plan(self.config, arguments)
         study = open_study(plan)

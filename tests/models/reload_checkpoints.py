@@ -23,7 +23,7 @@ def optimizer_scalars(optimizer) -> list:
 def main(folder: Path) -> dict:
     from vitexp.models import load_model
     from vitexp.models.vit import attention_maps, has_attention
-    from vitexp.registry import VitexpClassifier
+    from vitexp.tracking.pyfunc import VitexpClassifier
 
     images = np.load(folder / "images.npy")
     report = {"global_policy": keras.mixed_precision.global_policy().name}

@@ -47,7 +47,7 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 CLASS_NAMES_ARTIFACT = "class_names.json"
 # Why a run FAILED, in one line for a user error.
 ERROR_TAG = "vitexp.error"
-# What a run computes, hashed (vitexp.resume.config_hash): the same job across sweeps.
+# What a run computes, hashed (vitexp.train.resume.config_hash): the same job across sweeps.
 CONFIG_HASH_TAG = "vitexp.config_hash"
 
 
@@ -186,7 +186,7 @@ class Tracker:
         input example), optionally registered; returns MLflow's ModelInfo."""
         import mlflow
 
-        from vitexp.registry import PACKAGE_DIR, VitexpClassifier, requirements
+        from vitexp.tracking.pyfunc import PACKAGE_DIR, VitexpClassifier, requirements
 
         classifier = VitexpClassifier()
         classifier.load(checkpoint, class_names, model)

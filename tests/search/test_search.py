@@ -1,0 +1,255 @@
+"""Optuna searches with vitexp's sweeper: bad input, resuming after a kill, pruning, sharing."""
+
+import re
+import signal
+
+import numpy as np
+import pytest
+from conftest import TINY, run_vitexp, runs_of, start_vitexp, wait_for
+
+# the searched keys are given per test; TINY's depth is a search key in some of them
+BASE = ["hparams_search=vit_optuna", *[a for a in TINY if not a.startswith(("depth=", "trainer.epochs"))]]
+
+
+def search_args(tmp_path, *extra, store="mlflow.db"):
+    """A search over the keys given in `extra` only (not the preset's), into stores in tmp_path."""
+    return [
+        *BASE,
+        f"tracking.uri=sqlite:///{tmp_path / store}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        *([] if any(e.startswith("+hydra.sweeper.params") for e in extra) else ["hydra.sweeper.params=null"]),
+        *extra,
+    ]
+
+
+def load_study(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def search_runs(client):
+    runs = runs_of(client)
+    parents = [r for r in runs if r.data.tags.get("vitexp.sweep") == "true"]
+    children = [r for r in runs if r not in parents]
+    return parents, children
+
+
+def test_search_space_syntax_of_the_optuna_sweeper():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from vitexp.search.study import grid_space, parse_space
+
+    space, fixed = parse_space(
+        [
+            "a=choice(4,6,8)",
+            "b=range(2,9,2)",
+            "c=interval(0.1,1.0)",
+            "d=tag(log,interval(1e-4,1e-2))",
+            "e=interval(1,5)",
+            "model=vit_tiny",
+        ]
+    )
+    assert fixed == ["model=vit_tiny"]
+    assert space["a"] == CategoricalDistribution([4, 6, 8])
+    assert space["b"] == IntDistribution(2, 8, step=2)  # range's stop is excluded, as in Hydra's grid
+    assert space["c"] == FloatDistribution(0.1, 1.0)
+    assert space["d"] == FloatDistribution(1e-4, 1e-2, log=True)
+    assert space["e"] == FloatDistribution(1, 5)  # Hydra's interval is real-valued: integers take range()
+    assert grid_space({k: space[k] for k in "ab"}) == {"a": [4, 6, 8], "b": [2, 4, 6, 8]}
+
+
+# ---- bad input: one line before the first trial --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["depth=choice(1,2)", "hydra.sweeper.sampler.name=annealing"],
+            "hydra.sweeper.sampler.name=annealing: use one of tpe",
+        ),
+        (
+            ["depth=choice(1,2)", "hydra.sweeper.pruner.name=patience"],
+            "hydra.sweeper.pruner.name=patience: use one of none, median",
+        ),
+        (["+hydra.sweeper.params.no_such_key='choice(1,2)'"], "search space key 'no_such_key' is not in"),
+        (["optimizer.learning_rate=interval(0.1,0.01)"], "interval(0.1, 0.01) is empty"),
+        (
+            ["depth=choice(1,2)", "hydra.sweeper.storage='sqlite:////no/such/folder/optuna.db'"],
+            "cannot be opened",
+        ),
+        (
+            [
+                "depth=choice(1,2)",
+                "hydra.sweeper.sampler.name=grid",
+                "optimizer.learning_rate=interval(1e-4,1e-3)",
+            ],
+            "a grid needs choice() or range()",
+        ),
+    ],
+    ids=["sampler", "pruner", "key", "empty-interval", "storage", "grid-interval"],
+)
+def test_bad_search_fails_in_one_line(tmp_path, capsys, extra, message):
+    from vitexp.cli import preflight
+
+    with pytest.raises(SystemExit) as exit_:
+        preflight(search_args(tmp_path, *extra))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("vitexp: error: ") and message in err, err
+
+
+def test_two_searches_cannot_share_a_study_name(tmp_path, capsys):
+    from vitexp.cli import preflight
+    from vitexp.config import hydra_app
+    from vitexp.search.study import open_study, plan_of
+
+    args = search_args(tmp_path, "hydra.sweeper.study_name=mine")
+    with hydra_app() as app:
+        open_study(plan_of(app, "config", [*args, "depth=choice(1,2)"]))  # the first search's study
+    preflight([*args, "depth=choice(1,2)"])  # the same search again is fine
+    for other in (["depth=choice(1,3)"], ["depth=choice(1,2)", "hydra.sweeper.pruner.name=none"]):
+        with pytest.raises(SystemExit):  # another space; the same space with another pruner
+            preflight([*args, *other])
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "study 'mine'" in err and "holds another search" in err, (other, err)
+
+
+def test_a_search_with_another_pruner_gets_a_study_of_its_own(tmp_path):
+    from vitexp.config import hydra_app
+    from vitexp.search.study import plan_of
+
+    args = [*search_args(tmp_path), "depth=choice(1,2)"]
+    with hydra_app() as app:
+        names = {plan_of(app, "config", [*args, f"hydra.sweeper.pruner.name={p}"]).study_name
+                 for p in ("none", "median", "median")}  # fmt: skip
+    assert len(names) == 2, names
+
+
+def test_fashion_mnist_search_preset_plans_a_pruned_search(tmp_path):
+    import optuna
+
+    from vitexp.config import hydra_app
+    from vitexp.search.study import build_pruner, plan_of
+
+    args = ["experiment=vit_fashion_mnist_search", "hparams_search=vit_fashion_mnist",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+    with hydra_app() as app:
+        plan = plan_of(app, "config", args)
+    assert set(plan.space) == {"patch_size", "depth", "model.projection_dim",
+                               "optimizer.learning_rate", "optimizer.weight_decay"}  # fmt: skip
+    assert (plan.n_trials, plan.epochs) == (12, 8)
+    assert isinstance(build_pruner(plan.pruner, plan.epochs), optuna.pruners.SuccessiveHalvingPruner)
+    assert plan.storage_url == f"sqlite:///{tmp_path}/optuna.db"
+
+
+def test_bad_search_from_the_command_line(tmp_path):
+    args = search_args(tmp_path, "depth=choice(1,2)", "hydra.sweeper.pruner.name=patience")
+    out = run_vitexp(args, tmp_path, check=False)
+    assert out.returncode == 2
+    expected = "hydra.sweeper.pruner.name=patience: use one of none, median, successive_halving, hyperband"
+    assert out.stderr.strip().splitlines() == [f"vitexp: error: {expected}"]
+    assert not (tmp_path / "mlflow.db").exists()  # nothing recorded
+
+
+# ---- end to end ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_search_continues_under_the_same_parent(tmp_path, store):
+    import optuna
+
+    uri, client = store
+    args = search_args(
+        tmp_path,
+        "trainer.epochs=1",
+        "depth=choice(1,2)",
+        "patch_size=choice(2,4)",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.pruner.name=none",
+    )
+    proc = start_vitexp(args, tmp_path)
+    complete = (optuna.trial.TrialState.COMPLETE,)
+    # the sweep folder appears with the first job, after both stores exist (no race creating them)
+    wait_for(
+        lambda: (tmp_path / "sweep").exists() and len(load_study(tmp_path).get_trials(states=complete)) >= 2,
+        proc,
+        timeout=400,
+        poll=0.5,
+        what="two complete trials",
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (parent,) = search_runs(client)[0]
+
+    out = run_vitexp(args, tmp_path)
+    states = [t.state.name for t in load_study(tmp_path).trials]
+    assert states.count("COMPLETE") == 3, states
+    assert set(states) <= {"COMPLETE", "FAIL"}  # FAIL: a trial the kill cut short, run again
+    parents, children = search_runs(client)
+    assert [p.info.run_id for p in parents] == [parent.info.run_id]  # one parent, continued
+    assert parents[0].info.status == "FINISHED"
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert len(finished) == 3  # the two trials finished before the kill were not trained again
+    assert all(c.data.tags.get("vitexp.retried") == "true" for c in children if c not in finished)
+    done = re.search(r"(\d) of 3 trials done", out.stdout + out.stderr)
+    assert done and done.group(1) in "23"  # counted from the study, not trained again
+    assert client.get_run(parent.info.run_id).data.metrics["trials_complete"] == 3
+
+
+@pytest.mark.slow
+def test_pruner_stops_a_planted_bad_trial_and_the_parent_shows_it(tmp_path, store):
+    uri, client = store
+    good, bad = 0.25, 1000.0  # noise drowning the synthetic classes: val top-1 stays at chance
+    enqueue = (  # two good trials first, then the bad one
+        f"hydra.sweeper.enqueue=[{{patch_size:2,depth:1,data.noise:{good}}},"
+        f"{{patch_size:4,depth:2,data.noise:{good}}},{{patch_size:4,depth:1,data.noise:{bad}}}]"
+    )
+    run_vitexp(
+        search_args(
+            tmp_path,
+            "trainer.epochs=2",
+            "depth=choice(1,2)",
+            "patch_size=choice(2,4)",
+            f"data.noise=choice({good},{bad})",
+            "hydra.sweeper.n_trials=3",
+            enqueue,
+            "hydra.sweeper.pruner.n_startup_trials=2",
+            "hydra.sweeper.pruner.n_warmup_steps=0",
+        ),
+        tmp_path,
+    )
+    trials = load_study(tmp_path).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert sorted(trials[2].intermediate_values) == [1]  # stopped at the first epoch boundary
+    (parent,), children = search_runs(client)
+    (pruned,) = [c for c in children if c.data.tags.get("vitexp.pruned") == "true"]
+    assert pruned.info.status == "FINISHED" and pruned.data.tags["vitexp.pruned_epoch"] == "1"
+    assert pruned.data.params["data.noise"] == str(bad)
+    m = parent.data.metrics
+    assert (m["trials_complete"], m["trials_pruned"], m["trials_failed"]) == (2, 1, 0)
+    assert (m["epochs_spent"], m["epochs_unpruned"], m["epochs_grid"]) == (5, 6, 16)
+    assert parent.data.metrics["best_value"] == pytest.approx(
+        max(t.value for t in trials if t.value is not None)
+    )
+    # the pictures and the table, on the parent run
+    local = client.download_artifacts(parent.info.run_id, "search", str(tmp_path / "got"))
+    for stem in ("optimization_history", "param_importances", "slice", "contour"):
+        picture = __import__("matplotlib.image").image.imread(f"{local}/{stem}.png")
+        rgb = picture[..., :3]
+        assert picture.shape[0] > 300 and np.std(rgb) > 0.05, stem  # not blank
+        assert ((rgb.max(-1) - rgb.min(-1)) > 0.25).sum() > 500, stem  # coloured data marks, not bare axes
+    table = (tmp_path / "got" / "search" / "trials.csv").read_text()
+    assert table.count("PRUNED") == 1 and table.count("COMPLETE") == 2
+    compared = run_vitexp(
+        [parent.info.run_id, "--out", str(tmp_path / "cmp"), "--tracking-uri", uri],
+        tmp_path,
+        module="vitexp.compare",
+    )
+    header, *rows = (tmp_path / "cmp" / "comparison.csv").read_text().strip().splitlines()
+    assert header.endswith(",pruned_epoch") and sum(row.endswith(",1") for row in rows) == 1
+    assert "pruned_epoch" in compared.stdout

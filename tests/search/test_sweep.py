@@ -1,0 +1,110 @@
+"""The sweep's parent run and its children (vitexp.search.sweep), in-process on a real sqlite store.
+
+Jobs are runs started under the parent the callback hands them through the environment, as
+training jobs are; no training.
+"""
+
+import os
+import re
+
+import pytest
+from omegaconf import OmegaConf
+
+from vitexp.search.sweep import MlflowSweepCallback
+from vitexp.tracking import FAILED, FINISHED, PARENT_ENV, Tracker
+
+
+@pytest.fixture
+def sweep(shared_store, tmp_path, monkeypatch, request):
+    """A sweep's config (its own experiment), its tracker and a client: (config, tracker, client)."""
+    monkeypatch.delenv(PARENT_ENV, raising=False)
+    uri, client = shared_store
+    experiment = re.sub(r"\W+", "-", request.node.name)
+    config = OmegaConf.create(
+        {
+            "tracking": {"uri": uri, "experiment": experiment, "timeout_s": 5},
+            "model": {"name": "vit_tiny"},
+            "hydra": {"sweep": {"dir": str(tmp_path / "multirun")}, "overrides": {"task": ["depth=1,2"]}},
+        }
+    )
+    return config, Tracker(uri, experiment), client
+
+
+def job(tracker: Tracker, name: str, status: str, tags=None) -> str:
+    """A job of the running sweep, ended with `status`."""
+    run_id = tracker.start_run(name, tags or {}, parent_id=os.environ[PARENT_ENV])
+    tracker.log_params(run_id, {"depth": name[-1], "num_params": "100"})
+    tracker.log_metrics(run_id, {"best_val_top1": 0.5, "test_top1": 0.4, "test_top5": 0.9}, step=1)
+    tracker.end_run(run_id, status)
+    return run_id
+
+
+def test_jobs_run_under_one_parent_that_finishes_with_them(sweep, capsys):
+    config, tracker, client = sweep
+    callback = MlflowSweepCallback()
+    callback.on_multirun_start(config)
+    parent = callback.parent_id
+    kids = {job(tracker, f"job-{d}", FINISHED) for d in (1, 2)}
+    callback.on_multirun_end(config)
+    assert {r.info.run_id for r in tracker.children(parent)} == kids
+    run = client.get_run(parent)
+    assert run.info.status == FINISHED and run.data.tags["vitexp.sweep"] == "true"
+    assert run.data.params["sweep.overrides"] == "depth=1,2"
+    assert "comparison/comparison.csv" in {a.path for a in client.list_artifacts(parent, "comparison")}
+    err = capsys.readouterr().err
+    assert f"vitexp: sweep {parent}: 2 FINISHED" in err
+    assert f"(after: mlflow ui --backend-store-uri {tracker.uri})" in err
+    assert PARENT_ENV not in os.environ
+
+
+def test_a_failed_job_fails_the_parent_and_the_sweep(sweep, capsys):
+    config, tracker, client = sweep
+    callback = MlflowSweepCallback()
+    callback.on_multirun_start(config)
+    parent = callback.parent_id
+    job(tracker, "job-1", FINISHED)
+    bad = job(tracker, "job-2", FAILED, {"vitexp.error": "data.path: no such folder\nmore"})
+    with pytest.raises(SystemExit) as exit_:
+        callback.on_multirun_end(config)
+    assert exit_.value.code == 1 and client.get_run(parent).info.status == FAILED
+    err = capsys.readouterr().err
+    assert "1 of 2 jobs failed" in err and "job-2: data.path: no such folder" in err
+    assert client.get_run(bad).info.status == FAILED
+
+
+def test_a_retried_failure_does_not_fail_the_parent(sweep):
+    config, tracker, client = sweep
+    callback = MlflowSweepCallback()
+    callback.on_multirun_start(config)
+    parent = callback.parent_id
+    job(tracker, "job-1", FAILED, {"vitexp.retried": "true"})  # a search ran the trial again
+    job(tracker, "job-1", FINISHED)
+    callback.on_multirun_end(config)
+    assert client.get_run(parent).info.status == FINISHED
+
+
+def test_a_sweep_cut_short_leaves_its_parent_failed(sweep):
+    config, tracker, client = sweep
+    callback = MlflowSweepCallback()
+    callback.on_multirun_start(config)
+    parent = callback.parent_id
+    job(tracker, "job-1", FINISHED)
+    callback.close(interrupted=True)  # what the exit hook does after Ctrl-C
+    callback.close(interrupted=True)  # and only once
+    assert client.get_run(parent).info.status == FAILED
+
+
+def test_the_same_sweep_run_again_fails_the_parent_a_kill_left_running(sweep):
+    config, tracker, client = sweep
+    killed = MlflowSweepCallback()
+    killed.on_multirun_start(config)  # then the process died: no end, no exit hook
+    stale = killed.parent_id
+    killed.parent_id = None  # its exit hook never runs
+    again = MlflowSweepCallback()
+    again.on_multirun_start(config)
+    parent = again.parent_id
+    run = client.get_run(stale)
+    assert run.info.status == FAILED and run.data.tags["vitexp.superseded_by"] == parent
+    assert client.get_run(parent).info.status == "RUNNING"
+    again.close(interrupted=False)
+    assert client.get_run(parent).info.status == FINISHED

@@ -1,0 +1,89 @@
+"""vitexp.compare on a real sqlite store filled through the Tracker, in-process: no training."""
+
+import csv
+import re
+
+import pytest
+
+from vitexp.tools.compare import compare
+from vitexp.tracking import FINISHED, Tracker
+
+
+def trained(tracker: Tracker, name: str, depth: int, top1: float, parent=None, tags=None) -> str:
+    """A run as a training job leaves it: params, two epochs of timings, final metrics."""
+    run_id = tracker.start_run(name, tags or {}, parent_id=parent)
+    params = {"model.depth": str(depth), "model.dim": "32", "num_params": str(1000 * depth)}
+    tracker.log_params(run_id, {**params, "tracking.uri": "ignored", "run_name": name})
+    for epoch, (seconds, speed) in enumerate(((2.0, 100.0), (1.0, 200.0)), start=1):
+        tracker.log_metrics(run_id, {"epoch_time_s": seconds, "images_per_s": speed}, step=epoch)
+    tracker.log_metrics(run_id, {"best_val_top1": top1 + 0.05, "test_top1": top1, "test_top5": 0.9}, step=2)
+    tracker.end_run(run_id, FINISHED)
+    return run_id
+
+
+@pytest.fixture
+def sweep(shared_store, request):
+    """An experiment with a sweep of three depths and an evaluation run under its parent, and
+    a lone run: (uri, client, experiment, parent, lone)."""
+    uri, client = shared_store
+    experiment = re.sub(r"\W+", "-", request.node.name)
+    tracker = Tracker(uri, experiment)
+    parent = tracker.start_run("sweep", {"vitexp.sweep": "true"})
+    for depth, top1 in ((1, 0.3), (2, 0.6), (4, 0.5)):
+        trained(tracker, f"depth{depth}", depth, top1, parent)
+    trained(tracker, "evaluation", 2, 0.99, parent, {"vitexp.evaluates": "x"})
+    lone = trained(tracker, "lone", 8, 0.1)
+    return uri, client, experiment, parent, lone
+
+
+def test_a_sweep_is_compared_best_first_and_the_table_logged_to_its_parent(sweep, tmp_path):
+    uri, client, _, parent, _ = sweep
+    header, rows, paths = compare(parent, uri, "test_top1", tmp_path / "out")
+    assert header[:3] == ["run", "status", "model.depth"]  # only what differs is a column
+    assert "model.dim" not in header and "tracking.uri" not in header
+    col = {name: header.index(name) for name in header}
+    assert [r[col["run"]] for r in rows] == ["depth2", "depth4", "depth1"]  # no evaluation run
+    first = rows[0]
+    assert first[col["epochs"]] == 2 and first[col["train_time_s"]] == 3.0
+    assert first[col["images_per_s"]] == 150.0 and first[col["num_params"]] == 2000
+    with open(tmp_path / "out" / "comparison.csv") as f:
+        assert list(csv.reader(f))[1][0] == "depth2"
+    assert {p.name for p in paths} == {"comparison.csv", "comparison.md", "comparison.png"}
+    logged = {a.path for a in client.list_artifacts(parent, "comparison")}
+    assert logged == {f"comparison/{p.name}" for p in paths}
+
+
+def test_an_experiment_is_compared_without_its_sweep_parents(sweep, tmp_path):
+    uri, client, experiment, _, lone = sweep
+    _, rows, _ = compare(experiment, uri, "best_val_top1", tmp_path / "out")
+    assert [r[0] for r in rows] == ["depth2", "depth4", "depth1", "lone"]
+    assert client.list_artifacts(lone) == []  # nothing is logged for an experiment
+
+
+def test_pruned_trials_get_a_column(shared_store, tmp_path):
+    uri, _ = shared_store
+    tracker = Tracker(uri, "pruned")
+    trained(tracker, "full", 1, 0.5)
+    trained(tracker, "cut", 2, 0.2, tags={"vitexp.pruned_epoch": "1"})
+    header, rows, _ = compare("pruned", uri, "test_top1", tmp_path / "out")
+    assert header[-1] == "pruned_epoch" and [r[-1] for r in rows] == ["", "1"]
+
+
+@pytest.mark.parametrize(
+    "target, sort, message",
+    [
+        ("no-such-thing", "test_top1", "'no-such-thing' is neither a run id nor an experiment name"),
+        (None, "test_top9", "--sort test_top9: no such column"),
+    ],
+)
+def test_a_bad_target_or_column_is_one_clear_error(sweep, tmp_path, target, sort, message):
+    uri, _, experiment, _, _ = sweep
+    with pytest.raises(ValueError, match=message):
+        compare(target or experiment, uri, sort, tmp_path / "out")
+
+
+def test_an_empty_experiment_has_nothing_to_compare(shared_store, tmp_path):
+    uri, _ = shared_store
+    assert Tracker(uri, "empty").experiment_id  # created, no runs
+    with pytest.raises(ValueError, match="no training runs under 'empty'"):
+        compare("empty", uri, "test_top1", tmp_path / "out")

@@ -1,0 +1,98 @@
+"""Callbacks: the EMA swap across a checkpoint and a restore; committed epochs' metrics."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from vitexp.train.callbacks import CheckpointDir, SwapEMAWeights, replay_missing
+
+
+class SaveAfterFirstEpoch(keras.callbacks.Callback):
+    """Saves the model as vitexp's checkpoints do: after the EMA swap of epoch 1's end."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            self.model.save(self.path)
+
+
+def ema_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)]
+    )
+    model.compile(optimizer=keras.optimizers.AdamW(0.05, use_ema=True, ema_momentum=0.5), loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("restored", [True, False])
+def test_a_restored_ema_run_trains_on_from_the_raw_weights(restored, tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 4)).astype("float32"), rng.normal(size=(64, 1)).astype("float32")
+    whole = ema_model()
+    whole.fit(
+        x,
+        y,
+        epochs=2,
+        batch_size=16,
+        shuffle=False,
+        verbose=0,
+        callbacks=[SwapEMAWeights(), SaveAfterFirstEpoch(tmp_path / "epoch1.keras")],
+    )
+    again = keras.saving.load_model(tmp_path / "epoch1.keras")
+    again.fit(
+        x,
+        y,
+        epochs=2,
+        initial_epoch=1,
+        batch_size=16,
+        shuffle=False,
+        verbose=0,
+        callbacks=[SwapEMAWeights(restored=restored)],
+    )
+    same = all(np.array_equal(a, b) for a, b in zip(whole.get_weights(), again.get_weights(), strict=True))
+    assert same == restored  # without the swap back, training goes on from the averaged weights
+
+
+def commit(checkpoints: CheckpointDir, epochs: dict[int, dict]) -> None:
+    """Epochs committed as EpochRecorder commits them: metrics file first, then the model file."""
+    checkpoints.folder.mkdir(parents=True, exist_ok=True)
+    for epoch, metrics in epochs.items():
+        checkpoints.metrics_file(epoch).write_text(json.dumps(metrics))
+        checkpoints.model_file(epoch).write_bytes(b"")
+
+
+def test_history_holds_every_committed_epoch_of_a_resumed_run(tmp_path):
+    """The curves' data: the first process committed epochs 1-2, the resumed one epoch 3;
+    epoch 4 was cut off between its metrics and its model file."""
+    first = {1: {"train_loss": 2.0, "val_top1": 0.1}, 2: {"train_loss": 1.5, "val_top1": 0.3}}
+    commit(CheckpointDir(tmp_path), first)
+    resumed = CheckpointDir(tmp_path)
+    commit(resumed, {3: {"train_loss": 1.0, "val_top1": 0.4}})
+    resumed.metrics_file(4).write_text(json.dumps({"train_loss": 0.5, "val_top1": 0.9}))
+    assert resumed.history(["train_loss", "val_top1", "val_top5"]) == {
+        "train_loss": [2.0, 1.5, 1.0],
+        "val_top1": [0.1, 0.3, 0.4],
+        "val_top5": [],
+    }
+
+
+def test_replay_logs_only_the_committed_epochs_the_store_lacks(shared_store, tmp_path):
+    from vitexp.tracking import Tracker
+
+    uri, client = shared_store
+    tracker = Tracker(uri, "replay")
+    run_id = tracker.start_run("r", {})
+    checkpoints = CheckpointDir(tmp_path)
+    epochs = {e: {"optimizer_step": 10.0 * e, "val_top1": 0.1 * e} for e in (1, 2, 3)}
+    commit(checkpoints, epochs)
+    tracker.log_metrics(run_id, epochs[1], step=1)  # the kill came after epoch 2's commit
+    assert replay_missing(tracker, run_id, checkpoints) == [2, 3]
+    assert replay_missing(tracker, run_id, checkpoints) == []
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "val_top1"))
+    assert steps == [1, 2, 3]

@@ -1,0 +1,188 @@
+"""Multi-worker data parallelism for real: `python -m vitexp` workers as processes on 127.0.0.1."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY, wait_for
+
+EPOCHS = 2
+JOB = [*TINY, f"trainer.epochs={EPOCHS}", "data.num_train=256", "data.num_test=64"]
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def tf_config(ports: list[int], index: int) -> str:
+    workers = [f"127.0.0.1:{p}" for p in ports]
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+
+
+def start(args, cwd, env, log):
+    """`python -m vitexp ARGS` in the background, its stderr into the file `log` (files, not
+    pipes: three processes write at once while the test waits on one)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vitexp", *args],
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    proc.log = log
+    return proc
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def weights_line(stderr: str) -> str:
+    (line,) = [x for x in stderr.splitlines() if "final weights sha256" in x]
+    return line.rsplit(" ", 1)[1]
+
+
+@pytest.mark.slow
+def test_two_workers_train_one_run_as_one_process_would(tmp_path, store):
+    """Two workers on 127.0.0.1 and a single process, with the same global batch, side by side."""
+    from mlflow.tracking import MlflowClient
+
+    uri, client = store
+    scratch = tmp_path / "tmp"  # where the non-chief worker keeps its private files
+    scratch.mkdir()
+    ports = free_ports(2)
+    args = [*JOB, "trainer.strategy=multi_worker", f"tracking.uri={uri}"]
+    single_uri = f"sqlite:///{tmp_path / 'single.db'}"
+    envs = [{"TF_CONFIG": tf_config(ports, i), "TMPDIR": str(scratch)} for i in (0, 1)]
+    procs = [start(args, tmp_path, env, tmp_path / f"w{i}.err") for i, env in enumerate(envs)]
+    procs.append(start([*JOB, f"tracking.uri={single_uri}"], tmp_path, {}, tmp_path / "single.err"))
+    errors = []
+    for proc in procs:
+        proc.wait(timeout=600)
+        errors.append(proc.log.read_text())
+        assert proc.returncode == 0, errors[-1][-5000:]
+
+    (run,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["replicas"] == "2"
+    val = history(client, run.info.run_id, "val_top1")
+    assert [step for step, _ in val] == list(range(1, EPOCHS + 1))  # each epoch once
+    # the same weights on both workers, and the chief's checkpoint folder is the run's
+    assert weights_line(errors[0]) == weights_line(errors[1])
+    assert (tmp_path / run.data.tags["vitexp.output_dir"] / "checkpoints" / "last.keras").is_file()
+    assert list(scratch.iterdir()) == []  # the non-chief's private store and checkpoints are gone
+
+    # every global batch is the one the single process trains on: the same curve, within noise
+    single = MlflowClient(tracking_uri=single_uri)
+    (alone,) = single.search_runs([single.get_experiment_by_name("vitexp").experiment_id])
+    for key, tolerance in (("val_top1", 0.02), ("val_loss", 0.01), ("train_loss", 0.01)):
+        ours, theirs = history(client, run.info.run_id, key), history(single, alone.info.run_id, key)
+        assert [s for s, _ in ours] == [s for s, _ in theirs]
+        assert all(abs(a - b) <= tolerance for (_, a), (_, b) in zip(ours, theirs)), (key, ours, theirs)
+
+
+@pytest.mark.slow
+def test_workers_killed_after_an_epoch_resume_the_chiefs_run(tmp_path, store):
+    """Both workers SIGKILLed once the chief committed epoch 1, then started again with
+    `resume=true`: every worker loads the chief's checkpoint and the one run goes on."""
+    uri, client = store
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    epochs = 3
+    args = [*JOB, f"trainer.epochs={epochs}", "trainer.strategy=multi_worker", f"tracking.uri={uri}"]
+
+    def workers(args, name):  # fresh ports each time: the killed workers' may linger
+        ports = free_ports(2)
+        envs = [{"TF_CONFIG": tf_config(ports, i), "TMPDIR": str(scratch)} for i in (0, 1)]
+        return [start(args, tmp_path, env, tmp_path / f"{name}{i}.err") for i, env in enumerate(envs)]
+
+    procs = workers(args, "first")
+    try:
+        wait_for(
+            lambda: list(tmp_path.glob("outputs/*/*/checkpoints/epoch_0001.keras")),
+            *procs,
+            timeout=600,
+            poll=0.05,
+        )
+        for proc in procs:
+            proc.kill()
+            proc.wait(timeout=60)
+        (run,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
+        assert run.info.status == "RUNNING"  # a hard stop: nobody closed the run
+        procs = workers([*args, "resume=true"], "again")
+        errors = []
+        for proc in procs:
+            proc.wait(timeout=600)
+            errors.append(proc.log.read_text())
+            assert proc.returncode == 0, errors[-1][-5000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
+
+    (resumed,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    (line,) = [x for x in errors[0].splitlines() if x.startswith("vitexp: resuming run ")]
+    done = int(line.removeprefix(f"vitexp: resuming run {run.info.run_id} after epoch "))
+    assert 1 <= done < epochs  # it continued after a committed epoch, before the last
+    assert [s for s, _ in history(client, run.info.run_id, "val_top1")] == list(range(1, epochs + 1))
+    steps = history(client, run.info.run_id, "optimizer_step")  # the step goes on, none twice
+    assert steps == [(e, e * steps[0][1]) for e in range(1, epochs + 1)]
+    # both workers restored weights and optimizer state from the chief's checkpoint
+    assert weights_line(errors[0]) == weights_line(errors[1])
+
+
+def test_a_worker_whose_peer_never_starts_fails_in_one_line(monkeypatch):
+    """Checked before TensorFlow, which would wait for the missing worker without end; `train`
+    calls this first, so the job ends in this one line (exit 2) before any run exists."""
+    from vitexp.train.multiworker import start_workers
+    from vitexp.validate import ConfigError
+
+    ports = free_ports(2)  # nothing listens on the second one
+    monkeypatch.setenv("TF_CONFIG", tf_config(ports, 0))
+    monkeypatch.setenv("VITEXP_WORKER_TIMEOUT", "1")
+    with pytest.raises(ConfigError) as err:
+        start_workers()
+    assert str(err.value) == (
+        f"worker 127.0.0.1:{ports[0]}: worker 127.0.0.1:{ports[1]} named in the cluster did "
+        "not answer within 1 s: start every worker (or fix TF_CONFIG); VITEXP_WORKER_TIMEOUT sets the wait"
+    )
+
+
+def consecutive_free_ports(n: int) -> int:
+    """The first of n free ports in a row (Slurm's workers on one node take base, base+1, ...)."""
+    while True:
+        base = free_ports(1)[0]
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as s:
+                    s.bind(("", port))
+            return base
+        except OSError:
+            continue
+
+
+@pytest.mark.slow
+def test_two_workers_under_srun(slurm, tmp_path, store):  # noqa: F811
+    uri, client = store
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VITEXP_WORKER_PORT": str(consecutive_free_ports(2))}
+    args = [*JOB, "trainer.strategy=multi_worker", f"tracking.uri={uri}"]
+    command = ["srun", "-n", "2", "--cpus-per-task=1", sys.executable, "-m", "vitexp", *args]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    (run,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["replicas"] == "2"
+    assert [step for step, _ in history(client, run.info.run_id, "val_top1")] == list(range(1, EPOCHS + 1))
+    digests = [x.rsplit(" ", 1)[1] for x in proc.stderr.splitlines() if "final weights sha256" in x]
+    assert len(digests) == 2 and digests[0] == digests[1]

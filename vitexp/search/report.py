@@ -1,0 +1,166 @@
+"""What a search shows on its MLflow parent run: counts, epochs spent, the best trial, pictures.
+
+After every batch of trials the parent gets the counts (complete / pruned / failed), the
+epochs spent against those of unpruned trials and of a full grid, and the best value
+(tags `best.<param>`); at the end also, under `search/`, the trials table (CSV and
+Markdown) and PNGs: optimisation history, parameter importances, slices, a contour over
+patch size x depth (or the first two searched keys) and, for several objectives, the
+Pareto front.
+"""
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from vitexp.search.study import PRUNED_ATTR, Plan, grid_size  # noqa: E402
+from vitexp.tracking import FAILED, PARENT_ENV, Tracker  # noqa: E402
+
+
+def summary(study, plan: Plan) -> dict[str, float]:
+    """Counts and epochs of the study's trials so far."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    count = {
+        s: sum(t.state == s for t in trials)
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
+    ended = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
+    out = {
+        "trials_complete": count[TrialState.COMPLETE],
+        "trials_pruned": count[TrialState.PRUNED],
+        "trials_failed": count[TrialState.FAIL],
+        "epochs_spent": sum(epochs_of(t) for t in trials),
+        "epochs_unpruned": ended * plan.epochs,
+    }
+    grid = grid_size(plan.space)
+    if grid:
+        out["epochs_grid"] = grid * plan.epochs
+    if len(plan.directions) == 1 and count[TrialState.COMPLETE]:
+        out["best_value"] = study.best_value
+    return out
+
+
+def epochs_of(trial) -> int:
+    return int(trial.user_attrs.get("epochs", len(trial.intermediate_values)))
+
+
+def contour_keys(plan: Plan) -> list[str]:
+    keys = [k for k in ("patch_size", "depth") if k in plan.space]
+    return keys if len(keys) == 2 else list(plan.space)[:2]
+
+
+class SearchLog:
+    """The search's record on the sweep's MLflow parent run (when there is one) and in `out_dir`.
+
+    Args:
+        config: the sweep's config (for the tracking store).
+        plan: the search.
+        out_dir: where the table and pictures are written.
+    """
+
+    def __init__(self, config: DictConfig, plan: Plan, out_dir: Path):
+        self.plan, self.out_dir = plan, out_dir
+        self.parent = os.environ.get(PARENT_ENV)
+        self.tracker = Tracker.from_config(config.tracking) if self.parent else None
+
+    def retried(self, number: int, run_id: str | None) -> None:
+        """The MLflow child of a trial a killed search left running: FAILED, tagged as retried."""
+        if self.tracker and run_id:
+            self.tracker.set_tags(run_id, {"vitexp.retried": "true"})
+            self.tracker.end_run(run_id, FAILED)
+
+    def progress(self, study) -> None:
+        if not self.tracker:
+            return
+        counts = summary(study, self.plan)
+        self.tracker.log_metrics(self.parent, counts, step=len(study.trials))
+        if "best_value" in counts:
+            best = study.best_trial
+            tags = {f"best.{k}": str(v) for k, v in best.params.items()}
+            self.tracker.set_tags(self.parent, {**tags, "best.trial": str(best.number)})
+        self.tracker.set_tags(
+            self.parent,
+            {"vitexp.optuna_study": self.plan.study_name, "vitexp.optuna_storage": self.plan.storage_url},
+        )
+        self.tracker.flush(raise_errors=False)
+
+    def finish(self, study) -> list[Path]:
+        self.progress(study)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        paths = [*write_table(study, self.out_dir), *write_pictures(study, self.plan, self.out_dir)]
+        if self.tracker:
+            for path in paths:
+                self.tracker.log_artifact(self.parent, path, "search")
+        return paths
+
+
+def write_table(study, out_dir: Path) -> list[Path]:
+    frame = study.trials_dataframe(
+        attrs=(
+            "number",
+            "value" if len(study.directions) == 1 else "values",
+            "params",
+            "state",
+            "user_attrs",
+            "duration",
+        )
+    )
+    keep = [
+        c
+        for c in frame.columns
+        if not c.startswith("user_attrs_")
+        or c.endswith(("_epochs", "_num_params", PRUNED_ATTR, "_vitexp.mlflow_run_id"))
+    ]
+    frame = frame[keep].rename(columns=lambda c: c.removeprefix("user_attrs_").removeprefix("vitexp."))
+    frame.to_csv(out_dir / "trials.csv", index=False)
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += [
+        "| " + " | ".join("" if str(v) == "nan" else str(v) for v in row) + " |" for row in frame.values
+    ]
+    (out_dir / "trials.md").write_text("\n".join(lines) + "\n")
+    return [out_dir / "trials.csv", out_dir / "trials.md"]
+
+
+def write_pictures(study, plan: Plan, out_dir: Path) -> list[Path]:
+    """The PNGs Optuna can draw for this study; one that cannot be drawn yet is skipped."""
+    from optuna.visualization import matplotlib as ov
+
+    first = None if len(plan.directions) == 1 else (lambda t: t.values[0])
+    name = plan.objectives[0]
+    drawings = {
+        "optimization_history": lambda: ov.plot_optimization_history(study, target=first, target_name=name),
+        "param_importances": lambda: ov.plot_param_importances(study, target=first, target_name=name),
+        "slice": lambda: ov.plot_slice(study, target=first, target_name=name),
+        "contour": lambda: ov.plot_contour(study, params=contour_keys(plan), target=first, target_name=name),
+    }
+    if len(plan.directions) > 1:
+        drawings["pareto_front"] = lambda: ov.plot_pareto_front(study, target_names=plan.objectives)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # not a line per categorical axis
+    paths = []
+    for stem, draw in drawings.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = draw()
+                figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+                figure.set_size_inches(max(6.4, figure.get_figwidth()), max(4.8, figure.get_figheight()))
+                figure.tight_layout()
+        except Exception as err:  # e.g. importances need two finished trials, a contour two keys
+            print(
+                f"vitexp: no {stem} picture yet: {str(err).splitlines()[0] if str(err) else err!r}",
+                file=sys.stderr,
+            )
+            continue
+        figure.savefig(out_dir / f"{stem}.png", dpi=100)
+        plt.close(figure)
+        paths.append(out_dir / f"{stem}.png")
+    return paths

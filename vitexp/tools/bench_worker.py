@@ -1,0 +1,246 @@
+"""What one bench worker process measures: a configuration's training, or the machine's peak.
+
+`python -m vitexp.bench` runs each in a process of its own (`--worker NAME`), so that peak
+memory is its own, and reads back the one `BENCH {json}` line the worker prints.
+"""
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+VALIDATION_SPLIT = 0.2  # the textbook's, and vitexp's default
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process so far, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        line = next(ln for ln in status if ln.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Time from process start to the first step; each epoch's training steps and wall time."""
+
+    def __init__(self):
+        super().__init__()
+        self.first_step_s = None
+        self.epoch_s: list[float] = []
+        self.train_s: list[float] = []
+        self._start = 0.0
+        self.rss_at_train_begin_mb = 0.0
+        self.rss_after_first_step_mb = 0.0
+
+    def on_train_begin(self, logs=None):  # data, pipeline, model and optimizer are built
+        self.rss_at_train_begin_mb = current_rss_mb()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_test_begin(self, logs=None):  # validation starts: the epoch's training steps are done
+        if len(self.train_s) <= len(self.epoch_s):
+            self.train_s.append(time.perf_counter() - self._start)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.first_step_s is None:
+            self.first_step_s = time.perf_counter() - T0
+            self.rss_after_first_step_mb = current_rss_mb()
+
+    def on_epoch_end(self, epoch, logs=None):  # runs after validation and vitexp's checkpoint
+        self.epoch_s.append(time.perf_counter() - self._start)
+
+
+def synthetic(count: int, shape, classes: int):
+    from vitexp.data.synthetic import load_synthetic
+
+    data = load_synthetic(num_classes=classes, image_shape=shape, num_train=count, num_test=64, seed=0)
+    return data.train_x, data.train_y
+
+
+def run_textbook(args) -> dict:
+    from vitexp.config import compose
+    from vitexp.optim import WarmupCosine
+
+    cfg = compose([f"model={args.model}", *args.overrides])
+    baseline = rss_mb()
+    x, y = synthetic(args.images, tuple(cfg.data.image_shape), cfg.data.num_classes)
+    from hydra.utils import instantiate
+
+    from vitexp.data.pipeline import split_validation
+    from vitexp.models import adapt_input_norm
+
+    model = instantiate(cfg.model, _convert_="all")
+    # the same model as vitexp trains (its normalisation adapted, not the textbook's identity),
+    # fed the textbook's way: for the ViT a float64 copy of the whole set, sliced batch by
+    # batch by Keras; Swin (no `input_norm`: tfswin normalises 0-255 pixels) gets the uint8 set
+    if any(layer.name == "input_norm" for layer in model.layers):
+        x = x / 255.0
+        adapt_input_norm(model, x[: int(len(x) * 0.8)])
+    schedule = WarmupCosine(1e-3, args.steps * 2, 0.1)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=1e-4),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(5, name="top-5-accuracy"),
+        ],
+    )
+    timer = EpochTimer()
+    history = model.fit(
+        x,
+        y,
+        batch_size=args.batch,
+        epochs=2,
+        steps_per_epoch=args.steps,
+        validation_split=VALIDATION_SPLIT,
+        callbacks=[timer],
+        verbose=0,
+    )
+    held_out = len(split_validation(x, y, VALIDATION_SPLIT)[1][0])  # Keras' split: the last 20%
+    return result(
+        timer, args.steps * args.batch, baseline, history.history["loss"], model.count_params(), held_out
+    )
+
+
+def run_vitexp(args, overrides) -> dict:
+    import tempfile
+
+    from vitexp.config import compose
+    from vitexp.tracking import Tracker, sqlite_store
+    from vitexp.train.run import train
+
+    folder = Path(tempfile.mkdtemp(prefix="vitexp-bench-"))
+    batch = next((int(o.split("=")[1]) for o in overrides if o.startswith("trainer.batch_size=")), args.batch)
+    steps = args.steps * args.batch // batch
+    cfg = compose(
+        [
+            f"model={args.model}",
+            f"trainer.batch_size={args.batch}",
+            *args.overrides,
+            "data=synthetic",
+            f"data.num_train={args.images}",
+            f"trainer.steps_per_epoch={steps}",
+            "data.num_test=64",
+            "data.num_classes=100",
+            "data.image_shape=[32,32,3]",
+            "trainer.epochs=2",
+            "trainer.verbose=0",
+            "report.enabled=false",
+            "tracking.log_checkpoints=false",
+            "tracking.log_model=false",
+            "tracking.experiment=bench-runs",
+            f"tracking.uri={sqlite_store(folder)}",
+            *overrides,
+        ]
+    )
+    baseline = rss_mb()
+    timer = EpochTimer()
+    train(cfg, callbacks=(timer,))
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    run = tracker.find_runs()[0]
+    losses = list(tracker.metric_history(run.info.run_id, "train_loss").values())
+    return result(
+        timer,
+        steps * batch,
+        baseline,
+        losses,
+        int(run.data.params["num_params"]),
+        int(run.data.params["val_images"]),
+        precision=run.data.params["precision"],
+    )
+
+
+def result(
+    timer, images: int, baseline_mb: float, losses, params: int, val_images: int, precision: str = "float32"
+) -> dict:
+    return {
+        "val_images": val_images,
+        "train_images_per_s": images / timer.train_s[-1],
+        "epoch_overhead_s": timer.epoch_s[-1] - timer.train_s[-1],
+        "epoch_s": timer.epoch_s[-1],
+        "first_step_s": timer.first_step_s,
+        "peak_rss_mb": rss_mb(),
+        "rss_above_tf_mb": rss_mb() - baseline_mb,
+        # where it goes: what the data and model hold before training, what the first step adds
+        "setup_mb": timer.rss_at_train_begin_mb - baseline_mb,
+        "first_step_mb": timer.rss_after_first_step_mb - timer.rss_at_train_begin_mb,
+        "loss_per_epoch": [float(v) for v in losses],
+        "num_params": params,
+        "precision": precision,
+    }
+
+
+def matmul_peak(size: int = 1024, budget_s: float = 1.0) -> dict:
+    """Dense matmul throughput at `size` x `size` in float32 and bfloat16, GFLOP/s, each timed
+    over about `budget_s` (a CPU without native bfloat16 emulates it, many times slower)."""
+    import tensorflow as tf
+
+    peaks = {}
+    for dtype in (tf.float32, tf.bfloat16):
+        a = tf.cast(tf.random.normal((size, size), dtype=tf.float32), dtype)
+        step = tf.function(lambda m: tf.linalg.matmul(m, m))
+        start = time.perf_counter()
+        step(a).numpy()  # traced and run once: how many more fit in the budget
+        reps = max(1, min(50, int(budget_s / max(time.perf_counter() - start, 1e-6))))
+        start = time.perf_counter()
+        for _ in range(reps):
+            out = step(a)
+        out.numpy()
+        peaks[dtype.name] = 2 * size**3 * reps / (time.perf_counter() - start) / 1e9
+    return peaks
+
+
+def training_flops(model_name: str, overrides: list[str]) -> float:
+    """Forward FLOPs of one image (TensorFlow's graph profiler), times 3 for training."""
+    import tensorflow as tf
+    from hydra.utils import instantiate
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    from vitexp.config import compose
+
+    cfg = compose([f"model={model_name}", *overrides])
+    model = instantiate(cfg.model, _convert_="all")
+    spec = tf.TensorSpec([1, *cfg.data.image_shape], tf.float32)
+    frozen = convert_variables_to_constants_v2(tf.function(lambda x: model(x)).get_concrete_function(spec))
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    profile = tf.compat.v1.profiler.profile(graph=frozen.graph, options=opts)
+    return 3.0 * profile.total_float_ops
+
+
+def best_overrides(args) -> list[str]:
+    """`trainer.precision=auto`, with the batch and learning rate scaled by `--best-batch-factor`."""
+    from vitexp.config import compose
+
+    if args.best_batch_factor == 1:
+        return ["trainer.precision=auto"]
+    lr = compose([f"model={args.model}", *args.overrides]).optimizer.learning_rate
+    return [
+        "trainer.precision=auto",
+        f"trainer.batch_size={args.best_batch_factor * args.batch}",
+        f"optimizer.learning_rate={args.best_batch_factor * lr:g}",
+    ]
+
+
+def worker(args) -> None:
+    if args.worker == "textbook":
+        out = run_textbook(args)
+    elif args.worker == "machine":
+        out = {
+            "peak_gflops": matmul_peak(),
+            "train_flops_per_image": training_flops(args.model, args.overrides),
+        }
+    else:
+        same = ["trainer.precision=float32"]
+        out = run_vitexp(args, best_overrides(args) if args.worker == "vitexp_best" else same)
+    print("BENCH " + json.dumps(out))

@@ -1,0 +1,207 @@
+"""Time to accuracy: a recipe trained over several seeds, timed to a target test top-1.
+
+    python -m vitexp.speedrun [--experiment vit_fashion_mnist_speedrun] [--target 0.92]
+        [--seeds 3] [--tracking-uri URI] [--out speedrun] [OVERRIDE ...]
+
+Each seed is one `python -m vitexp` process, as a user's command is, so each pays its own
+start-up. After every epoch the run scores the whole test split (`trainer.target_top1`:
+training never sees it and nothing steers on it) and logs the wall time since the command
+started; time to target is that time at the first epoch at or above the target. Reported
+per seed and as mean / std / min / max: time to target, wall time of the whole run,
+epochs, final test top-1 and training images/s, with the machine (CPU model, cores, the
+ISA flags that decide bfloat16 speed, GPUs). A table on stdout, `<out>/speedrun.json`, an
+MLflow parent run with a child per seed; the last line is
+`time_to_target_s=<mean> accuracy=<mean> seeds=<n>` (time nan if a seed missed the target).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vitexp.machine import describe, one_line
+from vitexp.tools.args import ToolParser
+from vitexp.tracking import FAILED, FINISHED, PARENT_ENV, Tracker, flatten
+
+COLUMNS = ("time_to_target_s", "wall_s", "epochs", "test_top1", "test_top1_1view", "images_per_s")
+
+
+def run_seed(args, seed: int, tracker: Tracker, parent: str) -> float:
+    """Trains one seed in its own process; returns its wall time in seconds."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "vitexp",
+        f"experiment={args.experiment}",
+        f"trainer.seed={seed}",
+        f"trainer.target_top1={args.target}",
+        f"tracking.uri={tracker.uri}",
+        f"tracking.experiment={tracker.experiment}",
+        f"hydra.run.dir={args.out.resolve() / f'seed_{seed}'}",
+        *args.overrides,
+    ]
+    started = time.time()
+    env = {**os.environ, PARENT_ENV: parent, "VITEXP_T0": repr(started)}
+    with open(args.out / f"seed_{seed}.log", "w") as log:
+        subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    return time.time() - started
+
+
+def seed_row(tracker: Tracker, run, wall: float) -> dict:
+    """One seed's figures, read back from its MLflow run."""
+    metrics = run.data.metrics
+    speeds = list(tracker.metric_history(run.info.run_id, "images_per_s").values())
+    epochs = tracker.metric_history(run.info.run_id, "target_top1")
+    return {
+        "seed": int(run.data.params["trainer.seed"]),
+        "run_id": run.info.run_id,
+        "status": run.info.status,
+        "time_to_target_s": metrics.get("time_to_target_s"),
+        "target_epoch": metrics.get("target_epoch"),
+        "wall_s": wall,
+        "epochs": len(epochs),
+        "test_top1": metrics.get("test_top1"),
+        # with test-time augmentation (trainer.tta), top-1 on the images as they are
+        "test_top1_1view": metrics.get("test_top1_1view"),
+        "tta": run.data.params.get("trainer.tta", "none"),
+        # the first epoch pays for the graph trace: the rate of the others, where there are
+        "images_per_s": statistics.fmean(speeds[1:] or speeds) if speeds else None,
+    }
+
+
+def missing_row(args, seed: int, wall: float) -> dict:
+    """A seed whose process ended before it created its run: its log says why."""
+    log = args.out / f"seed_{seed}.log"
+    lines = log.read_text().strip().splitlines() if log.is_file() else []
+    print(
+        f"vitexp.speedrun: seed {seed} recorded no run: {lines[-1] if lines else '?'} ({log})",
+        file=sys.stderr,
+    )
+    return {
+        **dict.fromkeys(("run_id", "target_epoch", *COLUMNS)),
+        "seed": seed,
+        "status": "NO RUN",
+        "wall_s": wall,
+        "epochs": 0,
+    }
+
+
+def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
+    summary = {}
+    for column in COLUMNS:
+        values = [r[column] for r in rows if r[column] is not None]
+        if not values:
+            continue
+        summary[column] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values),
+            "max": max(values),
+        }
+    return summary
+
+
+def print_table(rows: list[dict], summary: dict, machine: dict, args) -> None:
+    print(f"speedrun {args.experiment}: target test top-1 {args.target} on {one_line(machine)}")
+    print(
+        f"{'seed':>6}{'to target s':>13}{'epoch':>7}{'wall s':>9}{'epochs':>8}{'test top-1':>12}"
+        f"{'1 view':>9}{'img/s':>9}"
+    )
+
+    def cell(value, fmt):
+        width = int(fmt.split(".")[0])
+        return format(value, fmt) if value is not None else "-".rjust(width)
+
+    for r in rows:
+        print(
+            f"{r['seed']:>6}{cell(r['time_to_target_s'], '13.1f')}{cell(r['target_epoch'], '7.0f')}"
+            f"{r['wall_s']:>9.1f}{r['epochs']:>8}{cell(r['test_top1'], '12.4f')}"
+            f"{cell(r['test_top1_1view'], '9.4f')}{cell(r['images_per_s'], '9.1f')}"
+        )
+    for stat in ("mean", "std", "min", "max"):
+        values = {c: summary.get(c, {}).get(stat) for c in COLUMNS}
+        print(
+            f"{stat:>6}{cell(values['time_to_target_s'], '13.1f')}{'':>7}{cell(values['wall_s'], '9.1f')}"
+            f"{cell(values['epochs'], '8.1f')}{cell(values['test_top1'], '12.4f')}"
+            f"{cell(values['test_top1_1view'], '9.4f')}{cell(values['images_per_s'], '9.1f')}"
+        )
+
+
+def record(tracker: Tracker, parent: str, report: dict, path: Path) -> None:
+    metrics = {
+        f"{column}_{stat}": value
+        for column, stats in report["summary"].items()
+        for stat, value in stats.items()
+    }
+    metrics["seeds_reached"] = float(report["seeds_reached"])
+    tracker.log_metrics(parent, metrics, step=0)
+    tracker.log_artifact(parent, path)
+    tracker.flush()
+    done = report["seeds_reached"] == len(report["seeds"]) and all(
+        r["status"] == FINISHED for r in report["seeds"]
+    )
+    tracker.end_run(parent, FINISHED if done else FAILED)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = ToolParser("vitexp.speedrun", __doc__)
+    parser.add_argument(
+        "--experiment", default="vit_fashion_mnist_speedrun", help="the recipe (conf/experiment/)"
+    )
+    parser.add_argument("--target", type=float, default=0.92, help="test top-1 to reach, in (0, 1]")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, one process each")
+    parser.add_argument(
+        "--mlflow-experiment",
+        default=os.environ.get("MLFLOW_EXPERIMENT_NAME") or "speedrun",
+        help="where the parent and the seeds' runs go (default: $MLFLOW_EXPERIMENT_NAME, else speedrun)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("speedrun"))
+    parser.add_argument("overrides", nargs="*", help="config overrides for every seed (Hydra syntax)")
+    args = parser.parse(argv)
+    if not 0 < args.target <= 1:
+        parser.fail(f"--target {args.target}: give a fraction in (0, 1], e.g. 0.92 for 92%")
+    if args.seeds < 1:
+        parser.fail(f"--seeds {args.seeds}: give at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    machine = describe()
+    tracker = Tracker(args.tracking_uri, args.mlflow_experiment)
+    parent = tracker.start_run(f"speedrun-{args.experiment}", {"vitexp.command": " ".join(sys.argv)})
+    settings = {"experiment": args.experiment, "target": args.target, "seeds": args.seeds}
+    tracker.log_params(parent, flatten({**settings, "overrides": args.overrides, "machine": machine}))
+    walls = {seed: run_seed(args, seed, tracker, parent) for seed in range(args.seeds)}
+    runs = {int(r.data.params.get("trainer.seed", -1)): r for r in tracker.children(parent)}
+    rows = [
+        seed_row(tracker, runs[s], wall) if s in runs else missing_row(args, s, wall)
+        for s, wall in walls.items()
+    ]
+    summary = summarise(rows)
+    reached = sum(r["time_to_target_s"] is not None for r in rows)
+    report = {
+        **settings,
+        "overrides": args.overrides,
+        "machine": machine,
+        "seeds": rows,
+        "summary": summary,
+        "seeds_reached": reached,
+        "target_split": "test",
+    }
+    path = args.out / "speedrun.json"
+    path.write_text(json.dumps(report, indent=1))
+    print_table(rows, summary, machine, args)
+    record(tracker, parent, report, path)
+    mean_time = summary["time_to_target_s"]["mean"] if reached == len(rows) else float("nan")
+    accuracy = summary.get("test_top1", {}).get("mean", float("nan"))
+    print(f"time_to_target_s={mean_time:.1f} accuracy={accuracy:.4f} seeds={len(rows)}")
+
+
+if __name__ == "__main__":
+    main()

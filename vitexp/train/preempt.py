@@ -1,0 +1,107 @@
+"""Stopping well: SIGTERM like Ctrl-C, and pre-emption under Slurm.
+
+Outside Slurm, SIGTERM (what Kubernetes and pre-emptible VMs send before a kill) stops a
+run at once, as Ctrl-C does: the run ends KILLED with the command that resumes it, exit 143.
+
+Inside a Slurm batch job, SIGTERM (`scancel --signal=TERM`, pre-emption) and the time-limit
+warning (`sbatch --signal=USR2@90`, what submitit asks for) stop training at the next step
+boundary, where a step checkpoint is written (`CheckpointDir.commit_step`: weights,
+optimizer state with its step and EMA averages, the epoch, its steps done and the running
+state of its train metrics). The job requeues itself (`scontrol requeue`) and the requeued
+job resumes the same MLflow run from that step (`vitexp.train.resume`): it trains the epoch's
+remaining batches only, in their original order, so each epoch's metrics are logged once,
+over the whole epoch, and the optimizer step goes on with none repeated or lost.
+Multi-worker jobs write no step checkpoint: they resume from the last committed epoch.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import keras
+
+SLURM_TAG = "vitexp.slurm_job_id"
+
+
+class Terminated(KeyboardInterrupt):
+    """The run was stopped by SIGTERM (or Slurm's warning signal); `requeue` when Slurm
+    should run the job again; `where` says where training stopped, when it says more than
+    the last committed epoch."""
+
+    def __init__(self, requeue: bool = False, where: str = "", signum: int = signal.SIGTERM):
+        super().__init__()
+        self.requeue = requeue
+        self.where = where
+        self.signal_name = signal.Signals(signum).name
+
+
+def slurm_job_id() -> str | None:
+    """This Slurm batch job's id (an array task has its own), None outside a batch job."""
+    if "SLURM_JOB_ID" not in os.environ or os.environ.get("SLURM_PROCID", "0") != "0":
+        return None
+    return os.environ["SLURM_JOB_ID"]
+
+
+def requeued() -> bool:
+    """True in a Slurm job that runs again after a requeue."""
+    return slurm_job_id() is not None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+class StopSignal:
+    """Installs the handlers; under Slurm the signal is remembered until a step ends."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def install(self) -> None:
+        self.received = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if slurm_job_id() is None:
+            signal.signal(signal.SIGTERM, self._raise)
+            return
+        for signum in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(signum, self._remember)
+
+    def _raise(self, signum, frame) -> None:
+        raise Terminated()
+
+    def _remember(self, signum, frame) -> None:
+        self.received = signum
+
+
+STOP = StopSignal()
+
+
+class StopAtStepEnd(keras.callbacks.Callback):
+    """Ends training at the step boundary after a remembered stop signal (Slurm), once
+    `recorder` (a `vitexp.train.callbacks.EpochRecorder`, None for none) has checkpointed that
+    step. After an epoch's last step it lets the epoch end (validated and committed) and
+    stops at the next boundary. Place it after every other callback: they all see the step.
+    """
+
+    def __init__(self, recorder=None):
+        super().__init__()
+        self.recorder = recorder
+
+    def on_train_batch_end(self, batch, logs=None):
+        if STOP.received is not None and batch + 1 < self.params["steps"]:
+            where = self.recorder.commit_step() if self.recorder is not None else ""
+            raise Terminated(requeue=True, where=where, signum=STOP.received)
+
+
+def requeue() -> str:
+    """Asks Slurm to run this job again; returns what to tell the user."""
+    job = slurm_job_id()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue signals this process too
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        error = done.stderr.strip() if done.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as err:  # no scontrol on the PATH, no answer
+        error = str(err)
+    if error:
+        print(f"vitexp: warning: scontrol requeue {job} failed: {error}", file=sys.stderr)
+        return f"Slurm job {job} could not be requeued"
+    return f"Slurm job {job} requeued; it resumes this run"
