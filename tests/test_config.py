@@ -1,8 +1,8 @@
 """Config composition: every group option composes, defaults are the textbook's, and bad
 overrides fail in one line before anything runs."""
 
-import ast
 import dataclasses
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +11,10 @@ import pytest
 import yaml
 from conftest import CONF, ROOT, compose, runs_of
 from hydra.errors import ConfigCompositionException
+from hydra.utils import get_method, get_object
 from omegaconf import MISSING, OmegaConf
 
-from vitexp.config import SCHEMAS
-from vitexp.models.schema import family_schemas
+from vitexp.config import SCHEMAS, option_schemas
 from vitexp.validate import ConfigError, check_config
 
 GROUPS = ["model", "data", "optimizer", "schedule", "trainer", "tracking", "report"]
@@ -63,11 +63,12 @@ def test_every_target_is_inside_vitexp():
         for line in path.read_text().splitlines():
             if "_target_:" in line:
                 targets.append((path.name, line.split("_target_:")[1].strip()))
-    for name, schema in {**SCHEMAS, **family_schemas()}.items():
+    for name, schema in {**SCHEMAS, **option_schemas()}.items():
         default = next((f.default for f in dataclasses.fields(schema) if f.name == "_target_"), MISSING)
         if default != MISSING:
             targets.append((name, default))
-    assert {"vit_schema", "swin_schema", "synthetic_schema"} <= {name for name, _ in targets}
+    found = {name for name, _ in targets}
+    assert {"vit_schema", "swin_schema", "synthetic_schema", "adamw_schema", "warmup_cosine_schema"} <= found
     outside = [t for t in targets if not t[1].startswith("vitexp.")]
     assert not outside, outside
 
@@ -120,6 +121,78 @@ def test_a_model_family_is_its_own_files(tmp_path, monkeypatch):
         check_config(compose(["model=toy", "patch_size=5"], config_dir=str(tmp_path / "family")))
 
 
+TOY_OPTIMIZER = """
+from dataclasses import dataclass
+from omegaconf import MISSING
+from vitexp.optim.schema import OptimizerConfig
+from vitexp.validate import require
+
+
+@dataclass
+class LionConfig(OptimizerConfig):
+    _target_: str = "vitexp.optim.lion.lion"
+    beta: float = MISSING
+
+    @classmethod
+    def check(cls, opt):
+        super().check(opt)
+        require(opt.beta < 1, f"optimizer.beta={opt.beta}: use a beta below 1")
+"""
+TOY_DATASET = """
+from dataclasses import dataclass
+from omegaconf import MISSING
+from vitexp.data.schema import DataConfig
+from vitexp.validate import require
+
+
+@dataclass
+class StripesDataConfig(DataConfig):
+    _target_: str = "vitexp.data.stripes.load_stripes"
+    width: int = MISSING
+
+    @classmethod
+    def check(cls, d):
+        super().check(d)
+        require(d.width > 0, f"data.width={d.width}: use a positive width")
+"""
+
+
+@pytest.mark.parametrize(
+    "package, group, name, schema, option, good, bad, message",
+    [
+        ("optim", "optimizer", "lion", TOY_OPTIMIZER,
+         "learning_rate: 1.0e-4\nweight_decay: 0.1\nclipnorm: null\nema_momentum: null\nbeta: 0.9\n",
+         "optimizer.beta", ["optimizer.beta=1.5"], "optimizer.beta=1.5: use a beta below 1"),
+        ("data", "data", "stripes", TOY_DATASET,
+         "name: stripes\nnum_classes: 2\nimage_shape: [8, 8, 1]\nwidth: 2\n",
+         "data.width", ["data.width=0"], "data.width=0: use a positive width"),
+        ("data", "data", "stripes", TOY_DATASET,
+         "name: stripes\nnum_classes: 2\nimage_shape: [8, 8, 1]\nwidth: 2\n",
+         "data.width", ["data.num_classes=1"], "need at least 2 classes"),  # what every dataset checks
+    ],
+)  # fmt: skip
+def test_an_optimizer_or_a_dataset_is_its_own_files(
+    package, group, name, schema, option, good, bad, message, tmp_path, monkeypatch
+):
+    """As a model family: its schema beside its factory and its option; no list to add it to."""
+    import importlib
+
+    import vitexp.config
+
+    module = importlib.import_module(f"vitexp.{package}")
+    (tmp_path / "own" / group).mkdir(parents=True)
+    (tmp_path / "own" / f"{name}_schema.py").write_text(schema)
+    header = f"defaults:\n  - /{name}_schema@_here_\n  - _self_\n\n"
+    (tmp_path / "own" / group / f"{name}.yaml").write_text(header + option)
+    monkeypatch.setattr(module, "__path__", [*module.__path__, str(tmp_path / "own")])
+    vitexp.config.register_schemas()
+    cfg = compose([f"{group}={name}"], config_dir=str(tmp_path / "own"))
+    assert OmegaConf.select(cfg, good) is not None
+    check_config(cfg)
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose([f"{group}={name}", *bad], config_dir=str(tmp_path / "own")))
+
+
 def test_the_conv_stem_pads_where_patches_must_tile():
     # 28x28 at stride 8: the conv stem pads to 4x4 tokens; patches of 8 cannot tile 28
     check_config(compose(["experiment=vit_fashion_mnist", "patch_size=8"]))
@@ -134,60 +207,71 @@ def test_a_search_budget_keeps_the_mlp_twice_the_width():
     assert list(cfg.model.transformer_units) == [192, 96]
 
 
-# the composed model of each option: its family's file, and what the option sets over it
-VIT = dict(
-    _target_="vitexp.models.vit.build_vit", name="vit", num_classes=100, input_shape=[32, 32, 3],
-    image_size=72, patch_size=6, depth=4, projection_dim=64, num_heads=4, head_dim=None,
-    transformer_units=[128, 64], head_units=[2048, 1024], dropout=0.1, attention_dropout=0.1,
-    head_dropout=0.5, drop_path=0.0, pooling="flatten", pos_embedding="learned",
-    shifted_patches=False, locality_attention=False, tokenizer="patch", stem_channels=[],
-)  # fmt: skip
-SWIN = dict(
-    _target_="vitexp.models.swin.build_swin", name="swin", num_classes=100, input_shape=[32, 32, 3],
-    variant="swin_tiny_224", image_size=32, patch_size=4, depth=6, depths=[2, 2, 6, 2], embed_dim=96,
-    num_heads=[3, 6, 12, 24], window_size=7, pretrain_size=224, mlp_ratio=4.0, dropout=0.0,
-    attention_dropout=0.0, drop_path=0.2, weights=None, head_units=[], head_dropout=0.0,
-)  # fmt: skip
-MODEL_OPTIONS = {
-    "vit": (VIT, {}),
-    "vit_tiny": (VIT, dict(name="vit_tiny", image_size=32, patch_size=4, head_units=[], dropout=0.0,
-                           attention_dropout=0.0, head_dropout=0.0, pooling="gap")),
-    "swin": (SWIN, {}),
-    "swin_micro": (SWIN, dict(name="swin_micro", depth=2, depths=[1, 1, 2, 1], embed_dim=24,
-                              num_heads=[1, 2, 4, 8], drop_path=0.1)),
-    "swin_small": (SWIN, dict(name="swin_small", variant="swin_small_224", depth=18,
-                              depths=[2, 2, 18, 2], drop_path=0.3)),
-    "swin_base": (SWIN, dict(name="swin_base", variant="swin_base_224", depth=18, depths=[2, 2, 18, 2],
-                             embed_dim=128, num_heads=[4, 8, 16, 32], drop_path=0.5)),
-    "swin_large": (SWIN, dict(name="swin_large", variant="swin_large_224", depth=18,
-                              depths=[2, 2, 18, 2], embed_dim=192, num_heads=[6, 12, 24, 48])),
-}  # fmt: skip
+def own_keys(path: Path) -> dict:
+    """What an option file itself sets (not its defaults list)."""
+    return {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k != "defaults"}
 
 
-def test_every_model_option_is_listed_here():
-    assert sorted(MODEL_OPTIONS) == options("model")
+def parent(path: Path) -> str | None:
+    """The option a file extends (`- vit`), or None where it extends a schema (`- /vit_schema@_here_`)."""
+    first = (yaml.safe_load(path.read_text()) or {}).get("defaults", [None])[0]
+    return None if first is None or str(first).startswith("/") else str(first)
 
 
-@pytest.mark.parametrize("option", sorted(MODEL_OPTIONS))
-def test_model_options_compose_to_their_layouts(option):
-    family, changes = MODEL_OPTIONS[option]
-    assert OmegaConf.to_container(compose([f"model={option}"]).model, resolve=True) == {**family, **changes}
-    text = (CONF / "model" / f"{option}.yaml").read_text()
-    assert f"defaults:\n  - {family['name']}\n" in text or option == family["name"]  # extends it
+@pytest.mark.parametrize("option", options("model"))
+def test_model_options_compose_to_their_parent_and_their_own_keys(option):
+    """An option is its family's option (or its schema) with its own keys over it: no second
+    list of model layouts to keep in step with conf/model."""
+    path = CONF / "model" / f"{option}.yaml"
+    composed = OmegaConf.to_container(compose([f"model={option}"]).model, resolve=True)
+    base = parent(path)
+    if base is None:  # a family's option sets every key its schema leaves open
+        schema = OmegaConf.get_type(compose([f"model={option}"]).model)
+        assert set(composed) == {f.name for f in dataclasses.fields(schema)}
+        return
+    expected = OmegaConf.to_container(compose([f"model={base}"]).model, resolve=True)
+    own = OmegaConf.to_container(
+        OmegaConf.merge(compose([f"model={option}"]).model, {}), resolve=True
+    )  # interpolations (the shortcuts) resolved as composed
+    expected.update({k: own[k] for k in own_keys(path)})
+    assert composed == expected
 
 
-def test_values_are_written_once():
-    """A value an option sets is not also a default in its schema or its factory."""
-    for option in ("vit", "swin"):
-        schema = family_schemas()[f"{option}_schema"]
-        written = yaml.safe_load((CONF / "model" / f"{option}.yaml").read_text())
-        fields = {f.name: f for f in dataclasses.fields(schema)}
-        assert set(written) - {"defaults"} == set(fields) - {"_target_", "num_classes", "input_shape"}
-        assert all(fields[k].default == MISSING for k in written if k != "defaults"), option
-        module, _, factory = fields["_target_"].default.rpartition(".")
-        source = ast.parse((ROOT / f"{module.replace('.', '/')}.py").read_text())
-        (signature,) = [f.args for f in source.body if getattr(f, "name", None) == factory]
-        assert signature.args and not signature.defaults and not any(signature.kw_defaults), factory
+TARGET_GROUPS = ["model", "data", "optimizer", "schedule"]
+
+
+@pytest.mark.parametrize(
+    "group, option",
+    [(g, o) for g in TARGET_GROUPS for o in options(g)] + [("hydra/sweeper", "vitexp_optuna")],
+)
+def test_values_are_written_once(group, option):
+    """A value an option sets is not also a default in its schema or in the signature of its
+    factory (the `_target_`): every group option that builds something, and the sweeper."""
+    path = CONF / group / f"{option}.yaml"
+    written = {k for k, v in own_keys(path).items() if v != "???"}  # ??? makes a key required
+    if group == "hydra/sweeper":
+        from hydra_plugins.vitexp_optuna_sweeper.config import VitexpOptunaSweeperConf as schema
+
+        target = schema._target_
+    else:
+        node = compose(
+            [f"{group}={option}"]
+            + (["data.path=/x", "data.num_classes=3"] if option == "image_folder" else [])
+        )[group]
+        schema, target = OmegaConf.get_type(node), node._target_
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    with_defaults = {
+        k
+        for k in written & set(fields)
+        if fields[k].default is not MISSING or fields[k].default_factory is not dataclasses.MISSING
+    }
+    assert not with_defaults, f"{option}: {sorted(with_defaults)} also have defaults in {schema.__name__}"
+    if group == "hydra/sweeper":
+        return
+    factory = get_method(target) if not isinstance(get_object(target), type) else get_object(target).__init__
+    params = inspect.signature(factory).parameters
+    defaulted = {k for k in written if k in params and params[k].default is not inspect.Parameter.empty}
+    assert not defaulted, f"{option}: {sorted(defaulted)} also have defaults in {target}"
 
 
 @pytest.mark.parametrize(

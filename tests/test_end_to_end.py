@@ -6,7 +6,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import TINY, run_vitexp, runs_of
+from conftest import TINY, compose, run_vitexp, runs_of
 
 from vitexp.data.idx import DEBIAN_DIR
 from vitexp.quiet import has_nvidia_device, noise_pattern
@@ -62,11 +62,11 @@ def test_single_run_records_everything(tmp_path, store, capsys):
 
     import keras
 
-    from vitexp.data.synthetic import load_synthetic
+    from vitexp.data import load_data
     from vitexp.models import load_model
 
     model = load_model(str(artifacts / "checkpoints/best.keras"))  # trainer.test_checkpoint
-    data = load_synthetic(num_classes=4, image_shape=(16, 16, 3))
+    data = load_data(compose(TINY).data)  # the run's own data
     model.compile(metrics=[keras.metrics.SparseCategoricalAccuracy()], loss="sparse_categorical_crossentropy")
     accuracy = model.evaluate(data.test_x, data.test_y, verbose=0, return_dict=True)[
         "sparse_categorical_accuracy"

@@ -4,13 +4,23 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import compose
+from omegaconf import OmegaConf
 
-from vitexp.optim import WarmupCosine, adamw
+from vitexp.optim.adamw import adamw as adamw_factory
+from vitexp.optim.warmup_cosine import WarmupCosine
+
+
+def adamw(learning_rate, **changes):
+    """vitexp's AdamW with conf/optimizer/adamw.yaml's values, `changes` over them."""
+    cfg = OmegaConf.to_container(compose(["optimizer=adamw"]).optimizer)
+    values = {k: v for k, v in cfg.items() if k not in ("_target_", "_partial_", "learning_rate")}
+    return adamw_factory(learning_rate, **{**values, **changes})
 
 
 def test_values_at_start_warmup_end_and_last_step():
     total = 625 * 30  # the textbook: 40,000 training images, batch 64, 30 epochs
-    s = WarmupCosine(peak_lr=1e-3, total_steps=total, warmup_fraction=0.1)
+    s = WarmupCosine(peak_lr=1e-3, total_steps=total, warmup_fraction=0.1, warmup_lr=0.0, final_lr=0.0)
     assert s.warmup_steps == 1875
     assert float(s(0)) == 0.0
     assert float(s(1875)) == pytest.approx(1e-3)
@@ -21,16 +31,16 @@ def test_values_at_start_warmup_end_and_last_step():
 
 
 def test_no_warmup_and_final_floor():
-    s = WarmupCosine(peak_lr=0.1, total_steps=101, warmup_fraction=0.0, final_lr=0.01)
+    s = WarmupCosine(peak_lr=0.1, total_steps=101, warmup_fraction=0.0, warmup_lr=0.0, final_lr=0.01)
     assert float(s(0)) == pytest.approx(0.1)
     assert float(s(100)) == pytest.approx(0.01)
     assert float(s(1000)) == pytest.approx(0.01)
-    constant = WarmupCosine(peak_lr=0.1, total_steps=10, warmup_fraction=0.0, final_lr=None)
+    constant = WarmupCosine(peak_lr=0.1, total_steps=10, warmup_fraction=0.0, warmup_lr=0.0, final_lr=None)
     assert float(constant(7)) == pytest.approx(0.1)
 
 
 def test_graph_safe_and_serialisable(tmp_path):
-    s = WarmupCosine(peak_lr=1e-3, total_steps=100, warmup_fraction=0.2)
+    s = WarmupCosine(peak_lr=1e-3, total_steps=100, warmup_fraction=0.2, warmup_lr=0.0, final_lr=0.0)
     graph_values = tf.function(lambda step: s(step))(tf.range(100))
     np.testing.assert_allclose(graph_values, [float(s(i)) for i in range(100)], rtol=1e-6)
     again = WarmupCosine.from_config(s.get_config())
@@ -45,9 +55,9 @@ def test_graph_safe_and_serialisable(tmp_path):
 
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="warmup_fraction"):
-        WarmupCosine(1e-3, 100, warmup_fraction=1.0)
+        WarmupCosine(1e-3, 100, warmup_fraction=1.0, warmup_lr=0.0, final_lr=0.0)
     with pytest.raises(ValueError, match="total_steps"):
-        WarmupCosine(1e-3, 0)
+        WarmupCosine(1e-3, 0, warmup_fraction=0.1, warmup_lr=0.0, final_lr=0.0)
 
 
 def _train(optimizer, steps=5):
@@ -72,7 +82,7 @@ def _train(optimizer, steps=5):
 @pytest.mark.parametrize("schedule", [False, True])
 def test_fused_adamw_matches_keras_adamw(schedule):
     def lr():
-        return WarmupCosine(1e-2, total_steps=5, warmup_fraction=0.4) if schedule else 1e-2
+        return WarmupCosine(1e-2, 5, warmup_fraction=0.4, warmup_lr=0.0, final_lr=0.0) if schedule else 1e-2
 
     kwargs = dict(weight_decay=0.05, beta_1=0.8, beta_2=0.95)
     fused = adamw(lr(), **kwargs)

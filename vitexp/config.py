@@ -5,12 +5,11 @@ Every YAML file under ``conf/`` names its schema in its defaults list, so a typo
 type or a value outside an Enum fails when Hydra composes the config. The values live in
 the YAML options; a schema holds a default only for a key no option sets. Keys added with
 ``+key=`` slip past Hydra's struct mode; :func:`vitexp.validate.check_config` catches those.
-Model schemas live with their family (`vitexp/models/<family>_schema.py`) and are found
-there.
+The schemas of models, datasets, optimizers and schedules live beside their factories
+(`vitexp.schema`) and are found there.
 """
 
 import contextlib
-import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from vitexp.data.schema import DataConfig
 from vitexp.models.schema import family_schemas
+from vitexp.optim.schema import OptimizerConfig, ScheduleConfig
+from vitexp.schema import find_schemas
 from vitexp.validate import ConfigError
 
 CONFIG_MODULE = "vitexp.conf"
@@ -39,84 +41,6 @@ if not OmegaConf.has_resolver("mul"):  # widths that follow another: ${mul:2,${m
     OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
 if not OmegaConf.has_resolver("pid"):  # run folders: two runs started in the same second differ
     OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
-
-
-# ---------------------------------------------------------------- data
-@dataclass
-class AugmentConfig:
-    random_crop_padding: int = 0
-    random_resized_crop: bool = False
-    horizontal_flip: bool = False
-    rand_augment: bool = False
-    rand_augment_magnitude: float = 0.5
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    random_erasing: float = 0.0
-
-
-@dataclass
-class DataConfig:
-    _target_: str = MISSING
-    name: str = MISSING
-    num_classes: int = MISSING
-    image_shape: list[int] = MISSING
-    path: str | None = None
-    train_limit: int | None = None
-    test_limit: int | None = None
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-@dataclass
-class SyntheticDataConfig(DataConfig):
-    _target_: str = "vitexp.data.synthetic.load_synthetic"
-    name: str = "synthetic"
-    num_train: int = MISSING
-    num_test: int = MISSING
-    noise: float = MISSING
-    seed: int = MISSING
-
-
-# ---------------------------------------------------------------- optimisation
-@dataclass
-class AdamWConfig:
-    _target_: str = "vitexp.optim.adamw"
-    _partial_: bool = True
-    learning_rate: float = MISSING
-    weight_decay: float = MISSING
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    clipnorm: float | None = None
-    ema_momentum: float | None = None
-
-
-@dataclass
-class SGDConfig:
-    _target_: str = "vitexp.optim.sgd"
-    _partial_: bool = True
-    learning_rate: float = MISSING
-    weight_decay: float = MISSING
-    momentum: float = MISSING
-    nesterov: bool = True
-    clipnorm: float | None = None
-    ema_momentum: float | None = None
-
-
-@dataclass
-class WarmupCosineConfig:
-    _target_: str = "vitexp.optim.WarmupCosine"
-    _partial_: bool = True
-    warmup_fraction: float = MISSING
-    warmup_lr: float = MISSING
-    final_lr: float = MISSING
-
-
-@dataclass
-class ConstantScheduleConfig:
-    _target_: str = "vitexp.optim.WarmupCosine"
-    _partial_: bool = True
-    warmup_fraction: float = 0.0
-    warmup_lr: float = 0.0
-    final_lr: float | None = None
 
 
 # ---------------------------------------------------------------- trainer, tracking
@@ -230,22 +154,27 @@ class Config:
 # `- /vit_schema@_here_` in their defaults list. Model families add their own.
 SCHEMAS = {
     "vitexp_schema": Config,
-    "data_schema": DataConfig,
-    "synthetic_schema": SyntheticDataConfig,
-    "adamw_schema": AdamWConfig,
-    "sgd_schema": SGDConfig,
-    "warmup_cosine_schema": WarmupCosineConfig,
-    "constant_schema": ConstantScheduleConfig,
+    "data_schema": DataConfig,  # a dataset whose loader takes no keys of its own
     "trainer_schema": TrainerConfig,
     "tracking_schema": TrackingConfig,
     "report_schema": ReportConfig,
 }
 
 
+def option_schemas() -> dict[str, type]:
+    """The schemas found beside the factories of models, datasets, optimizers and schedules."""
+    return {
+        **family_schemas(),
+        **find_schemas("vitexp.data", DataConfig),
+        **find_schemas("vitexp.optim", OptimizerConfig),
+        **find_schemas("vitexp.optim", ScheduleConfig),
+    }
+
+
 def register_schemas() -> None:
     """Puts every schema in Hydra's ConfigStore; conf/ files extend them by name."""
     cs = ConfigStore.instance()
-    for name, node in {**SCHEMAS, **family_schemas()}.items():
+    for name, node in {**SCHEMAS, **option_schemas()}.items():
         cs.store(name=name, node=node)
 
 
@@ -254,10 +183,11 @@ register_schemas()
 
 # ---------------------------------------------------------------- composing
 def config_path() -> str:
-    """The packaged configs; a source tree that is not installed falls back to its conf/."""
-    if importlib.util.find_spec(CONFIG_MODULE) is not None:
-        return f"pkg://{CONFIG_MODULE}"
-    return str(Path(__file__).resolve().parent.parent / "conf")
+    """A source checkout's own conf/ (installed editable or not), else the packaged configs."""
+    source = Path(__file__).resolve().parent.parent / "conf"
+    if (source / "config.yaml").is_file():
+        return str(source)
+    return f"pkg://{CONFIG_MODULE}"
 
 
 CONFIG_PATH = config_path()

@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vitexp.schema import check_group
+
 
 class ConfigError(ValueError):
     """A config value the user must change; the message is one line naming the fix."""
@@ -54,30 +56,6 @@ def check_range(name: str, value: float, low: float, high: float) -> None:
     require(low <= value < high, f"{name}={value} is out of range: use a value in [{low}, {high})")
 
 
-def check_model(m: Any) -> None:
-    """The model family's own checks, found through the schema its option extends."""
-    check = getattr(OmegaConf.get_type(m), "check", None)
-    if check is not None:
-        check(m)
-
-
-def check_data(d: Any) -> None:
-    require(d.num_classes >= 2, f"data.num_classes={d.num_classes}: need at least 2 classes")
-    shape = list(d.image_shape)
-    require(
-        len(shape) == 3 and shape[2] in (1, 3) and min(shape) >= 1,
-        f"data.image_shape={shape}: use [height, width, channels] with 1 or 3 channels",
-    )
-    for key in ("train_limit", "test_limit"):
-        if d[key] is not None:
-            require(d[key] >= 1, f"data.{key}={d[key]}: use a positive count or null")
-    aug = d.augment
-    for key in ("mixup_alpha", "cutmix_alpha"):
-        require(aug[key] >= 0, f"data.augment.{key}={aug[key]}: use 0 (off) or a positive alpha")
-    check_range("data.augment.random_erasing", aug.random_erasing, 0.0, 1.0)
-    check_range("data.augment.rand_augment_magnitude", aug.rand_augment_magnitude, 0.0, 1.01)
-
-
 def check_trainer(t: Any) -> None:
     require(t.epochs >= 1, f"trainer.epochs={t.epochs}: train at least 1 epoch")
     require(t.batch_size >= 1, f"trainer.batch_size={t.batch_size}: use a positive batch size")
@@ -108,21 +86,7 @@ def check_trainer(t: Any) -> None:
 
 
 def check_optimisation(opt: Any, sched: Any) -> None:
-    require(
-        opt.learning_rate > 0,
-        f"optimizer.learning_rate={opt.learning_rate}: use a positive learning rate",
-    )
-    require(opt.weight_decay >= 0, f"optimizer.weight_decay={opt.weight_decay}: use >= 0")
-    if opt.clipnorm is not None:
-        require(opt.clipnorm > 0, "optimizer.clipnorm must be positive or null")
-    if opt.ema_momentum is not None:
-        check_range("optimizer.ema_momentum", opt.ema_momentum, 0.0, 1.0)
-    require(
-        0.0 <= sched.warmup_fraction < 1.0,
-        f"schedule.warmup_fraction={sched.warmup_fraction}: warmup must be shorter than "
-        "training, use a fraction in [0, 1)",
-    )
-    require(sched.warmup_lr >= 0, "schedule.warmup_lr must be >= 0")
+    """What the optimizer and the schedule must agree on (each checks its own keys)."""
     if sched.final_lr is not None:
         require(
             0 <= sched.final_lr <= opt.learning_rate,
@@ -181,8 +145,8 @@ def check_config(cfg: DictConfig) -> None:
         OmegaConf.resolve(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     except Exception as err:  # an interpolation that points nowhere
         raise ConfigError(f"config does not resolve: {err}".splitlines()[0]) from None
-    check_data(cfg.data)
-    check_model(cfg.model)
+    for group in ("data", "model", "optimizer", "schedule"):
+        check_group(cfg[group])
     check_trainer(cfg.trainer)
     check_optimisation(cfg.optimizer, cfg.schedule)
     check_tracking(cfg.tracking)

@@ -1,29 +1,30 @@
 """The sweeper's config schema, `hydra/sweeper=vitexp_optuna` (found by Hydra's plugin scan)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 
 @dataclass
 class VitexpOptunaSweeperConf:
-    """A search; every key is documented in conf/hparams_search/vit_optuna.yaml."""
+    """A search's keys; their values and what each means: conf/hydra/sweeper/vitexp_optuna.yaml."""
 
     _target_: str = "hydra_plugins.vitexp_optuna_sweeper.sweeper.VitexpOptunaSweeper"
-    direction: Any = "maximize"
-    objectives: list[str] = field(default_factory=lambda: ["best_val_top1"])
-    study_name: str | None = None
-    storage: str | None = None
-    n_trials: int = 20
-    n_jobs: int = 1
-    max_failure_rate: float = 0.0
-    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe"})
-    pruner: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
-    params: dict[str, str] | None = None
-    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    direction: Any = MISSING
+    objectives: list[str] = MISSING
+    study_name: str | None = MISSING
+    storage: str | None = MISSING
+    n_trials: int = MISSING
+    n_jobs: int = MISSING
+    max_failure_rate: float = MISSING
+    sampler: dict[str, Any] = MISSING
+    pruner: dict[str, Any] = MISSING
+    params: dict[str, str] | None = MISSING
+    enqueue: list[dict[str, Any]] = MISSING
 
 
 ConfigStore.instance().store(
-    group="hydra/sweeper", name="vitexp_optuna", node=VitexpOptunaSweeperConf, provider="vitexp"
+    group="hydra/sweeper", name="vitexp_optuna_schema", node=VitexpOptunaSweeperConf, provider="vitexp"
 )

@@ -5,9 +5,9 @@ import pytest
 import tensorflow as tf
 from omegaconf import OmegaConf
 
-from vitexp.config import AugmentConfig
 from vitexp.data.augment import OPS, build_augment
 from vitexp.data.pipeline import train_dataset
+from vitexp.data.schema import AugmentConfig
 
 IMAGES = tf.constant(np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3)), tf.float32)
 LABELS = tf.one_hot(np.arange(8) % 4, 4)

@@ -189,8 +189,8 @@ def test_image_folder_unreadable_file(tmp_path):
 
 
 def test_synthetic_is_deterministic_and_class_dependent():
-    a = load_synthetic(num_classes=3, image_shape=(10, 12, 3), num_train=300, seed=5)
-    b = load_synthetic(num_classes=3, image_shape=(10, 12, 3), num_train=300, seed=5)
+    shape = dict(num_classes=3, image_shape=(10, 12, 3), num_train=300, num_test=128, noise=0.25, seed=5)
+    a, b = load_synthetic(**shape), load_synthetic(**shape)
     np.testing.assert_array_equal(a.train_x, b.train_x)
     assert a.train_x.shape == (300, 10, 12, 3) and a.train_x.dtype == np.uint8
     means = [a.train_x[a.train_y == c].mean(axis=0) for c in range(3)]

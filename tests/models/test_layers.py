@@ -93,8 +93,12 @@ def test_attention_weights_are_distributions(locality):
     roundtrip(layer)
 
 
+# the textbook block's regularisation (conf/model/vit.yaml), which each test changes as it needs
+BLOCK = dict(dropout=0.1, attention_dropout=0.1, drop_path=0.0, locality=False)
+
+
 def test_transformer_block_param_count_and_dropout():
-    block = TransformerBlock(num_heads=4, key_dim=64, mlp_units=[128, 64], dropout=0.5)
+    block = TransformerBlock(num_heads=4, key_dim=64, mlp_units=[128, 64], **{**BLOCK, "dropout": 0.5})
     x = RNG.random((2, 144, 64)).astype("float32")
     assert block(x).shape == x.shape
     assert block.count_params() == 83_200  # the textbook's per-block count
@@ -105,7 +109,7 @@ def test_transformer_block_param_count_and_dropout():
 
 def test_transformer_block_rejects_wrong_mlp_width():
     with pytest.raises(ValueError, match="make the last MLP width 8"):
-        TransformerBlock(2, 4, mlp_units=[16, 4])(np.zeros((1, 3, 8), "float32"))
+        TransformerBlock(2, 4, mlp_units=[16, 4], **BLOCK)(np.zeros((1, 3, 8), "float32"))
 
 
 def test_drop_path_drops_whole_samples():
@@ -126,7 +130,7 @@ def drop_mask(layer, n=256):
 
 def test_every_block_draws_its_own_stochastic_depth():
     keras.utils.set_random_seed(7)
-    blocks = [TransformerBlock(2, 4, [8, 8], drop_path=0.5) for _ in range(2)]
+    blocks = [TransformerBlock(2, 4, [8, 8], **{**BLOCK, "drop_path": 0.5}) for _ in range(2)]
     for block in blocks:
         block.build((None, 3, 8))
     first, second = (drop_mask(block.path_drop) for block in blocks)
@@ -173,7 +177,7 @@ def test_layers_reload_inside_a_model(tmp_path):
     inputs = keras.Input((8, 8, 3))
     tokens, _ = PatchTokenization(4, 8, shifted=True)(inputs)
     x = PositionEmbedding("learned")(ClassToken()(tokens))
-    x = TransformerBlock(2, 4, [16, 8], locality=True, drop_path=0.1)(x)
+    x = TransformerBlock(2, 4, [16, 8], **{**BLOCK, "locality": True, "drop_path": 0.1})(x)
     model = keras.Model(inputs, TokenPooling("cls")(x))
     model.save(tmp_path / "m.keras")
     again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)

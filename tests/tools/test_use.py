@@ -9,7 +9,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import TINY, answers, free_port, run_vitexp, runs_of, wait_for
+from conftest import TINY, answers, compose, free_port, run_vitexp, runs_of, wait_for
 
 from vitexp.metrics import softmax
 
@@ -34,9 +34,10 @@ def trained(tmp_path_factory):
 
 
 def synthetic_test_images():
-    from vitexp.data.synthetic import load_synthetic
+    """The trained run's own data."""
+    from vitexp.data import load_data
 
-    return load_synthetic(num_classes=4, image_shape=(16, 16, 3))
+    return load_data(compose(TINY).data)
 
 
 @functools.cache

@@ -17,12 +17,7 @@ def _make(prototypes, count, noise, rng, chunk=2048):
 
 
 def load_synthetic(
-    num_classes: int = 4,
-    image_shape: tuple = (16, 16, 3),
-    num_train: int = 512,
-    num_test: int = 128,
-    noise: float = 0.25,
-    seed: int = 0,
+    num_classes: int, image_shape: tuple, num_train: int, num_test: int, noise: float, seed: int
 ) -> ImageData:
     """Images whose class decides a coarse 4x4 pattern, plus Gaussian pixel noise.
 

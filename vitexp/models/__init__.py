@@ -56,5 +56,7 @@ def load_model(path: str) -> "keras.Model":
     for module in pkgutil.iter_modules(__path__):
         with contextlib.suppress(ConfigError):  # a family whose package is missing (tfswin)
             importlib.import_module(f"{__name__}.{module.name}")
-    importlib.import_module("vitexp.optim")
+    optim = importlib.import_module("vitexp.optim")  # the fused AdamW, the schedule
+    for module in pkgutil.iter_modules(optim.__path__):
+        importlib.import_module(f"vitexp.optim.{module.name}")
     return keras.saving.load_model(path, safe_mode=True)

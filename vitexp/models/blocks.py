@@ -26,15 +26,7 @@ class TransformerBlock(layers.Layer):
     """
 
     def __init__(
-        self,
-        num_heads,
-        key_dim,
-        mlp_units,
-        dropout=0.1,
-        attention_dropout=0.1,
-        drop_path=0.0,
-        locality=False,
-        **kwargs,
+        self, num_heads, key_dim, mlp_units, dropout, attention_dropout, drop_path, locality, **kwargs
     ):
         super().__init__(**kwargs)
         self.num_heads = num_heads

@@ -7,16 +7,13 @@ A model family is three files and nothing else lists it: its factory
 the options; a schema gives their types and allowed values.
 """
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import II, MISSING
 
+from vitexp.schema import find_schemas
 from vitexp.validate import check_range, require
-
-SCHEMA_SUFFIX = "_schema"
 
 
 @dataclass
@@ -60,8 +57,4 @@ def _nearest_divisor(n: int, near: int) -> int:
 
 def family_schemas() -> dict[str, type[ModelConfig]]:
     """Every `vitexp/models/*_schema.py`'s schema, by its ConfigStore name (`vit_schema`)."""
-    package = importlib.import_module("vitexp.models")
-    for module in pkgutil.iter_modules(package.__path__):
-        if module.name.endswith(SCHEMA_SUFFIX):
-            importlib.import_module(f"vitexp.models.{module.name}")
-    return {c.__module__.rpartition(".")[2]: c for c in ModelConfig.__subclasses__()}
+    return find_schemas("vitexp.models", ModelConfig)

@@ -98,8 +98,8 @@ def make_plan(config: DictConfig, arguments: list[str]) -> Plan:
             f"hydra.sweeper.objectives={objectives} must name one of {list(OBJECTIVES)} per direction "
             f"({len(directions)} given)"
         )
-    sampler = {"name": "tpe", **OmegaConf.to_container(sweeper.sampler)}
-    pruner = {"name": "none", **OmegaConf.to_container(sweeper.pruner)}
+    sampler = OmegaConf.to_container(sweeper.sampler)
+    pruner = OmegaConf.to_container(sweeper.pruner)
     if len(directions) > 1 and pruner["name"] != "none":
         raise SearchError("pruning needs a single objective: set hydra.sweeper.pruner.name=none")
     choice = OmegaConf.select(config, "hydra.runtime.choices.hparams_search", default=None) or "search"

@@ -10,15 +10,16 @@ import argparse
 import os
 from typing import NoReturn
 
+from vitexp.config import compose
 from vitexp.errors import fail, failing_on
 from vitexp.quiet import filter_native_noise
 from vitexp.validate import tracking_uri_problem
 
-DEFAULT_EXPERIMENT = "vitexp"
-
 
 def default_experiment() -> str:
-    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    """The experiment a run goes to by default: conf/tracking/mlflow.yaml's, which is
+    $MLFLOW_EXPERIMENT_NAME where that is set."""
+    return compose([]).tracking.experiment
 
 
 class ToolParser(argparse.ArgumentParser):

@@ -63,13 +63,15 @@ class EpochTimer(keras.callbacks.Callback):
 def synthetic(count: int, shape, classes: int):
     from vitexp.data.synthetic import load_synthetic
 
-    data = load_synthetic(num_classes=classes, image_shape=shape, num_train=count, num_test=64, seed=0)
+    data = load_synthetic(
+        num_classes=classes, image_shape=shape, num_train=count, num_test=64, noise=0.25, seed=0
+    )
     return data.train_x, data.train_y
 
 
 def run_textbook(args) -> dict:
     from vitexp.config import compose
-    from vitexp.optim import WarmupCosine
+    from vitexp.optim.warmup_cosine import WarmupCosine
 
     cfg = compose([f"model={args.model}", *args.overrides])
     baseline = rss_mb()
@@ -86,7 +88,7 @@ def run_textbook(args) -> dict:
     if any(layer.name == "input_norm" for layer in model.layers):
         x = x / 255.0
         adapt_input_norm(model, x[: int(len(x) * 0.8)])
-    schedule = WarmupCosine(1e-3, args.steps * 2, 0.1)
+    schedule = WarmupCosine(1e-3, args.steps * 2, warmup_fraction=0.1, warmup_lr=0.0, final_lr=0.0)
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=1e-4),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
