@@ -4,7 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # tfswin declares numpy<2 but runs on numpy 2 (tests/models): installed without its pins
 TFSWIN := tfswin==4.1.1
-STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; echo $(TFSWIN)) | cksum | cut -d' ' -f1)
+# the checkout on sys.path (compat): Hydra finds hydra_plugins/ and vitexp reads conf/ in place
+EDITABLE := --config-settings editable_mode=compat
+STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; echo $(TFSWIN) $(EDITABLE)) | cksum | cut -d' ' -f1)
 HOST ?= 127.0.0.1
 PORT ?= 5000
 STORE ?= sqlite:///$(CURDIR)/mlflow.db
@@ -20,7 +22,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]' $(EDITABLE)
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(TFSWIN)
 	rm -f $(VENV)/.installed-* && touch $@
 
