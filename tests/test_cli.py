@@ -256,8 +256,9 @@ def run(args, cwd, env=None, timeout=300):
 
 
 def install_wheel(tmp_path: Path) -> Path:
-    """Builds a wheel from a copy of the checkout and installs it into a new venv that
-    reuses this venv's dependencies (a .pth line) but not its editable vitexp."""
+    """Builds an sdist from a copy of the checkout, a wheel from that sdist, and installs it
+    into a new venv that reuses this venv's dependencies (a .pth line) but not its editable
+    vitexp."""
     source = tmp_path / "source"
     shutil.copytree(
         ROOT,
@@ -281,7 +282,12 @@ def install_wheel(tmp_path: Path) -> Path:
             "bench",
         ),
     )
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), "."], source)
+    # the wheel is built from an sdist, as pip builds one from PyPI: the sdist must hold it all
+    build = "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])"
+    run([sys.executable, "-c", build, str(tmp_path / "sdist")], source)
+    (sdist,) = (tmp_path / "sdist").glob("vitexp-*.tar.gz")
+    wheel_cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    run([*wheel_cmd, "-w", str(tmp_path / "dist"), str(sdist)], tmp_path)
     (wheel,) = (tmp_path / "dist").glob("vitexp-*.whl")
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)
