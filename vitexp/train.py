@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vitexp.callbacks import (
     CheckpointDir,
@@ -35,9 +35,16 @@ from vitexp.models import adapt_input_norm
 from vitexp.multiworker import start_workers
 from vitexp.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, slurm_job_id
 from vitexp.provenance import command_line
-from vitexp.record import log_pictures, log_setup, print_summary, record_training, run_tags
+from vitexp.record import (
+    config_params,
+    log_pictures,
+    log_setup,
+    print_summary,
+    record_training,
+    run_tags,
+)
 from vitexp.resume import EndResumedEpoch, find_resume, finished_before, link_finished, restore
-from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, Tracker, TrackingError, flatten
+from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, Tracker, TrackingError
 from vitexp.trial import trial_callbacks
 from vitexp.validate import ConfigError, check_config
 
@@ -185,7 +192,7 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
 def record_failed_job(tracker: Tracker, cfg: DictConfig, err: BaseException) -> str:
     """A sweep job that failed before its run existed (data, model) still gets a FAILED run."""
     run_id = tracker.start_run(cfg.run_name, run_tags(cfg, job_dir()), os.environ.get(PARENT_ENV))
-    tracker.log_params(run_id, flatten(OmegaConf.to_container(cfg, resolve=True)))
+    tracker.log_params(run_id, config_params(cfg))
     tracker.set_tags(run_id, {ERROR_TAG: error_text(err)})
     tracker.end_run(run_id, FAILED)
     return run_id
