@@ -222,6 +222,14 @@ class Tracker:
         page = f"runs/{run_id}" if run_id else "runs"
         return f"{base}/#/experiments/{self.experiment_id}/{page}?workflowType=machine_learning"
 
+    def share_view(self, key: str, state: dict) -> str:
+        """Stores a runs-table state (`vitexp.tracking.views`) in the experiment under `key`;
+        returns the link that opens the table in it."""
+        from vitexp.tracking.views import SHARED_VIEW_TAG, encode
+
+        self._client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + key, encode(state))
+        return self.ui_link().replace("?", f"?viewStateShareKey={key}&", 1)
+
     def ui_command(self) -> str | None:
         """The command that serves the UI of a store file; None for a store that is a server."""
         if self.uri.startswith(("http://", "https://")):
@@ -275,6 +283,11 @@ class Tracker:
     def experiment_of(self, run) -> str:
         """The name of the experiment a run belongs to."""
         return self._client.get_experiment(run.info.experiment_id).name
+
+    def experiment_names(self) -> dict[str, str]:
+        """Every active experiment of the store: id -> name, oldest first."""
+        found = self._client.search_experiments(order_by=["creation_time ASC"])
+        return {e.experiment_id: e.name for e in found}
 
     def find_runs(
         self,
