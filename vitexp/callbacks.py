@@ -210,7 +210,8 @@ class EpochRecorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self._started
         metrics = {}
-        for key, value in (logs or {}).items():
+        # val_top1 first: MLflow's compare page plots the first metric a run logged
+        for key, value in sorted((logs or {}).items(), key=lambda item: item[0] != "val_top1"):
             split = "val" if key.startswith("val_") else "train"
             metrics[f"{split}_{key.removeprefix('val_')}"] = float(value)
         step = optimizer_step(self.model)

@@ -164,6 +164,7 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
         fit(job, callbacks)
         record_training(job, checkpoints)
         chosen = checkpoints.best if t.test_checkpoint == "best" else checkpoints.last
+        tell(f"testing the {t.test_checkpoint} checkpoint on {len(job.splits.test[0])} test images")
         test, probs = test_scores(job, chosen)
     finally:
         monitor.finish()
@@ -180,13 +181,21 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
         raise TrackingError(
             f"tracking store {job.tracker.uri} stayed unreachable; metrics are kept in {checkpoints.folder}"
         )
+    tell("drawing the curves" + (" and the report's pictures" if job.cfg.report.enabled else ""))
     log_pictures(job, probs)
     if job.cfg.tracking.log_checkpoints:
+        tell("logging the checkpoints")
         for path in (checkpoints.best, checkpoints.last):
             job.tracker.log_artifact(job.run_id, path, "checkpoints")
     if job.cfg.tracking.log_model:
+        tell("logging the model (MLflow Model with signature and input example)")
         job.tracker.log_model(job.run_id, chosen, job.class_names, job.model)
     return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": chosen}
+
+
+def tell(doing: str) -> None:
+    """Says what a stretch of seconds without progress bars is spent on."""
+    print(f"vitexp: {doing}...", file=sys.stderr, flush=True)
 
 
 def record_failed_job(tracker: Tracker, cfg: DictConfig, err: BaseException) -> str:
@@ -299,6 +308,7 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     resume = workers.find_resume() if private else find_resume(tracker, cfg)
     if resume:
         continue_in_precision(resume)
+    tell(f"{cfg.run_name}: loading {cfg.data.name}, building {cfg.model.name}")
     data, splits, steps, strategy, model, schedule = prepare(cfg, tracker, resume, workers)
     run_id, out_dir, first_epoch = (workers.open_run if private else open_run)(tracker, cfg, resume)
     try:

@@ -7,6 +7,7 @@ By default every run lands in `sqlite:///<project>/mlflow.db` with artifacts in
 import contextlib
 import hashlib
 import json
+import logging
 import shlex
 import sys
 import tempfile
@@ -152,10 +153,11 @@ class Tracker:
 
     def monitor_system(self, run_id: str, resume: bool = False):
         """Starts MLflow's own system-metrics monitor for the run (CPU, memory, disk,
-        network; GPUs through nvidia-ml-py); `finish()` the returned monitor at the end."""
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        network; GPUs through nvidia-ml-py), publishing after the run's first own metrics
+        (`vitexp.tracking.system`); `finish()` the returned monitor at the end."""
+        from vitexp.tracking.system import SystemMonitor
 
-        monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=self.uri)
+        monitor = SystemMonitor(run_id, resume_logging=resume, tracking_uri=self.uri)
         monitor.start()
         return monitor
 
@@ -199,7 +201,7 @@ class Tracker:
             names = Path(tmp) / CLASS_NAMES_ARTIFACT
             names.write_text(json.dumps(class_names, ensure_ascii=False), encoding="utf-8")
             # the run's own context makes the logged model belong to the run's experiment
-            with mlflow.start_run(run_id=run_id):
+            with mlflow.start_run(run_id=run_id), quiet_model_logging():
                 return mlflow.pyfunc.log_model(
                     name="model",
                     python_model=VitexpClassifier(),
@@ -366,6 +368,26 @@ class Tracker:
         joined = run.data.params.get("class_names", "")
         names = joined.split(",") if joined else []
         return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+class _ModelLoggingNotices(logging.Filter):
+    """MLflow's notices while a model is logged: its INFO lines, and the advice it gives for
+    every Python object model (vitexp's is code shipped with the model, its weights a file)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        advice = record.getMessage().startswith("Passing a Python object as `python_model`")
+        return record.levelno > logging.INFO and not advice
+
+
+@contextlib.contextmanager
+def quiet_model_logging() -> Iterator[None]:
+    """MLflow's warnings and errors still show while a model is logged; its notices do not."""
+    logger, notices = logging.getLogger("mlflow.pyfunc"), _ModelLoggingNotices()
+    logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notices)
 
 
 def source_tags(commit: str) -> dict[str, str]:
