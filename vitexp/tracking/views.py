@@ -14,7 +14,8 @@ import json
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 # an experiment tag holds at most 20,000 characters; past that, the jobs alone by parent
 MAX_FILTER_CHARS = 15_000
-COLUMN_WIDTH = 150  # pixels: a whole score (0.9805825352668762) and a dotted key
+# pixels: a short param value under its key, a whole score (0.9805825352668762), a tag's key
+WIDTHS = {"params": 120, "metrics": 140, "tags": 150}
 
 
 def column(kind: str, key: str) -> str:
@@ -39,7 +40,7 @@ def sweep_view(
         "orderByAsc": False,
         "selectedColumns": columns,
         "columnOrder": columns,
-        "columnWidths": dict.fromkeys(columns, COLUMN_WIDTH),
+        "columnWidths": {c: WIDTHS[c.split(".", 1)[0]] for c in columns},
     }
 
 
