@@ -120,7 +120,8 @@ def test_parallel_grid_into_a_tracking_server(server, grid):
         assert child.info.status == "FINISHED"
         assert {"val_top1", "train_loss", "test_top1", "lr"} <= set(child.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
-    assert artifacts == {"comparison/comparison.csv", "comparison/comparison.md", "comparison/comparison.png"}
+    names = ("comparison.csv", "comparison.md", "comparison.png", "val_top1_curves.png")
+    assert artifacts == {f"comparison/{name}" for name in names}
 
 
 def test_tracking_server_down_mid_run_loses_nothing(server, tmp_path):
