@@ -56,7 +56,7 @@ def collect(tracker: Tracker, target: str) -> tuple[list, str | None, str]:
     trained = [r for r in runs if "vitexp.evaluates" not in r.data.tags]
     if parent is not None:
         where = f"experiment {tracker.experiment_of(parent)}"
-        if not trained:  # a single run named by its id
+        if not trained and parent.data.tags.get("vitexp.sweep") != "true":  # one run, by its id
             return [parent], None, f"run {parent.info.run_name} ({target}) in {where}"
         return trained, target, f"sweep {parent.info.run_name} ({target}) in {where}, {len(trained)} runs"
     parents = {r.data.tags.get("mlflow.parentRunId") for r in trained}  # sweeps', speedruns' parents

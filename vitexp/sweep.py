@@ -10,7 +10,8 @@ the job with the best validation top-1), `trials_finished`, `trials_failed` and
 `trials_pruned`; tags `best.run_id`, `best.run_name` and `best.<swept param>` (the values
 that won); a description saying the same; and the comparison (`vitexp.compare`). The link
 printed last opens the MLflow runs table on the sweep: its jobs best first, with the swept
-parameters and their validation and test top-1 as columns, the parent's row on top.
+parameters and their validation and test top-1 as columns, the parent's row beside the
+winner's (`vitexp.tracking.views`).
 """
 
 import atexit
@@ -152,8 +153,8 @@ class MlflowSweepCallback(Callback):
         print(f"vitexp: comparing the sweep's {len(jobs)} jobs, drawing its pictures...", file=sys.stderr)
         swept = swept_params(jobs)
         metrics, tags, note = sweep_answer(jobs, swept)
-        logged = self.tracker.get_run(parent).data.metrics  # a search's own counts stay
-        metrics = {k: v for k, v in metrics.items() if k not in logged}
+        if "trials_complete" in self.tracker.get_run(parent).data.metrics:  # a search counts its own
+            metrics = {k: v for k, v in metrics.items() if k not in ("trials_failed", "trials_pruned")}
         self.tracker.log_metrics(parent, metrics, step=0)
         self.tracker.flush(raise_errors=False)
         self.tracker.set_tags(parent, tags)
