@@ -149,6 +149,23 @@ def answers(url: str) -> bool:
         return False
 
 
+def chromium_flags(tmp_path) -> list[str]:
+    """Headless Chromium that renders MLflow's charts and reaches nothing but 127.0.0.1."""
+    return [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=60000",
+        "--window-size=1600,1000",
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -156,6 +156,10 @@ def test_help_says_vitexp_and_lists_options_not_schemas(tmp_path):
     groups = out.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     assert "model: swin, swin_base" in groups and "experiment: seed_swin" in groups
     assert "_schema" not in groups and "cli" not in out.stdout.splitlines()[0]
+    tools = out.stdout.split("== Tools ==")[1].split("== Configuration groups ==")[0]
+    for tool in ("evaluate", "predict", "explain", "compare", "registry", "speedrun", "bench"):
+        (line,) = [t for t in tools.splitlines() if t.startswith(f"python -m vitexp.{tool} ")]
+        assert len(line.split(None, 3)) == 4  # the command, then what it does
 
 
 # ---------------------------------------------------------------- the tools' arguments
@@ -178,7 +182,8 @@ def test_compare_reads_mlflow_env_and_names_columns_on_a_bad_sort(team_store, tm
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team_store)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team")
     compare.main(["--out", str(tmp_path / "cmp")])
-    assert "team-run" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "vitexp.compare: read experiment team, 1 runs\n" in out and "team-run" in out
     line = rejected(["--sort", "test_top9", "--out", str(tmp_path)], capsys, compare.main, "vitexp.compare:")
     assert "--sort test_top9: no such column; use one of: run, status" in line and "test_top1" in line
 

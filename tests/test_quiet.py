@@ -1,7 +1,12 @@
 """TensorFlow's start-up chatter is dropped from stderr; everything else still shows."""
 
+import os
+import re
 import subprocess
 import sys
+
+import pytest
+from conftest import TINY
 
 from vitexp.quiet import has_nvidia_device
 
@@ -27,3 +32,40 @@ def test_noise_is_dropped_and_real_lines_kept_in_order():
     assert lines[-3:] == ["E0000 a real native error", "a Python warning", "vitexp: error: the last line"]
     cuda = [line for line in lines if "cuInit" in line or "cuda drivers" in line]
     assert len(cuda) == (2 if has_nvidia_device() else 0)  # with a GPU those lines mean something
+
+
+# What a training run may print: vitexp's lines (its summary's indented ones included) and
+# Keras' progress as it prints it when stdout is not a terminal (verbose=2)
+ALLOWED = re.compile(
+    r"vitexp: .*"
+    r"|  (test top-1|best val top-1|checkpoint|tracking|then) .*"
+    r"|Epoch \d+/\d+"
+    r"|\d+/\d+ - \d+s - \d+[mµu]?s/step - loss: .*"
+    r"|"
+)
+
+
+def user_env() -> dict[str, str]:
+    """The environment of a user's shell: TensorFlow's log level is not set there."""
+    return {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+
+
+@pytest.mark.slow
+def test_a_training_run_and_a_tool_print_only_vitexp_and_keras_lines(tmp_path, store):
+    uri, client = store
+    overrides = ["report.enabled=true", "tracking.log_model=true", "trainer.epochs=2", f"tracking.uri={uri}"]
+    cmd = [sys.executable, "-m", "vitexp", *TINY, *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert [line for line in lines if not ALLOWED.fullmatch(line)] == []
+    said = [line for line in proc.stderr.splitlines() if line.startswith("vitexp: ")]
+    for doing in ("testing the best checkpoint", "drawing the curves", "logging the model"):
+        assert any(doing in line for line in said), said  # the seconds after the last epoch
+    (run,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
+    tool = [sys.executable, "-m", "vitexp.evaluate", run.info.run_id, "--tracking-uri", uri]
+    evaluated = subprocess.run(
+        tool, cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=600
+    )
+    assert evaluated.returncode == 0 and "top-1" in evaluated.stdout, evaluated.stderr[-3000:]
+    assert evaluated.stderr.splitlines() == []  # no TensorFlow notice (oneDNN, CPU instructions)

@@ -3,10 +3,12 @@
 TensorFlow's native code writes straight to file descriptor 2, below Python's logging and
 `TF_CPP_MIN_LOG_LEVEL` for some of its lines: on a machine without NVIDIA drivers a run
 opens with "Could not find cuda drivers", "failed call to cuInit: ... (303)" and absl's
-"All log messages before absl::InitializeLog()" notice, twice. `filter_native_noise()`
-passes the process's fd 2 through a thread that drops exactly those lines (the CUDA ones
-only where there is no NVIDIA device, where they say nothing) and forwards everything
-else as it comes.
+"All log messages before absl::InitializeLog()" notice, twice; every process that imports
+TensorFlow says "oneDNN custom operations are on" (twice) and which CPU instructions its
+binary was not built for. `filter_native_noise()` sets TensorFlow's log level to warnings
+and errors (`TF_CPP_MIN_LOG_LEVEL=2`, unless set), and passes the process's fd 2 through a
+thread that drops exactly those lines (the CUDA ones only where there is no NVIDIA device,
+where they say nothing) and forwards everything else as it comes.
 """
 
 import atexit
@@ -15,7 +17,13 @@ import re
 import sys
 import threading
 
-ALWAYS = (r"All log messages before absl::InitializeLog\(\) is called are written to STDERR",)
+ALWAYS = (
+    r"All log messages before absl::InitializeLog\(\) is called are written to STDERR",
+    # TensorFlow's notices, not warnings: written before its log level applies, once per import
+    r"port\.cc:\d+\] oneDNN custom operations are on",
+    r"cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized to use available CPU instructions",
+    r"^To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags",
+)
 WITHOUT_GPU = (
     r"cudart_stub\.cc.*Could not find cuda drivers",
     r"failed call to cuInit",
@@ -48,6 +56,7 @@ def _forward(read_fd: int, out_fd: int, noise: re.Pattern) -> None:
 
 def filter_native_noise() -> None:
     """From now on, this process's stderr (fd 2) reaches the terminal without the noise."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()
     terminal = os.dup(2)
     read_fd, write_fd = os.pipe()

@@ -4,6 +4,7 @@ Jobs are runs started under the parent the callback hands them through the envir
 training jobs are; no training.
 """
 
+import json
 import os
 import re
 
@@ -108,3 +109,56 @@ def test_the_same_sweep_run_again_fails_the_parent_a_kill_left_running(sweep):
     assert client.get_run(parent).info.status == "RUNNING"
     again.close(interrupted=False)
     assert client.get_run(parent).info.status == FINISHED
+
+
+def scored(tracker: Tracker, depth: int, status: str, val: float, test: float, tags=None) -> str:
+    """A job of depth `depth` with its best validation and test top-1."""
+    run_id = tracker.start_run(f"d{depth}", tags or {}, parent_id=os.environ[PARENT_ENV])
+    tracker.log_params(run_id, {"model.depth": str(depth), "model.dim": "32", "num_params": "100"})
+    tracker.log_metrics(run_id, {"best_val_top1": val, "test_top1": test}, step=1)
+    tracker.end_run(run_id, status)
+    return run_id
+
+
+def test_the_parent_answers_the_sweep_and_its_link_opens_the_jobs_table(sweep, capsys):
+    config, tracker, client = sweep
+    callback = MlflowSweepCallback()
+    callback.on_multirun_start(config)
+    parent = callback.parent_id
+    jobs = [
+        scored(tracker, 1, FINISHED, 0.5, 0.45),
+        best := scored(tracker, 2, FINISHED, 0.7, 0.65),
+        scored(tracker, 3, FINISHED, 0.3, 0.2, {"vitexp.pruned_epoch": "1"}),
+        scored(tracker, 4, FAILED, 0.9, 0.9),  # a failed job's scores do not count
+    ]
+    with pytest.raises(SystemExit):  # one job failed
+        callback.on_multirun_end(config)
+    run = client.get_run(parent)
+    assert run.data.metrics == {
+        "best_val_top1": 0.7,
+        "best_test_top1": 0.65,
+        "trials_finished": 2,
+        "trials_failed": 1,
+        "trials_pruned": 1,
+    }
+    assert run.data.tags["best.run_id"] == best and run.data.tags["best.model.depth"] == "2"
+    assert "best.model.dim" not in run.data.tags  # the same in every job: not swept
+    note = "Best: d2 (model.depth=2): val top-1 0.7000, test top-1 0.6500 (2 finished, 1 failed, 1 pruned)."
+    assert run.data.tags["mlflow.note.content"] == note
+    err = capsys.readouterr().err
+    assert f"  {note}\n" in err
+    experiment = tracker.experiment_id
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?viewStateShareKey=sweep-{parent}&"
+    assert f"  UI: {link}workflowType=machine_learning (after: mlflow ui" in err
+    # the runs table's state that the link opens, as MLflow's UI reads it
+    view = json.loads(client.get_experiment(experiment).tags[f"mlflow.sharedViewState.sweep-{parent}"])
+    listed = re.fullmatch(r"attributes\.run_id IN \((.*)\)", view["searchFilter"])[1]
+    assert sorted(listed.split(", ")) == sorted(f"'{r}'" for r in [parent, *jobs])
+    assert view["orderByKey"] == "metrics.`best_val_top1`" and view["orderByAsc"] is False
+    assert view["selectedColumns"] == [
+        "params.`model.depth`",
+        "metrics.`best_val_top1`",
+        "metrics.`test_top1`",
+        "metrics.`best_test_top1`",
+        "tags.`best.model.depth`",
+    ]

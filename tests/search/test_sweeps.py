@@ -5,7 +5,7 @@ import signal
 import subprocess
 
 import pytest
-from conftest import ARTIFACTS, TINY, run_vitexp, runs_of, start_vitexp, wait_for
+from conftest import ARTIFACTS, TINY, chromium_flags, run_vitexp, runs_of, start_vitexp, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,8 @@ def test_parallel_grid_into_a_tracking_server(server, grid):
         assert child.info.status == "FINISHED"
         assert {"val_top1", "train_loss", "test_top1", "lr"} <= set(child.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
-    assert artifacts == {"comparison/comparison.csv", "comparison/comparison.md", "comparison/comparison.png"}
+    names = ("comparison.csv", "comparison.md", "comparison.png", "val_top1_curves.png")
+    assert artifacts == {f"comparison/{name}" for name in names}
 
 
 def test_tracking_server_down_mid_run_loses_nothing(server, tmp_path):
@@ -175,23 +176,6 @@ def test_killed_sweep_resumes_without_repeating_jobs_and_compares(tmp_path, stor
     rows = (tmp_path / "cmp" / "comparison.csv").read_text().strip().splitlines()
     assert len(rows) == 4 and rows[0].startswith("run,status,model.depth,num_params,best_val_top1")
     assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
-
-
-def chromium_flags(tmp_path) -> list[str]:
-    """Headless Chromium that renders MLflow's charts and reaches nothing but 127.0.0.1."""
-    return [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-quic",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--virtual-time-budget=60000",
-        "--window-size=1600,1000",
-    ]
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="install chromium (.ci/run does)")

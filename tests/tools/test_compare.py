@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from vitexp.tools.compare import compare
+from vitexp.tools.compare import compare, label, swept_params
 from vitexp.tracking import FINISHED, Tracker
 
 
@@ -48,7 +48,17 @@ def test_a_sweep_is_compared_best_first_and_the_table_logged_to_its_parent(sweep
     assert first[col["images_per_s"]] == 150.0 and first[col["num_params"]] == 2000
     with open(tmp_path / "out" / "comparison.csv") as f:
         assert list(csv.reader(f))[1][0] == "depth2"
-    assert {p.name for p in paths} == {"comparison.csv", "comparison.md", "comparison.png"}
+    # scores with 4 decimals, seconds and images/s as measured
+    assert (
+        "| depth2 | FINISHED | 2 | 2000 | 0.6500 | 0.6000 | 0.9000 | 2 | 3.0 | 150.0 |"
+        in (tmp_path / "out" / "comparison.md").read_text()
+    )
+    assert {p.name for p in paths} == {
+        "comparison.csv",
+        "comparison.md",
+        "comparison.png",
+        "val_top1_curves.png",
+    }
     logged = {a.path for a in client.list_artifacts(parent, "comparison")}
     assert logged == {f"comparison/{p.name}" for p in paths}
 
@@ -87,3 +97,37 @@ def test_an_empty_experiment_has_nothing_to_compare(shared_store, tmp_path):
     assert Tracker(uri, "empty").experiment_id  # created, no runs
     with pytest.raises(ValueError, match="no training runs under 'empty'"):
         compare("empty", uri, "test_top1", tmp_path / "out")
+
+
+def test_several_targets_are_compared_in_one_table_that_names_their_experiments(
+    sweep, shared_store, tmp_path
+):
+    uri, _, experiment, parent, lone = sweep
+    other = Tracker(uri, f"{experiment}-other")
+    trained(other, "elsewhere", 3, 0.7)
+    said = []
+    header, rows, _ = compare(
+        [parent, lone, f"{experiment}-other"], uri, "test_top1", tmp_path / "o", said.append
+    )
+    assert [r[0] for r in rows] == ["elsewhere", "depth2", "depth4", "depth1", "lone"]
+    assert header[:3] == ["run", "experiment", "status"] and rows[0][1] == f"{experiment}-other"
+    (line,) = said
+    assert line.startswith(f"read sweep sweep ({parent}) in experiment {experiment}, 3 runs; run lone")
+    assert line.endswith(f"experiment {experiment}-other, 1 runs")
+
+
+def test_without_a_target_every_experiment_is_read(sweep, tmp_path):
+    uri, _, experiment, _, _ = sweep
+    said = []
+    _, rows, _ = compare([], uri, "test_top1", tmp_path / "o", said.append)
+    assert said[0].startswith("read every experiment with training runs: ")
+    assert f"experiment {experiment}, 4 runs" in said[0]
+    assert {"depth1", "depth2", "depth4", "lone"} <= {r[0] for r in rows}
+
+
+def test_runs_are_labelled_by_their_swept_values(sweep, shared_store):
+    uri, client, experiment, parent, _ = sweep
+    runs = [r for r in Tracker(uri, experiment).children(parent) if "vitexp.evaluates" not in r.data.tags]
+    swept = swept_params(runs)
+    assert swept == ["model.depth"]
+    assert sorted(label(r, swept) for r in runs) == ["depth=1", "depth=2", "depth=4"]

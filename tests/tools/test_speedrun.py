@@ -38,6 +38,18 @@ def test_speedrun_times_every_seed_to_the_target(tmp_path, store):
     last = out.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"time_to_target_s=(\S+) accuracy=(\S+) seeds=2", last)
     assert match, last
+    for seed in (0, 1):  # where each seed's output goes, and its progress while it trains
+        assert (
+            f"vitexp.speedrun: seed {seed} ({seed + 1} of 2) training; its log: {tmp_path / 'sr'}"
+            in out.stderr
+        )
+        for epoch in (1, 2):
+            assert re.search(
+                rf"^vitexp\.speedrun: seed {seed}: epoch {epoch}/2: test top-1 0\.\d{{4}} "
+                r"\(target 0\.4(, reached)?\) after \d+ s$",
+                out.stderr,
+                re.M,
+            ), out.stderr
     report = json.loads((tmp_path / "sr" / "speedrun.json").read_text())
     assert report["target_split"] == "test" and report["machine"]["cores"] >= 1
     seeds = report["seeds"]
@@ -60,3 +72,32 @@ def test_speedrun_times_every_seed_to_the_target(tmp_path, store):
     assert sorted(m.step for m in history) == [1, 2]  # the test split scored after each epoch
     one_view = client.get_metric_history(children[0].info.run_id, "target_top1_1view")
     assert sorted(m.step for m in one_view) == [1, 2]
+
+
+@pytest.mark.skipif(not Path(DEBIAN_DIR).is_dir(), reason="install dataset-fashion-mnist")
+def test_a_seed_that_misses_the_target_fails_the_command_and_names_its_log(tmp_path, store):
+    uri, client = store
+    out = run_vitexp(
+        ["--target", "0.999", "--seeds", "1", "--tracking-uri", uri, "--out", str(tmp_path / "sr")]
+        + [
+            "data.train_limit=600",
+            "data.test_limit=200",
+            "trainer.epochs=1",
+            "depth=1",
+            "report.enabled=false",
+        ],
+        tmp_path,
+        module="vitexp.speedrun",
+        check=False,
+    )
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("time_to_target_s=nan ")
+    (parent,) = [r for r in runs_of(client, "speedrun") if r.data.tags.get("mlflow.parentRunId") is None]
+    assert parent.info.status == "FAILED"
+    line = out.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"vitexp\.speedrun: error: 1 of 1 seeds missed the target test top-1 0\.999: seed 0 \(FINISHED, "
+        rf"test top-1 0\.\d{{4}}, log {re.escape(str(tmp_path / 'sr' / 'seed_0.log'))}\); "
+        rf"the parent run {parent.info.run_id} is FAILED",
+        line,
+    ), line

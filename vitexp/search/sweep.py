@@ -4,6 +4,14 @@ The parent is created before the first job and its id handed to every job throug
 environment, which works for in-process, joblib, submitit and Slurm launchers alike. It
 is closed when the sweep ends, and also when the sweep process exits early (a failing
 job, Ctrl-C): FAILED if any child failed or the sweep was cut short, else FINISHED.
+
+When the sweep ends, the parent answers it: metrics `best_val_top1` and `best_test_top1` (of
+the job with the best validation top-1), `trials_finished`, `trials_failed` and
+`trials_pruned`; tags `best.run_id`, `best.run_name` and `best.<swept param>` (the values
+that won); a description saying the same; and the comparison (`vitexp.compare`). The link
+printed last opens the MLflow runs table on the sweep: its jobs best first, with the swept
+parameters and their validation and test top-1 as columns, the parent's row beside the
+winner's (`vitexp.tracking.views`).
 """
 
 import atexit
@@ -19,6 +27,48 @@ from omegaconf import DictConfig
 
 from vitexp.provenance import command_line
 from vitexp.tracking import ERROR_TAG, FAILED, FINISHED, PARENT_ENV, Tracker
+from vitexp.tracking.views import sweep_view
+
+SCORES = ("best_val_top1", "test_top1", "best_test_top1")  # the columns of the sweep's table
+
+
+def best_job(children):
+    """The finished job with the best validation top-1, None if there is none."""
+    done = [r for r in children if r.info.status == FINISHED and "best_val_top1" in r.data.metrics]
+    return max(done, key=lambda r: r.data.metrics["best_val_top1"], default=None)
+
+
+def sweep_answer(children, swept: list[str]) -> tuple[dict[str, float], dict[str, str], str]:
+    """The sweep's result for its parent run: metrics, tags and a one-line description.
+
+    Args:
+        children: the sweep's jobs (MLflow runs); a search's trial that was run again is left out.
+        swept: the params that differ between the jobs (`vitexp.compare.swept_params`).
+    """
+    jobs = [r for r in children if "vitexp.retried" not in r.data.tags]
+    pruned = [r for r in jobs if "vitexp.pruned_epoch" in r.data.tags]
+    finished = [r for r in jobs if r.info.status == FINISHED and r not in pruned]
+    metrics = {
+        "trials_finished": len(finished),
+        "trials_failed": sum(r.info.status != FINISHED for r in jobs),
+        "trials_pruned": len(pruned),
+    }
+    counts = f"{metrics['trials_finished']} finished, {metrics['trials_failed']} failed"
+    counts += f", {metrics['trials_pruned']} pruned" if pruned else ""
+    best = best_job(jobs)
+    if best is None:
+        return metrics, {}, f"No job finished ({counts})."
+    won = {k: best.data.params.get(k, "") for k in swept}
+    metrics["best_val_top1"] = best.data.metrics["best_val_top1"]
+    scores = f"val top-1 {metrics['best_val_top1']:.4f}"
+    if "test_top1" in best.data.metrics:
+        metrics["best_test_top1"] = best.data.metrics["test_top1"]
+        scores += f", test top-1 {metrics['best_test_top1']:.4f}"
+    tags = {"best.run_id": best.info.run_id, "best.run_name": best.info.run_name}
+    tags.update({f"best.{k}": v for k, v in won.items()})
+    values = " ".join(f"{k}={v}" for k, v in won.items())
+    note = f"Best: {best.info.run_name}{f' ({values})' if values else ''}: {scores} ({counts})."
+    return metrics, tags, note
 
 
 class MlflowSweepCallback(Callback):
@@ -61,13 +111,13 @@ class MlflowSweepCallback(Callback):
         if self.tracker is None or self.parent_id is None:
             return
         parent = self.parent_id
-        self.log_outcome(Path(config.hydra.sweep.dir))
+        note, link = self.log_outcome(Path(config.hydra.sweep.dir))
         self.close(interrupted=False)
-        failed = self.report(parent)
+        failed = self.report(parent, note, link)
         if failed:
             sys.exit(1)  # after every job ran and was recorded
 
-    def report(self, parent: str) -> int:
+    def report(self, parent: str, note: str, link: str) -> int:
         """Prints what the sweep left and what to run next; returns how many jobs failed."""
         children = self.tracker.children(parent)
         counts = Counter(run.info.status for run in children)
@@ -76,8 +126,9 @@ class MlflowSweepCallback(Callback):
         serve = f" (after: {self.tracker.ui_command()})" if self.tracker.ui_command() else ""
         print(
             f"vitexp: sweep {parent}: {summary or 'no jobs'}\n"
+            f"  {note}\n"
             f"  compare: python -m vitexp.compare {parent} --tracking-uri {uri}\n"
-            f"  UI: {self.tracker.ui_link(parent)}{serve}",
+            f"  UI: {link}{serve}",
             file=sys.stderr,
         )
         # a search's trial that a kill cut short is FAILED but was run again
@@ -91,14 +142,31 @@ class MlflowSweepCallback(Callback):
             )
         return len(failed)
 
-    def log_outcome(self, sweep_dir: Path) -> None:
-        """The sweep's comparison table and plot (a search logs its own results: vitexp.search.report)."""
-        from vitexp.tools.compare import compare
+    def log_outcome(self, sweep_dir: Path) -> tuple[str, str]:
+        """The sweep's answer on its parent, its comparison table and pictures (a search also
+        logs its own results: vitexp.search.report), and the runs table's view of it; returns
+        the answer in words and the view's link."""
+        from vitexp.tools.compare import compare, swept_params
 
+        parent = self.parent_id
+        jobs = [r for r in self.tracker.children(parent) if "vitexp.evaluates" not in r.data.tags]
+        print(f"vitexp: comparing the sweep's {len(jobs)} jobs, drawing its pictures...", file=sys.stderr)
+        swept = swept_params(jobs)
+        metrics, tags, note = sweep_answer(jobs, swept)
+        if "trials_complete" in self.tracker.get_run(parent).data.metrics:  # a search counts its own
+            metrics = {k: v for k, v in metrics.items() if k not in ("trials_failed", "trials_pruned")}
+        self.tracker.log_metrics(parent, metrics, step=0)
+        self.tracker.flush(raise_errors=False)
+        self.tracker.set_tags(parent, tags)
+        self.tracker.describe(parent, note)
         try:
-            compare(self.parent_id, self.tracker.uri, "best_val_top1", sweep_dir / "comparison")
+            compare(parent, self.tracker.uri, "best_val_top1", sweep_dir / "comparison")
         except ValueError as err:  # no finished child to compare
             print(f"vitexp: no comparison for the sweep: {err}", file=sys.stderr)
+        view = sweep_view(
+            parent, [r.info.run_id for r in jobs], swept, list(SCORES), [f"best.{k}" for k in swept]
+        )
+        return note, self.tracker.share_view(f"sweep-{parent}", view)
 
     def close(self, interrupted: bool) -> None:
         """Ends the parent run once: FAILED if a child failed or the sweep stopped early."""

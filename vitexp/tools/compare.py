@@ -1,24 +1,32 @@
 """Compare runs side by side: a table sorted by a metric, as CSV and Markdown, and plots.
 
-    python -m vitexp.compare [experiment name | sweep parent run id] [--sort test_top1]
+    python -m vitexp.compare [experiment name | run id ...] [--sort test_top1]
         [--out DIR] [--tracking-uri URI]
+
+A run id gives that run and the runs under it (a sweep's jobs); an experiment name gives its
+training runs; several targets are compared in one table. With none: the experiment
+$MLFLOW_EXPERIMENT_NAME names, else every experiment of the store. It says what it read.
 
 Columns: the swept parameters (those that differ between the runs), parameter count,
 best validation top-1, test top-1/top-5, epochs, training time and images/s (and, for a
-search that pruned trials, the epoch each pruned trial stopped at). The plot
-shows test top-1 against each swept parameter and against the parameter count. For a
-sweep, the table and plot are also logged to the parent run.
+search that pruned trials, the epoch each pruned trial stopped at; for runs of several
+experiments, the experiment). Pictures: `comparison.png`, validation and test top-1 against
+each swept parameter (each point labelled with the other swept values) and against the
+parameter count; `val_top1_curves.png`, every run's validation top-1 per epoch, labelled by
+its swept values. For a sweep, the table and pictures are also logged to the parent run.
 """
 
 import csv
+import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from vitexp.tools.args import ToolParser, default_experiment  # noqa: E402
+from vitexp.tools.args import ToolParser  # noqa: E402
 from vitexp.tracking import Tracker  # noqa: E402
 
 METRICS = ("best_val_top1", "test_top1", "test_top5")
@@ -37,13 +45,41 @@ DERIVED_PARAMS = {
 }
 
 
-def collect(tracker: Tracker, target: str) -> tuple[list, str | None]:
-    """The training runs of a sweep (by parent id) or of an experiment (by name)."""
+# columns of scores, shown with 4 decimals; other decimals (seconds, images/s) with 1
+SCORES = (*METRICS, "val_top1")
+
+
+def collect(tracker: Tracker, target: str) -> tuple[list, str | None, str]:
+    """The training runs of a sweep (by parent id) or of an experiment (by name), the parent's
+    id for a sweep, and what was read, in words."""
     parent, runs = tracker.runs_under(target)
     trained = [r for r in runs if "vitexp.evaluates" not in r.data.tags]
     if parent is not None:
-        return trained, target
-    return [r for r in trained if r.data.tags.get("vitexp.sweep") != "true"], None
+        where = f"experiment {tracker.experiment_of(parent)}"
+        if not trained and parent.data.tags.get("vitexp.sweep") != "true":  # one run, by its id
+            return [parent], None, f"run {parent.info.run_name} ({target}) in {where}"
+        return trained, target, f"sweep {parent.info.run_name} ({target}) in {where}, {len(trained)} runs"
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in trained}  # sweeps', speedruns' parents
+    jobs = [r for r in trained if r.data.tags.get("vitexp.sweep") != "true" and r.info.run_id not in parents]
+    return jobs, None, f"experiment {target}, {len(jobs)} runs"
+
+
+def gather(tracker: Tracker, targets: list[str]) -> tuple[list, str | None, list[str]]:
+    """The runs of every target, each once; the parent's id when the one target is a sweep; what
+    was read. No target: every experiment of the store that holds training runs."""
+    if targets:
+        found = [collect(tracker, target) for target in targets]
+    else:
+        found = [collect(tracker, name) for name in tracker.experiment_names().values()]
+        found = [f for f in found if f[0]]
+    runs, seen = [], set()
+    for run in (r for f in found for r in f[0]):
+        if run.info.run_id not in seen:
+            seen.add(run.info.run_id)
+            runs.append(run)
+    parent = found[0][1] if len(found) == 1 else None
+    read = [f[2] for f in found]
+    return runs, parent, read if targets else ["every experiment with training runs: " + "; ".join(read)]
 
 
 def swept_params(runs) -> list[str]:
@@ -59,9 +95,25 @@ def swept_params(runs) -> list[str]:
     return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
 
 
+def short_names(keys: list[str]) -> dict[str, str]:
+    """`model.patch_size` -> `patch_size`, where the last part names one key only."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: name if last.count(name) == 1 else k for k, name in zip(keys, last)}
+
+
+def label(run, swept: list[str]) -> str:
+    """A run by its swept values (`patch_size=4 depth=2`), else by its name."""
+    names = short_names(swept)
+    values = [f"{names[k]}={run.data.params.get(k, '')}" for k in swept]
+    return " ".join(values) or run.info.run_name
+
+
 def table(tracker: Tracker, runs, sort: str) -> tuple[list[str], list[list]]:
     swept = swept_params(runs)
-    header = ["run", "status", *swept, "num_params", *METRICS, "epochs", "train_time_s", "images_per_s"]
+    experiments = tracker.experiment_names()
+    several = len({r.info.experiment_id for r in runs}) > 1
+    header = ["run", *(["experiment"] if several else []), "status", *swept, "num_params", *METRICS]
+    header += ["epochs", "train_time_s", "images_per_s"]
     pruned = any("vitexp.pruned_epoch" in r.data.tags for r in runs)  # trials an Optuna pruner stopped
     header += ["pruned_epoch"] if pruned else []
     rows = []
@@ -72,6 +124,7 @@ def table(tracker: Tracker, runs, sort: str) -> tuple[list[str], list[list]]:
         rows.append(
             [
                 run.info.run_name,
+                *([experiments.get(run.info.experiment_id, run.info.experiment_id)] if several else []),
                 run.info.status,
                 *[run.data.params.get(k, "") for k in swept],
                 int(run.data.params.get("num_params", 0)),
@@ -91,8 +144,13 @@ def table(tracker: Tracker, runs, sort: str) -> tuple[list[str], list[list]]:
     return header, rows
 
 
-def _cell(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else ("" if value is None else str(value))
+def _cell(value, column: str = "") -> str:
+    """A table cell: scores with 4 decimals, other measurements as measured (`13.9`)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if column in SCORES else f"{value:.1f}"
+    return str(value)
 
 
 def write_outputs(header, rows, swept: list[str], out: Path) -> list[Path]:
@@ -100,48 +158,103 @@ def write_outputs(header, rows, swept: list[str], out: Path) -> list[Path]:
     with open(out / "comparison.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(v, c) for v, c in zip(row, header)) + " |" for row in rows]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
-    axes_keys = [*swept, "num_params"]
-    fig, axes = plt.subplots(1, len(axes_keys), figsize=(4.5 * len(axes_keys), 4), squeeze=False)
-    acc = header.index("test_top1")
-    for ax, key in zip(axes[0], axes_keys):
-        col = header.index(key)
-        points = [(r[col], r[acc]) for r in rows if r[acc] is not None]
-        xs = [_number(x) for x, _ in points]
-        ax.scatter(
-            xs if all(isinstance(x, float) for x in xs) else [str(x) for x, _ in points],
-            [y for _, y in points],
-            s=40,
-        )
-        if key == "num_params":
-            ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel("test top-1")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"Test top-1 of {len(rows)} runs")
-    fig.tight_layout()
-    fig.savefig(out / "comparison.png", dpi=100)
-    plt.close(fig)
+    plot_scores(header, rows, swept, out / "comparison.png")
     return [out / "comparison.csv", out / "comparison.md", out / "comparison.png"]
 
 
-def _number(value):
+def plot_scores(header, rows, swept: list[str], path: Path) -> None:
+    """Validation and test top-1 against each swept parameter and the parameter count; each
+    point says the run's other swept values."""
+    names = short_names(swept)
+    axes_keys = [*swept, "num_params"]
+    fig, axes = plt.subplots(1, len(axes_keys), figsize=(5 * len(axes_keys), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], axes_keys):
+        col = header.index(key)
+        values = sorted({r[col] for r in rows}, key=_order)
+        where = {v: i for i, v in enumerate(values)}  # categorical axis: every swept value a tick
+        for metric, marker, name in (
+            ("best_val_top1", "o", "best val top-1"),
+            ("test_top1", "s", "test top-1"),
+        ):
+            points = [r for r in rows if r[header.index(metric)] is not None]
+            xs = [r[col] if key == "num_params" else where[r[col]] for r in points]
+            ax.scatter(xs, [r[header.index(metric)] for r in points], s=45, marker=marker, label=name)
+        for r in rows:
+            others = " ".join(f"{names[k]}={r[header.index(k)]}" for k in swept if k != key)
+            y = r[header.index("test_top1")]
+            if others and y is not None:
+                x = r[col] if key == "num_params" else where[r[col]]
+                ax.annotate(others, (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
+        if key == "num_params":
+            ax.set_xscale("log")
+        else:
+            ax.set_xticks(range(len(values)), [str(v) for v in values])
+            ax.set_xlim(-0.5, len(values) - 0.5)
+        ax.set_xlabel(names.get(key, "parameters"))
+        ax.set_ylabel("top-1")
+        ax.set_title(f"top-1 by {names.get(key, 'parameter count')}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Best validation and test top-1 of {len(rows)} runs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(tracker: Tracker, runs, swept: list[str], path: Path) -> Path:
+    """Every run's validation top-1 per epoch, one line each, labelled by its swept values."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run in sorted(runs, key=lambda r: [_order(r.data.params.get(k, "")) for k in swept]):
+        history = tracker.metric_history(run.info.run_id, "val_top1")
+        if history:
+            ax.plot(list(history), list(history.values()), marker="o", label=label(run, swept))
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("validation top-1")
+    ax.set_title(f"Validation top-1 per epoch, {len(runs)} runs")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8, ncol=1 + len(ax.lines) // 12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _order(value):
+    """Numbers in numeric order before any text, text in text order."""
     try:
-        return float(value)
+        return (0, float(value), "")
     except (TypeError, ValueError):
-        return value
+        return (1, 0.0, str(value))
 
 
 def compare(
-    target: str, tracking_uri: str | None, sort: str, out: Path
+    targets: str | list[str], tracking_uri: str | None, sort: str, out: Path, say=None
 ) -> tuple[list[str], list[list], list[Path]]:
+    """Compares the runs of `targets` (run ids, experiment names; none: every experiment).
+
+    Args:
+        say: called with a line that says what was read, if given.
+
+    Returns:
+        The table's header and rows, and the files written into `out`.
+    """
+    targets = [targets] if isinstance(targets, str) else list(targets)
     tracker = Tracker(tracking_uri)
-    runs, parent = collect(tracker, target)
+    runs, parent, read = gather(tracker, targets)
     if not runs:
-        raise ValueError(f"no training runs under {target!r}")
+        raise ValueError(f"no training runs under {', '.join(map(repr, targets)) or 'any experiment'}")
+    if say:
+        say("read " + "; ".join(read))
     header, rows = table(tracker, runs, sort)
-    paths = write_outputs(header, rows, swept_params(runs), out)
+    swept = swept_params(runs)
+    paths = [
+        *write_outputs(header, rows, swept, out),
+        plot_curves(tracker, runs, swept, out / "val_top1_curves.png"),
+    ]
     if parent is not None:
         for path in paths:
             tracker.log_artifact(parent, path, "comparison")
@@ -151,22 +264,27 @@ def compare(
 def main(argv: list[str] | None = None) -> None:
     parser = ToolParser("vitexp.compare", __doc__)
     parser.add_argument(
-        "target",
-        nargs="?",
-        default=default_experiment(),
-        help="an experiment name or a sweep's parent run id (default: $MLFLOW_EXPERIMENT_NAME or vitexp)",
+        "targets",
+        nargs="*",
+        help="experiment names and run ids (a sweep's parent: its runs); "
+        "default: $MLFLOW_EXPERIMENT_NAME, else every experiment",
     )
     parser.add_argument("--sort", default="test_top1", help="column to sort by, best first")
     parser.add_argument("--out", type=Path, default=Path("comparison"))
     args = parser.parse(argv)
+    env = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    targets = args.targets or ([env] if env else [])
     try:
-        header, rows, paths = compare(args.target, args.tracking_uri, args.sort, args.out)
+        header, rows, paths = compare(
+            targets, args.tracking_uri, args.sort, args.out, say=lambda line: print(f"vitexp.compare: {line}")
+        )
     except ValueError as err:
         parser.fail(str(err))
-    widths = [max(len(str(h)), *(len(_cell(r[i])) for r in rows)) for i, h in enumerate(header)]
+    cells = [[_cell(v, c) for v, c in zip(row, header)] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     print("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        print("  ".join(_cell(v).ljust(w) for v, w in zip(row, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
     print("wrote " + ", ".join(str(p) for p in paths))
 
 

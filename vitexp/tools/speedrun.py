@@ -12,6 +12,9 @@ epochs, final test top-1 and training images/s, with the machine (CPU model, cor
 ISA flags that decide bfloat16 speed, GPUs). A table on stdout, `<out>/speedrun.json`, an
 MLflow parent run with a child per seed; the last line is
 `time_to_target_s=<mean> accuracy=<mean> seeds=<n>` (time nan if a seed missed the target).
+While a seed trains, each epoch's test top-1 and the time so far show on stderr, and where
+the seed's whole output goes (`<out>/seed_<n>.log`). A seed that misses the target (or
+fails) makes the parent run FAILED and the command exit 1, naming the seed and its log.
 """
 
 import argparse
@@ -23,15 +26,19 @@ import sys
 import time
 from pathlib import Path
 
+from vitexp.errors import fail
 from vitexp.machine import describe, one_line
 from vitexp.tools.args import ToolParser
 from vitexp.tracking import FAILED, FINISHED, PARENT_ENV, Tracker, flatten
 
+# a seed's lines that the command relays: each epoch's check against the target, errors
+PROGRESS = ("vitexp: epoch ", "vitexp: error")
 COLUMNS = ("time_to_target_s", "wall_s", "epochs", "test_top1", "test_top1_1view", "images_per_s")
 
 
 def run_seed(args, seed: int, tracker: Tracker, parent: str) -> float:
-    """Trains one seed in its own process; returns its wall time in seconds."""
+    """Trains one seed in its own process, its output into `<out>/seed_<seed>.log` and its
+    progress (each epoch's test top-1, its errors) on stderr; returns its wall time in seconds."""
     args.out.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
@@ -46,10 +53,28 @@ def run_seed(args, seed: int, tracker: Tracker, parent: str) -> float:
         *args.overrides,
     ]
     started = time.time()
-    env = {**os.environ, PARENT_ENV: parent, "VITEXP_T0": repr(started)}
-    with open(args.out / f"seed_{seed}.log", "w") as log:
-        subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    env = {**os.environ, PARENT_ENV: parent, "VITEXP_T0": repr(started), "PYTHONUNBUFFERED": "1"}
+    path = seed_log(args, seed)
+    say(f"seed {seed} ({seed + 1} of {args.seeds}) training; its log: {path}")
+    with (
+        open(path, "w") as log,
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc,
+    ):
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith(PROGRESS):
+                say(f"seed {seed}: {line.removeprefix('vitexp: ').rstrip()}")
     return time.time() - started
+
+
+def seed_log(args, seed: int) -> Path:
+    return args.out / f"seed_{seed}.log"
+
+
+def say(line: str) -> None:
+    print(f"vitexp.speedrun: {line}", file=sys.stderr, flush=True)
 
 
 def seed_row(tracker: Tracker, run, wall: float) -> dict:
@@ -76,7 +101,7 @@ def seed_row(tracker: Tracker, run, wall: float) -> dict:
 
 def missing_row(args, seed: int, wall: float) -> dict:
     """A seed whose process ended before it created its run: its log says why."""
-    log = args.out / f"seed_{seed}.log"
+    log = seed_log(args, seed)
     lines = log.read_text().strip().splitlines() if log.is_file() else []
     print(
         f"vitexp.speedrun: seed {seed} recorded no run: {lines[-1] if lines else '?'} ({log})",
@@ -200,7 +225,27 @@ def main(argv: list[str] | None = None) -> None:
     record(tracker, parent, report, path)
     mean_time = summary["time_to_target_s"]["mean"] if reached == len(rows) else float("nan")
     accuracy = summary.get("test_top1", {}).get("mean", float("nan"))
-    print(f"time_to_target_s={mean_time:.1f} accuracy={accuracy:.4f} seeds={len(rows)}")
+    print(f"time_to_target_s={mean_time:.1f} accuracy={accuracy:.4f} seeds={len(rows)}", flush=True)
+    missed = [r for r in rows if r["time_to_target_s"] is None or r["status"] != FINISHED]
+    if missed:  # the parent run is FAILED too (`record`)
+        fail(missed_message(missed, len(rows), args, parent), "vitexp.speedrun", code=1)
+
+
+def missed_message(missed: list[dict], seeds: int, args, parent: str) -> str:
+    """Which seeds missed the target, how, and where to look."""
+    each = [
+        f"seed {r['seed']} ({r['status']}, test top-1 {_score(r['test_top1'])}, "
+        f"log {seed_log(args, r['seed'])})"
+        for r in missed
+    ]
+    return (
+        f"{len(missed)} of {seeds} seeds missed the target test top-1 {args.target}: "
+        f"{'; '.join(each)}; the parent run {parent} is FAILED"
+    )
+
+
+def _score(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ By default every run lands in `sqlite:///<project>/mlflow.db` with artifacts in
 import contextlib
 import hashlib
 import json
+import logging
 import shlex
 import sys
 import tempfile
@@ -152,10 +153,11 @@ class Tracker:
 
     def monitor_system(self, run_id: str, resume: bool = False):
         """Starts MLflow's own system-metrics monitor for the run (CPU, memory, disk,
-        network; GPUs through nvidia-ml-py); `finish()` the returned monitor at the end."""
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        network; GPUs through nvidia-ml-py), publishing after the run's first own metrics
+        (`vitexp.tracking.system`); `finish()` the returned monitor at the end."""
+        from vitexp.tracking.system import SystemMonitor
 
-        monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=self.uri)
+        monitor = SystemMonitor(run_id, resume_logging=resume, tracking_uri=self.uri)
         monitor.start()
         return monitor
 
@@ -199,7 +201,7 @@ class Tracker:
             names = Path(tmp) / CLASS_NAMES_ARTIFACT
             names.write_text(json.dumps(class_names, ensure_ascii=False), encoding="utf-8")
             # the run's own context makes the logged model belong to the run's experiment
-            with mlflow.start_run(run_id=run_id):
+            with mlflow.start_run(run_id=run_id), quiet_model_logging():
                 return mlflow.pyfunc.log_model(
                     name="model",
                     python_model=VitexpClassifier(),
@@ -221,6 +223,14 @@ class Tracker:
         base = self.uri.rstrip("/") if self.uri.startswith("http") else "http://127.0.0.1:5000"
         page = f"runs/{run_id}" if run_id else "runs"
         return f"{base}/#/experiments/{self.experiment_id}/{page}?workflowType=machine_learning"
+
+    def share_view(self, key: str, state: dict) -> str:
+        """Stores a runs-table state (`vitexp.tracking.views`) in the experiment under `key`;
+        returns the link that opens the table in it."""
+        from vitexp.tracking.views import SHARED_VIEW_TAG, encode
+
+        self._client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + key, encode(state))
+        return self.ui_link().replace("?", f"?viewStateShareKey={key}&", 1)
 
     def ui_command(self) -> str | None:
         """The command that serves the UI of a store file; None for a store that is a server."""
@@ -275,6 +285,11 @@ class Tracker:
     def experiment_of(self, run) -> str:
         """The name of the experiment a run belongs to."""
         return self._client.get_experiment(run.info.experiment_id).name
+
+    def experiment_names(self) -> dict[str, str]:
+        """Every active experiment of the store: id -> name, oldest first."""
+        found = self._client.search_experiments(order_by=["creation_time ASC"])
+        return {e.experiment_id: e.name for e in found}
 
     def find_runs(
         self,
@@ -353,6 +368,26 @@ class Tracker:
         joined = run.data.params.get("class_names", "")
         names = joined.split(",") if joined else []
         return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+class _ModelLoggingNotices(logging.Filter):
+    """MLflow's notices while a model is logged: its INFO lines, and the advice it gives for
+    every Python object model (vitexp's is code shipped with the model, its weights a file)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        advice = record.getMessage().startswith("Passing a Python object as `python_model`")
+        return record.levelno > logging.INFO and not advice
+
+
+@contextlib.contextmanager
+def quiet_model_logging() -> Iterator[None]:
+    """MLflow's warnings and errors still show while a model is logged; its notices do not."""
+    logger, notices = logging.getLogger("mlflow.pyfunc"), _ModelLoggingNotices()
+    logger.addFilter(notices)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notices)
 
 
 def source_tags(commit: str) -> dict[str, str]:

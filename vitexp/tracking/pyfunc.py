@@ -24,7 +24,8 @@ class VitexpClassifier(mlflow.pyfunc.PythonModel):
         self.model = model if model is not None else load_model(str(checkpoint))
         self.class_names = list(class_names)
 
-    def predict(self, context, model_input, params=None):
+    # an array, as the signature says (uint8 images); MLflow validates no data by the hint
+    def predict(self, context, model_input: np.ndarray, params=None):
         from vitexp.metrics import softmax
 
         images = np.asarray(model_input, dtype=np.uint8)

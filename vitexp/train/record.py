@@ -38,8 +38,19 @@ def run_tags(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
     }
 
 
-def log_setup(tracker: Tracker, run_id: str, cfg: DictConfig, model, splits: Splits, out_dir: Path):
+# Top-level shortcuts that every model reads into `model.patch_size` and `model.depth`
+SHORTCUTS = ("patch_size", "depth")
+
+
+def config_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as flat params, each value once: a shortcut (`patch_size=4`) is
+    recorded only as the model key it sets (`model.patch_size`)."""
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {k: v for k, v in params.items() if k not in SHORTCUTS}
+
+
+def log_setup(tracker: Tracker, run_id: str, cfg: DictConfig, model, splits: Splits, out_dir: Path):
+    params = config_params(cfg)
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     params.update(
         {

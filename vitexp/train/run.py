@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vitexp.data import DataError, ImageData, load_data
 from vitexp.data.augment import build_augment
@@ -21,7 +21,7 @@ from vitexp.metrics import score_views
 from vitexp.models import adapt_input_norm
 from vitexp.provenance import command_line
 from vitexp.search.trial import trial_callbacks
-from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, Tracker, TrackingError, flatten
+from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, Tracker, TrackingError
 from vitexp.train.callbacks import (
     CheckpointDir,
     DivergenceError,
@@ -37,7 +37,14 @@ from vitexp.train.devices import distribution, jit_setting, setup_tensorflow
 from vitexp.train.jobs import Job, Splits, in_multirun, job_dir
 from vitexp.train.multiworker import start_workers
 from vitexp.train.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, slurm_job_id
-from vitexp.train.record import log_pictures, log_setup, print_summary, record_training, run_tags
+from vitexp.train.record import (
+    config_params,
+    log_pictures,
+    log_setup,
+    print_summary,
+    record_training,
+    run_tags,
+)
 from vitexp.train.resume import EndResumedEpoch, find_resume, finished_before, link_finished, restore
 from vitexp.validate import ConfigError, check_config
 
@@ -157,6 +164,7 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
         fit(job, callbacks)
         record_training(job, checkpoints)
         chosen = checkpoints.best if t.test_checkpoint == "best" else checkpoints.last
+        tell(f"testing the {t.test_checkpoint} checkpoint on {len(job.splits.test[0])} test images")
         test, probs = test_scores(job, chosen)
     finally:
         monitor.finish()
@@ -173,19 +181,27 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
         raise TrackingError(
             f"tracking store {job.tracker.uri} stayed unreachable; metrics are kept in {checkpoints.folder}"
         )
+    tell("drawing the curves" + (" and the report's pictures" if job.cfg.report.enabled else ""))
     log_pictures(job, probs)
     if job.cfg.tracking.log_checkpoints:
+        tell("logging the checkpoints")
         for path in (checkpoints.best, checkpoints.last):
             job.tracker.log_artifact(job.run_id, path, "checkpoints")
     if job.cfg.tracking.log_model:
+        tell("logging the model (MLflow Model with signature and input example)")
         job.tracker.log_model(job.run_id, chosen, job.class_names, job.model)
     return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": chosen}
+
+
+def tell(doing: str) -> None:
+    """Says what a stretch of seconds without progress bars is spent on."""
+    print(f"vitexp: {doing}...", file=sys.stderr, flush=True)
 
 
 def record_failed_job(tracker: Tracker, cfg: DictConfig, err: BaseException) -> str:
     """A sweep job that failed before its run existed (data, model) still gets a FAILED run."""
     run_id = tracker.start_run(cfg.run_name, run_tags(cfg, job_dir()), os.environ.get(PARENT_ENV))
-    tracker.log_params(run_id, flatten(OmegaConf.to_container(cfg, resolve=True)))
+    tracker.log_params(run_id, config_params(cfg))
     tracker.set_tags(run_id, {ERROR_TAG: error_text(err)})
     tracker.end_run(run_id, FAILED)
     return run_id
@@ -292,6 +308,7 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     resume = workers.find_resume() if private else find_resume(tracker, cfg)
     if resume:
         continue_in_precision(resume)
+    tell(f"{cfg.run_name}: loading {cfg.data.name}, building {cfg.model.name}")
     data, splits, steps, strategy, model, schedule = prepare(cfg, tracker, resume, workers)
     run_id, out_dir, first_epoch = (workers.open_run if private else open_run)(tracker, cfg, resume)
     try:
