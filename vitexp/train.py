@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import shlex
 import shutil
 import sys
 from functools import partial
@@ -37,7 +38,7 @@ from vitexp.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, 
 from vitexp.provenance import command_line
 from vitexp.record import log_pictures, log_setup, print_summary, record_training, run_tags
 from vitexp.resume import EndResumedEpoch, find_resume, finished_before, link_finished, restore
-from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, Tracker, TrackingError, flatten
+from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, StoreDown, Tracker, TrackingError, flatten
 from vitexp.trial import trial_callbacks
 from vitexp.validate import ConfigError, check_config
 
@@ -169,15 +170,12 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
         {"best_val_top1": best, "best_epoch": best_epoch, "test_epoch": test_epoch},
         step=last_epoch,
     )
-    if not job.tracker.flush_with_retry():
-        raise TrackingError(
-            f"tracking store {job.tracker.uri} stayed unreachable; metrics are kept in {checkpoints.folder}"
-        )
     log_pictures(job, probs)
     if job.cfg.tracking.log_checkpoints:
         for path in (checkpoints.best, checkpoints.last):
             job.tracker.log_artifact(job.run_id, path, "checkpoints")
     if job.cfg.tracking.log_model:
+        job.tracker.settle()  # the model is logged at once, after every record kept back
         job.tracker.log_model(job.run_id, chosen, job.class_names, job.model)
     return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": chosen}
 
@@ -215,6 +213,14 @@ def interrupted_message(run_id: str, out_dir: Path, stop: KeyboardInterrupt) -> 
         f"vitexp: {how}; run {run_id} is KILLED, its last checkpoint (epoch {epoch}) is in "
         f"{checkpoints.folder}; continue it with: {command_line(resume=True)}"
     )
+
+
+def resume_command() -> str:
+    """The command that resumes this job's run: a sweep's job on its own, with its overrides."""
+    if not in_multirun():
+        return command_line(resume=True)
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+    return " ".join(["python -m vitexp", *map(shlex.quote, overrides), "resume=true"])
 
 
 def prepare(cfg: DictConfig, tracker: Tracker, resume, workers) -> tuple:
@@ -321,6 +327,11 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     except KeyboardInterrupt as stop:  # the run is KILLED: say how to go on
         print(interrupted_message(run_id, out_dir, stop), file=sys.stderr)
         raise
+    except StoreDown as down:  # trained, but not all of it recorded: say how to record it
+        raise TrackingError(
+            f"{down}: run {run_id} trained to its end, its checkpoints are in {out_dir / 'checkpoints'}; "
+            f"once the store is back, record the rest with: {resume_command()}"
+        ) from None
     if workers:
         workers.report(model)
     if not private:
