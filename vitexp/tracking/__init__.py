@@ -248,7 +248,7 @@ class Tracker:
                 profile=json.dumps({"num_rows": len(images)}),
             )
             inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
-        self._send(partial(self._client.log_inputs, run_id, datasets=inputs))
+        self._send(partial(again_after_a_race, partial(self._client.log_inputs, run_id, datasets=inputs)))
 
     def log_model(
         self, run_id: str, checkpoint: Path, class_names: list[str], model=None, registered_name=None
@@ -439,6 +439,25 @@ def unreachable(err: Exception) -> bool:
     if isinstance(err, MlflowException):
         return err.get_http_status_code() >= 500
     return isinstance(err, (ConnectionError, TimeoutError)) or type(err).__name__ == "OperationalError"
+
+
+# a unique key violated, in the words of PostgreSQL, sqlite and MySQL
+DUPLICATE_KEY = ("UniqueViolation", "UNIQUE constraint", "Duplicate entry")
+
+
+def again_after_a_race(write: Callable[[], object], attempts: int = 3) -> object:
+    """Makes a write that creates a shared row, once more when a concurrent run created it
+    first: MLflow checks for a dataset, then inserts it, so two runs of the same data at once
+    on a server over PostgreSQL both insert, and one fails on the unique key."""
+    from mlflow.exceptions import MlflowException
+
+    for _ in range(attempts - 1):
+        try:
+            return write()
+        except MlflowException as err:
+            if not any(text in str(err) for text in DUPLICATE_KEY):
+                raise
+    return write()
 
 
 def source_tags(commit: str) -> dict[str, str]:
