@@ -99,8 +99,9 @@ def training_callbacks(job: Job, checkpoints: CheckpointDir, extra=()) -> list:
         callbacks.append(EarlyStopping(checkpoints, stop.patience, str(stop.monitor), stop.min_delta))
     if t.profile:
         callbacks.append(ProfileSteps(job.out_dir / "profile", *t.profile_steps))
-    in_step = t.strategy != "multi_worker"  # workers train in lockstep: epoch checkpoints only
-    return [*callbacks, *extra, StopAtStepEnd(recorder if in_step else None)]
+    if t.strategy == "multi_worker":  # workers train in lockstep: epoch checkpoints only
+        return [*callbacks, *extra, StopAtStepEnd(strategy=job.model.distribute_strategy)]
+    return [*callbacks, *extra, StopAtStepEnd(recorder)]
 
 
 def fit(job: Job, callbacks: list) -> None:
@@ -204,6 +205,8 @@ def interrupted_message(run_id: str, out_dir: Path, stop: KeyboardInterrupt) -> 
     if getattr(stop, "requeue", False):
         where = stop.where or f"after epoch {epoch}"
         return f"vitexp: {how}; run {run_id} is KILLED {where}; {requeue()}"
+    if getattr(stop, "where", ""):  # where the workers stopped together
+        how = f"{how} {stop.where}"
     if not epoch:
         return (
             f"vitexp: {how} in the first epoch; run {run_id} is KILLED with no checkpoint; "
@@ -283,8 +286,10 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         callbacks: Keras callbacks to add to `fit`, after vitexp's own.
     """
     check_config(cfg)
-    STOP.install()
+    STOP.install(workers=cfg.trainer.strategy == "multi_worker")
     workers = start_workers() if cfg.trainer.strategy == "multi_worker" else None  # before TF's devices
+    if workers:
+        STOP.reclaim()
     setup_tensorflow(cfg.trainer)
     private = workers and not workers.is_chief  # records into a store of its own; the chief writes the run
     if private:
