@@ -172,12 +172,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a sqlite backend: (uri, client, start, stop)."""
+def mlflow_server(folder, backend_uri=None, workers=1):
+    """A real `mlflow server` on 127.0.0.1 over `backend_uri` (a sqlite file in `folder` by
+    default), started: (uri, client, start, stop); `stop` stops it, `start` starts it again."""
     from mlflow.tracking import MlflowClient
 
-    folder = tmp_path_factory.mktemp("server")
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -187,7 +186,7 @@ def server(tmp_path_factory):
         "mlflow",
         "server",
         "--backend-store-uri",
-        f"sqlite:///{folder / 'mlflow.db'}",
+        backend_uri or f"sqlite:///{folder / 'mlflow.db'}",
         "--artifacts-destination",
         str(folder / "artifacts"),
         "--host",
@@ -195,7 +194,7 @@ def server(tmp_path_factory):
         "--port",
         str(port),
         "--workers",
-        "1",
+        str(workers),
     ]
     procs = []
 
@@ -213,7 +212,14 @@ def server(tmp_path_factory):
                 proc.wait(timeout=30)
 
     start()
-    yield uri, MlflowClient(uri), start, stop
+    return uri, MlflowClient(uri), start, stop
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend: (uri, client, start, stop)."""
+    uri, client, start, stop = mlflow_server(tmp_path_factory.mktemp("server"))
+    yield uri, client, start, stop
     stop()
 
 

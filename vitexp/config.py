@@ -125,6 +125,9 @@ class TrackingConfig:
     # `make serve` load by run id); false skips it, e.g. for a large sweep's trials
     log_model: bool = True
     timeout_s: float = 10.0
+    # how long a run that has trained waits for a tracking server that went away to take its
+    # last records; then it says how to record them (resume=true) and ends
+    reconnect_s: float = 300.0
     skip_finished: bool = True
 
 

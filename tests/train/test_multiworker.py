@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -91,22 +93,25 @@ def test_two_workers_train_one_run_as_one_process_would(tmp_path, store):
         assert all(abs(a - b) <= tolerance for (_, a), (_, b) in zip(ours, theirs)), (key, ours, theirs)
 
 
+def two_workers(args, name, tmp_path, scratch):
+    """Two workers of one job, their temporary folders in `scratch`; fresh ports each time:
+    killed workers' may linger."""
+    ports = free_ports(2)
+    envs = [{"TF_CONFIG": tf_config(ports, i), "TMPDIR": str(scratch)} for i in (0, 1)]
+    return [start(args, tmp_path, env, tmp_path / f"{name}{i}.err") for i, env in enumerate(envs)]
+
+
 @pytest.mark.slow
 def test_workers_killed_after_an_epoch_resume_the_chiefs_run(tmp_path, store):
     """Both workers SIGKILLed once the chief committed epoch 1, then started again with
-    `resume=true`: every worker loads the chief's checkpoint and the one run goes on."""
+    `resume=true`: every worker loads the chief's checkpoint and the one run goes on; the
+    killed non-chief's temporary folder is removed when its successor starts."""
     uri, client = store
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     epochs = 3
     args = [*JOB, f"trainer.epochs={epochs}", "trainer.strategy=multi_worker", f"tracking.uri={uri}"]
-
-    def workers(args, name):  # fresh ports each time: the killed workers' may linger
-        ports = free_ports(2)
-        envs = [{"TF_CONFIG": tf_config(ports, i), "TMPDIR": str(scratch)} for i in (0, 1)]
-        return [start(args, tmp_path, env, tmp_path / f"{name}{i}.err") for i, env in enumerate(envs)]
-
-    procs = workers(args, "first")
+    procs = two_workers(args, "first", tmp_path, scratch)
     try:
         wait_for(
             lambda: list(tmp_path.glob("outputs/*/*/checkpoints/epoch_0001.keras")),
@@ -119,7 +124,7 @@ def test_workers_killed_after_an_epoch_resume_the_chiefs_run(tmp_path, store):
             proc.wait(timeout=60)
         (run,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
         assert run.info.status == "RUNNING"  # a hard stop: nobody closed the run
-        procs = workers([*args, "resume=true"], "again")
+        procs = two_workers([*args, "resume=true"], "again", tmp_path, scratch)
         errors = []
         for proc in procs:
             proc.wait(timeout=600)
@@ -141,6 +146,56 @@ def test_workers_killed_after_an_epoch_resume_the_chiefs_run(tmp_path, store):
     assert steps == [(e, e * steps[0][1]) for e in range(1, epochs + 1)]
     # both workers restored weights and optimizer state from the chief's checkpoint
     assert weights_line(errors[0]) == weights_line(errors[1])
+    assert list(scratch.glob("vitexp-worker-*")) == []  # the killed non-chief's folder too
+
+
+@pytest.mark.slow
+def test_sigterm_to_each_worker_stops_all_at_one_step_then_resume(tmp_path, store):
+    """SIGTERM to each worker of a job in epoch 2, the non-chief first: they agree on the
+    step, all stop there (none is left waiting in a collective), exit 143 with the run
+    KILLED, and `resume=true` goes on from the last committed epoch."""
+    uri, client = store
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    epochs = 3
+    job = [*JOB, "data.num_train=1280", f"trainer.epochs={epochs}"]  # 32 steps an epoch
+    args = [*job, "trainer.strategy=multi_worker", f"tracking.uri={uri}"]
+    procs = two_workers(args, "first", tmp_path, scratch)
+    try:
+        wait_for(
+            lambda: list(tmp_path.glob("outputs/*/*/checkpoints/epoch_0001.keras")),
+            *procs,
+            timeout=600,
+            poll=0.05,
+        )
+        for proc in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=300)  # on its own, a worker that stopped alone leaves the other waiting
+            assert proc.returncode == 143, proc.log.read_text()[-5000:]
+        logs = [p.log.read_text().splitlines() for p in procs]
+        said = [[x for x in lines if x.startswith("vitexp: terminated")] for lines in logs]
+        wheres = [re.search(r"at step \d+ of epoch \d+", lines[0]) for lines in said if lines]
+        assert len(wheres) == 2 and all(wheres) and wheres[0][0] == wheres[1][0], said
+        assert said[0][0].endswith("resume=true")
+        (run,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
+        assert run.info.status == "KILLED"
+        procs = two_workers([*args, "resume=true"], "again", tmp_path, scratch)
+        errors = []
+        for proc in procs:
+            proc.wait(timeout=600)
+            errors.append(proc.log.read_text())
+            assert proc.returncode == 0, errors[-1][-5000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
+    (resumed,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert [s for s, _ in history(client, run.info.run_id, "val_top1")] == list(range(1, epochs + 1))
+    assert weights_line(errors[0]) == weights_line(errors[1])
+    assert list(scratch.glob("vitexp-worker-*")) == []
 
 
 def test_a_worker_whose_peer_never_starts_fails_in_one_line(monkeypatch):

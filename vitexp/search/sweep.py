@@ -111,6 +111,16 @@ class MlflowSweepCallback(Callback):
         if self.tracker is None or self.parent_id is None:
             return
         parent = self.parent_id
+        if not self.tracker.wait_reachable():
+            self.parent_id = None  # nothing more can be written to it
+            print(
+                f"vitexp: error: tracking store {self.tracker.uri} still unreachable after "
+                f"{self.tracker.reconnect_s:.0f} s: sweep {parent} stays RUNNING; once the store is back, "
+                "record each job the outage cut short with the command its line gave, then run this "
+                "sweep again: its FINISHED jobs are skipped and grouped under a new parent",
+                file=sys.stderr,
+            )
+            sys.exit(1)
         note, link = self.log_outcome(Path(config.hydra.sweep.dir))
         self.close(interrupted=False)
         failed = self.report(parent, note, link)

@@ -14,6 +14,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,27 +53,42 @@ ERROR_TAG = "vitexp.error"
 CONFIG_HASH_TAG = "vitexp.config_hash"
 
 
+class StoreDown(TrackingError):
+    """The store stayed unreachable to the end of a run: some of its records were not sent."""
+
+
 class Tracker:
-    """One tracking store; metric writes that fail are kept and sent again later.
+    """One tracking store; writes it cannot take are kept and sent again later, in order.
+
+    Metrics are always kept back that way. Inside `run` every write of the run is (params,
+    tags, artifacts, its end), so a run goes on through a server's outage and `settle`
+    waits for the server at the end; outside it, other writes fail at once.
 
     Args:
         uri: an MLflow tracking URI, or None for the project's sqlite store.
         experiment: experiment name (created on first use); None to only read runs by id
             or by experiment name.
         timeout: seconds to wait for a server's /health before giving up.
+        reconnect_s: seconds `settle` waits for a store that went away.
     """
 
-    def __init__(self, uri: str | None, experiment: str | None = None, timeout: float = 10.0):
+    def __init__(
+        self, uri: str | None, experiment: str | None = None, timeout: float = 10.0, reconnect_s: float = 0.0
+    ):
         self.uri = resolve_uri(uri)
+        self.timeout = timeout
+        self.reconnect_s = reconnect_s
         check_reachable(self.uri, timeout)
         self._client = open_client(self.uri)
         self.experiment = experiment
         self._experiment_id: str | None = None
-        self._pending: list[tuple[str, list[Metric]]] = []
+        self._pending: list[Callable[[], object]] = []
+        self._recording = False  # inside `run`: the run's writes wait out an outage
+        self._down = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Tracker":
-        return cls(cfg.uri, cfg.experiment, cfg.timeout_s)
+        return cls(cfg.uri, cfg.experiment, cfg.timeout_s, cfg.get("reconnect_s", 0.0))
 
     @property
     def experiment_id(self) -> str:
@@ -109,47 +125,102 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            self._client.log_batch(run_id, params=items[start : start + 100])
+            self._send(partial(self._client.log_batch, run_id, params=items[start : start + 100]))
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
-        """Logs metrics at `step`; if the store is down they wait for the next call or `flush`."""
+        """Logs metrics at `step`; if the store is down they wait for the next call or `flush`
+        (each keeps its timestamp: a batch sent twice is recorded once)."""
         now = int(time.time() * 1000)
-        self._pending.append((run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()]))
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._pending.append(partial(self._client.log_batch, run_id, metrics=batch))
+        self.flush(raise_errors=False)
+
+    def _send(self, write: Callable[[], object]) -> None:
+        """Makes a write after those kept back; inside `run` it is kept too while the store is down."""
+        if not self._recording:
+            self.flush(raise_errors=False)
+            write()
+            return
+        self._pending.append(write)
         self.flush(raise_errors=False)
 
     def flush(self, raise_errors: bool = True) -> bool:
-        """Sends the metrics kept back by earlier failures; True when none are left."""
+        """Sends the writes kept back by earlier failures, in order; True when none are left.
+
+        A write the store refuses (a bad value, not an outage) is dropped and its error raised.
+        """
         while self._pending:
-            run_id, metrics = self._pending[0]
             try:
-                self._client.log_batch(run_id, metrics=metrics)
+                self._pending[0]()
             except Exception as err:
+                if not unreachable(err):
+                    self._pending.pop(0)
+                    raise
                 if raise_errors:
                     raise TrackingError(f"tracking store {self.uri} still failing: {err}") from None
-                reason = type(err).__name__
-                print(f"vitexp: warning: tracking store down ({reason}), metrics kept", file=sys.stderr)
+                if not self._down:
+                    print(
+                        f"vitexp: warning: tracking store {self.uri} is down ({type(err).__name__}); "
+                        "metrics kept, with the run's other records, until it answers again",
+                        file=sys.stderr,
+                    )
+                self._down = True
                 return False
             self._pending.pop(0)
+        if self._down:
+            print(f"vitexp: tracking store {self.uri} is back; the kept records are sent", file=sys.stderr)
+        self._down = False
         return True
 
-    def flush_with_retry(self, attempts: int = 10, wait_s: float = 3.0) -> bool:
-        for _ in range(attempts):
+    def settle(self) -> None:
+        """Sends every kept write, waiting up to `reconnect_s` for a store that went away.
+
+        Raises:
+            StoreDown: the store did not come back in time; the writes stay kept.
+        """
+        deadline = time.monotonic() + self.reconnect_s
+        if self.flush(raise_errors=False):
+            return
+        print(
+            f"vitexp: waiting up to {self.reconnect_s:.0f} s (tracking.reconnect_s) for tracking store "
+            f"{self.uri} to take {len(self._pending)} kept records",
+            file=sys.stderr,
+        )
+        while time.monotonic() < deadline:
+            time.sleep(min(3.0, max(deadline - time.monotonic(), 0.0)))
             if self.flush(raise_errors=False):
+                return
+        raise StoreDown(
+            f"tracking store {self.uri} still unreachable after {self.reconnect_s:.0f} s; "
+            f"{len(self._pending)} records not sent"
+        )
+
+    def wait_reachable(self) -> bool:
+        """Whether the store answers, waiting up to `reconnect_s` for one that went away."""
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            try:
+                check_reachable(self.uri, self.timeout)
                 return True
-            time.sleep(wait_s)
-        return False
+            except TrackingError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(3.0)
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(run_id, str(path), artifact_path)
+        self._send(partial(self._client.log_artifact, run_id, str(path), artifact_path))
 
     def log_artifacts(self, run_id: str, folder: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifacts(run_id, str(folder), artifact_path)
+        self._send(partial(self._client.log_artifacts, run_id, str(folder), artifact_path))
 
     def log_class_names(self, run_id: str, names: list[str]) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / CLASS_NAMES_ARTIFACT
-            path.write_text(json.dumps(list(names), ensure_ascii=False, indent=0), encoding="utf-8")
-            self.log_artifact(run_id, path)
+        def write():  # the file exists while it is sent, however late
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / CLASS_NAMES_ARTIFACT
+                path.write_text(json.dumps(list(names), ensure_ascii=False, indent=0), encoding="utf-8")
+                self._client.log_artifact(run_id, str(path))
+
+        self._send(write)
 
     def monitor_system(self, run_id: str, resume: bool = False):
         """Starts MLflow's own system-metrics monitor for the run (CPU, memory, disk,
@@ -179,7 +250,7 @@ class Tracker:
                 profile=json.dumps({"num_rows": len(images)}),
             )
             inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
-        self._client.log_inputs(run_id, datasets=inputs)
+        self._send(partial(again_after_a_race, partial(self._client.log_inputs, run_id, datasets=inputs)))
 
     def log_model(
         self, run_id: str, checkpoint: Path, class_names: list[str], model=None, registered_name=None
@@ -215,7 +286,7 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self._client.set_tag(run_id, key, value)
+            self._send(partial(self._client.set_tag, run_id, key, value))
 
     def ui_link(self, run_id: str | None = None) -> str:
         """The MLflow UI page of the experiment (or one run), in its model-training mode:
@@ -240,40 +311,45 @@ class Tracker:
 
     def describe(self, run_id: str, text: str) -> None:
         """The run's description, shown at the top of its page in the MLflow UI."""
-        self._client.set_tag(run_id, MLFLOW_RUN_NOTE, text)
+        self.set_tags(run_id, {MLFLOW_RUN_NOTE: text})
 
     def reopen(self, run_id: str) -> None:
         """Marks an interrupted run RUNNING again, for the job that resumes it."""
         self._client.update_run(run_id, status="RUNNING")
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self._client.set_terminated(run_id, status=status)
+        self._send(partial(self._client.set_terminated, run_id, status=status))
 
     @contextlib.contextmanager
     def run(self, run_id: str, error_text: Callable[[BaseException], str] | None = None) -> Iterator[str]:
-        """Ends the run when the block ends: FINISHED; KILLED on Ctrl-C or SIGTERM (any
-        KeyboardInterrupt); FAILED on any other error, which `error_text` (default: type
-        and message) writes into the run's `vitexp.error` tag. Metrics kept back are sent first.
+        """Records the run's writes through an outage of the store and ends the run when the
+        block ends: FINISHED, once every kept write is sent (`settle`); KILLED on Ctrl-C or
+        SIGTERM (any KeyboardInterrupt); FAILED on any other error, which `error_text`
+        (default: type and message) writes into the run's `vitexp.error` tag. A run whose
+        store stayed down (`StoreDown`) is left as the store last saw it, to be resumed.
 
         Args:
             run_id: a run made by `start_run` (or reopened by `reopen`).
             error_text: what a FAILED run records about its error.
         """
+        self._recording = True
         try:
             yield run_id
+            self.end_run(run_id, FINISHED)
+            self.settle()
+        except StoreDown:
+            raise
         except KeyboardInterrupt as stop:
             release_interrupted(stop)
-            self.flush(raise_errors=False)
             self.end_run(run_id, KILLED)
             raise
         except BaseException as err:
-            self.flush(raise_errors=False)
             text = error_text(err) if error_text else f"{type(err).__name__}: {err}"[:5000]
             self.set_tags(run_id, {ERROR_TAG: text})
             self.end_run(run_id, FAILED)
             raise
-        self.flush(raise_errors=False)
-        self.end_run(run_id, FINISHED)
+        finally:
+            self._recording = False
 
     def get_run(self, run_id: str):
         """The run `run_id` (MLflow's `Run`: `.info`, `.data.tags/params/metrics`), None if unknown."""
@@ -388,6 +464,35 @@ def quiet_model_logging() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(notices)
+
+
+def unreachable(err: Exception) -> bool:
+    """Whether a failed write met an outage (no answer, a server error, a locked database),
+    worth sending again, rather than a refusal of the write itself."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.get_http_status_code() >= 500
+    return isinstance(err, (ConnectionError, TimeoutError)) or type(err).__name__ == "OperationalError"
+
+
+# a unique key violated, in the words of PostgreSQL, sqlite and MySQL
+DUPLICATE_KEY = ("UniqueViolation", "UNIQUE constraint", "Duplicate entry")
+
+
+def again_after_a_race(write: Callable[[], object], attempts: int = 3) -> object:
+    """Makes a write that creates a shared row, once more when a concurrent run created it
+    first: MLflow checks for a dataset, then inserts it, so two runs of the same data at once
+    on a server over PostgreSQL both insert, and one fails on the unique key."""
+    from mlflow.exceptions import MlflowException
+
+    for _ in range(attempts - 1):
+        try:
+            return write()
+        except MlflowException as err:
+            if not any(text in str(err) for text in DUPLICATE_KEY):
+                raise
+    return write()
 
 
 def source_tags(commit: str) -> dict[str, str]:

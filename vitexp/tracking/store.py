@@ -1,11 +1,16 @@
 """The tracking store itself: where it is, whether it can be used, a client that creates a
 new sqlite store once, and the statuses a run ends with. Only vitexp.tracking uses it."""
 
+import contextlib
 import fcntl
+import functools
 import gc
 import json
 import logging
 import os
+import sqlite3
+import tempfile
+import time
 import traceback
 import urllib.error
 import urllib.request
@@ -77,16 +82,91 @@ def open_client(uri: str) -> MlflowClient:
     MLflow creates a sqlite store's tables when the first client opens it, and processes that
     do so at the same moment race in the schema migration (`_alembic_tmp_... already exists`).
     The database file itself is the lock: the first process creates the tables while the
-    others wait, then find them made.
+    others wait, then find them made. Clients outside vitexp (the UI, a notebook) do not take
+    that lock: the tables are made in one transaction of sqlite's own (`create_tables`).
     """
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
-    with open(uri[len("sqlite:///") :], "ab") as db:  # sqlite takes an empty file as a new database
+    path = Path(uri[len("sqlite:///") :])
+    with open(path, "ab") as db:  # sqlite takes an empty file as a new database
         fcntl.flock(db, fcntl.LOCK_EX)  # independent of sqlite's own fcntl byte-range locks
         try:
+            create_tables(path)
             return MlflowClient(tracking_uri=uri)
         finally:
             fcntl.flock(db, fcntl.LOCK_UN)
+
+
+def create_tables(path: Path, patience_s: float = 30.0) -> None:
+    """Gives a new sqlite store MLflow's whole schema, whoever else is creating it.
+
+    MLflow builds a new store's schema step by step (a create, then dozens of migrations,
+    each its own commit), and a second client doing the same at that moment makes one of them
+    fail midway ("table ... already exists", "duplicate column name"). So a store another
+    client has begun is left to it, while its schema moves on; a new one, or one left
+    half-made for `patience_s`, gets the schema that MLflow makes in a private file, copied
+    in one exclusive transaction. A store that holds runs or experiments is never touched.
+    """
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    head = _get_latest_schema_revision()
+    with contextlib.closing(sqlite3.connect(path, timeout=60, isolation_level=None)) as db:
+        seen, since = None, time.monotonic()
+        while _schema_version(db) != head:
+            statements = _schema_statements() if seen is None or _stalled(since, patience_s) else None
+            db.execute("BEGIN EXCLUSIVE")  # another client's statements wait meanwhile
+            try:
+                tables = [row[0] for row in db.execute(_TABLES)]
+                state = (_schema_version(db), len(tables))
+                if state[0] == head or _holds_records(db, tables):
+                    return  # made meanwhile; or an older store, which MLflow upgrades itself
+                if statements is not None and (not tables or state == seen):
+                    for table in tables:
+                        db.execute(f'DROP TABLE "{table}"')
+                    for statement in statements:
+                        db.execute(statement)
+                    db.execute("COMMIT")
+                    return
+            finally:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            if state != seen:  # another client is making it: wait while it gets on
+                seen, since = state, time.monotonic()
+            time.sleep(0.5)
+
+
+def _stalled(since: float, patience_s: float) -> bool:
+    return time.monotonic() - since > patience_s
+
+
+_TABLES = "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+
+
+def _schema_version(db: sqlite3.Connection) -> str | None:
+    try:
+        row = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.OperationalError:  # no such table yet
+        return None
+    return row[0] if row else None
+
+
+def _holds_records(db: sqlite3.Connection, tables: list[str]) -> bool:
+    """Whether the store holds runs or experiments of its own (beyond MLflow's Default, 0)."""
+    found = "runs" in tables and db.execute("SELECT 1 FROM runs LIMIT 1").fetchone()
+    return bool(found) or (
+        "experiments" in tables
+        and db.execute("SELECT 1 FROM experiments WHERE experiment_id != 0 LIMIT 1").fetchone() is not None
+    )
+
+
+@functools.cache
+def _schema_statements() -> list[str]:
+    """The statements that make a new store (its tables and the rows it starts with), from
+    one MLflow creates in a private folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+        with contextlib.closing(sqlite3.connect(f"{tmp}/mlflow.db")) as db:
+            return [s for s in db.iterdump() if s not in ("BEGIN TRANSACTION;", "COMMIT;")]
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:

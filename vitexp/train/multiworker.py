@@ -12,7 +12,8 @@ k, scale the learning rate by k (the linear rule), with the warmup the schedule 
 The chief (task `chief`, else worker 0) alone writes the MLflow run and the run folder's
 checkpoints. The other workers train the same steps in lockstep (every collective operation
 must run on all of them), recording into a private store and checkpoint folder in a temporary
-directory that is deleted when they exit. Resuming, every worker loads the chief's
+directory that is deleted when they exit; one left by a worker that was killed is deleted
+by the next worker that starts on that machine. Resuming, every worker loads the chief's
 checkpoint (on several machines, the run folder must be on a shared file system).
 
 A worker first checks, within `VITEXP_WORKER_TIMEOUT` seconds (default 300), that every peer
@@ -20,6 +21,7 @@ is up: TensorFlow itself would wait for a missing worker without end.
 """
 
 import atexit
+import fcntl
 import hashlib
 import json
 import logging
@@ -44,6 +46,8 @@ from vitexp.validate import ConfigError
 
 TIMEOUT_ENV = "VITEXP_WORKER_TIMEOUT"
 PORT_ENV = "VITEXP_WORKER_PORT"
+SCRATCH_PREFIX = "vitexp-worker-"
+ALIVE = ".alive"  # made once the folder is locked by its worker
 
 
 @dataclass
@@ -56,9 +60,10 @@ class Workers:
 
     def private_config(self, cfg: DictConfig) -> DictConfig:
         """A non-chief worker's config: the same job, recorded in a private store in its
-        scratch folder (removed at exit)."""
+        scratch folder (removed at exit, or by a later worker when this one is killed)."""
         self.shared_cfg = cfg
-        self.scratch = Path(tempfile.mkdtemp(prefix="vitexp-worker-"))
+        remove_dead_scratch()
+        self.scratch = claim_scratch()
         atexit.register(shutil.rmtree, self.scratch, True)
         from vitexp.tracking import sqlite_store
 
@@ -96,6 +101,35 @@ class Workers:
         role = "chief" if self.is_chief else f"the chief recorded the run in {self.shared_cfg.tracking.uri}"
         line = f"vitexp: {self.name} done ({role}); final weights sha256 {digest.hexdigest()[:16]}"
         print(line, file=sys.stderr)
+
+
+def claim_scratch() -> Path:
+    """A new scratch folder, locked for as long as this process lives: the kernel lets go of
+    the lock when the process ends, however it ends (SIGKILL, out of memory)."""
+    folder = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX))
+    lock = os.open(folder, os.O_RDONLY)  # kept open until the process ends
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    (folder / ALIVE).touch()
+    return folder
+
+
+def remove_dead_scratch() -> None:
+    """Removes the scratch folders of workers that ended without removing them: those whose
+    lock nobody holds (a folder without `.alive` may be one being claimed right now)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        if not (folder / ALIVE).is_file():
+            continue
+        try:
+            lock = os.open(folder, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # its worker is alive
+            pass
+        finally:
+            os.close(lock)
 
 
 def cluster_resolver() -> tf.distribute.cluster_resolver.ClusterResolver:

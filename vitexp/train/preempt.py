@@ -11,7 +11,10 @@ state of its train metrics). The job requeues itself (`scontrol requeue`) and th
 job resumes the same MLflow run from that step (`vitexp.train.resume`): it trains the epoch's
 remaining batches only, in their original order, so each epoch's metrics are logged once,
 over the whole epoch, and the optimizer step goes on with none repeated or lost.
-Multi-worker jobs write no step checkpoint: they resume from the last committed epoch.
+Multi-worker jobs stop at a step boundary too, the same one on every worker (they agree on
+it through a collective, whichever worker got the signal), outside Slurm as well: a worker
+that stopped alone would leave the others waiting in their next collective. They write no
+step checkpoint: they resume from the last committed epoch.
 """
 
 import os
@@ -45,21 +48,31 @@ def slurm_job_id() -> str | None:
 
 
 def requeued() -> bool:
-    """True in a Slurm job that runs again after a requeue."""
-    return slurm_job_id() is not None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    """True in a Slurm job that runs again after a requeue, in each of its tasks (workers)."""
+    return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
 class StopSignal:
-    """Installs the handlers; under Slurm the signal is remembered until a step ends."""
+    """Installs the handlers; under Slurm, and for a job's workers, the signal is remembered
+    until a step ends."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._workers = False
 
-    def install(self) -> None:
+    def install(self, workers: bool = False) -> None:
+        """Args:
+        workers: this process is one of a multi-worker job's workers."""
         self.received = None
+        self._workers = workers
+        self.reclaim()
+
+    def reclaim(self) -> None:
+        """Installs the handlers (again, once TensorFlow's multi-worker runtime has started:
+        it takes SIGTERM for a preemption notifier of its own, which swallows the signal)."""
         if threading.current_thread() is not threading.main_thread():
             return
-        if slurm_job_id() is None:
+        if slurm_job_id() is None and not self._workers:
             signal.signal(signal.SIGTERM, self._raise)
             return
         for signum in (signal.SIGTERM, signal.SIGUSR2):
@@ -80,16 +93,39 @@ class StopAtStepEnd(keras.callbacks.Callback):
     `recorder` (a `vitexp.train.callbacks.EpochRecorder`, None for none) has checkpointed that
     step. After an epoch's last step it lets the epoch end (validated and committed) and
     stops at the next boundary. Place it after every other callback: they all see the step.
+
+    With a multi-worker `strategy`, every worker asks the others at each step end whether
+    one of them got the signal, and all stop at the same step (Slurm's job requeued by its
+    first task), resuming later from the last committed epoch.
     """
 
-    def __init__(self, recorder=None):
+    def __init__(self, recorder=None, strategy=None):
         super().__init__()
         self.recorder = recorder
+        self.strategy = strategy
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if STOP.received is not None and batch + 1 < self.params["steps"]:
-            where = self.recorder.commit_step() if self.recorder is not None else ""
-            raise Terminated(requeue=True, where=where, signum=STOP.received)
+        stop = self._agreed(STOP.received is not None)
+        if not stop or batch + 1 >= self.params["steps"]:
+            return
+        if self.strategy is not None:
+            where = f"at step {batch + 1} of epoch {self._epoch + 1}, as every worker"
+            raise Terminated(slurm_job_id() is not None, where, STOP.received or signal.SIGTERM)
+        where = self.recorder.commit_step() if self.recorder is not None else ""
+        raise Terminated(requeue=True, where=where, signum=STOP.received)
+
+    def _agreed(self, stop: bool) -> bool:
+        """Whether any worker got the signal (this process's answer when there are none)."""
+        if self.strategy is None:
+            return stop
+        import tensorflow as tf
+
+        flags = self.strategy.run(lambda: tf.constant(float(stop)))
+        return float(self.strategy.reduce("SUM", flags, axis=None)) > 0
 
 
 def requeue() -> str:

@@ -15,7 +15,7 @@ from vitexp.search.trial import is_trial
 from vitexp.tracking import CONFIG_HASH_TAG, FINISHED, KILLED, PARENT_ENV, Tracker, flatten
 from vitexp.train.callbacks import CheckpointDir
 from vitexp.train.jobs import in_multirun
-from vitexp.train.preempt import SLURM_TAG, requeued, slurm_job_id
+from vitexp.train.preempt import SLURM_TAG, requeued
 from vitexp.validate import ConfigError
 
 # Keys that change where a run is recorded or how it resumes, not what it computes (the
@@ -105,7 +105,8 @@ def other_precision(tracker: Tracker, cfg: DictConfig, run=None) -> None:
 
 def requeued_run(tracker: Tracker) -> Resume | None:
     """The unfinished run this Slurm job wrote before it was requeued, if any."""
-    runs = tracker.find_runs({SLURM_TAG: slurm_job_id()}, unfinished=True, newest_first=True, limit=1)
+    job = os.environ["SLURM_JOB_ID"]  # in each task: a non-chief worker resumes the chief's run
+    runs = tracker.find_runs({SLURM_TAG: job}, unfinished=True, newest_first=True, limit=1)
     if not runs:
         return None
     tracker.set_tags(runs[0].info.run_id, {"vitexp.slurm_restarts": os.environ["SLURM_RESTART_COUNT"]})

@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import shlex
 import shutil
 import sys
 from functools import partial
@@ -21,7 +22,7 @@ from vitexp.metrics import score_views
 from vitexp.models import adapt_input_norm
 from vitexp.provenance import command_line
 from vitexp.search.trial import trial_callbacks
-from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, Tracker, TrackingError
+from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, StoreDown, Tracker, TrackingError
 from vitexp.train.callbacks import (
     CheckpointDir,
     DivergenceError,
@@ -105,8 +106,9 @@ def training_callbacks(job: Job, checkpoints: CheckpointDir, extra=()) -> list:
         callbacks.append(EarlyStopping(checkpoints, stop.patience, str(stop.monitor), stop.min_delta))
     if t.profile:
         callbacks.append(ProfileSteps(job.out_dir / "profile", *t.profile_steps))
-    in_step = t.strategy != "multi_worker"  # workers train in lockstep: epoch checkpoints only
-    return [*callbacks, *extra, StopAtStepEnd(recorder if in_step else None)]
+    if t.strategy == "multi_worker":  # workers train in lockstep: epoch checkpoints only
+        return [*callbacks, *extra, StopAtStepEnd(strategy=job.model.distribute_strategy)]
+    return [*callbacks, *extra, StopAtStepEnd(recorder)]
 
 
 def fit(job: Job, callbacks: list) -> None:
@@ -177,10 +179,6 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
         {"best_val_top1": best, "best_epoch": best_epoch, "test_epoch": test_epoch},
         step=last_epoch,
     )
-    if not job.tracker.flush_with_retry():
-        raise TrackingError(
-            f"tracking store {job.tracker.uri} stayed unreachable; metrics are kept in {checkpoints.folder}"
-        )
     tell("drawing the curves" + (" and the report's pictures" if job.cfg.report.enabled else ""))
     log_pictures(job, probs)
     if job.cfg.tracking.log_checkpoints:
@@ -189,6 +187,7 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
             job.tracker.log_artifact(job.run_id, path, "checkpoints")
     if job.cfg.tracking.log_model:
         tell("logging the model (MLflow Model with signature and input example)")
+        job.tracker.settle()  # the model is logged at once, after every record kept back
         job.tracker.log_model(job.run_id, chosen, job.class_names, job.model)
     return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": chosen}
 
@@ -222,6 +221,8 @@ def interrupted_message(run_id: str, out_dir: Path, stop: KeyboardInterrupt) -> 
     if getattr(stop, "requeue", False):
         where = stop.where or f"after epoch {epoch}"
         return f"vitexp: {how}; run {run_id} is KILLED {where}; {requeue()}"
+    if getattr(stop, "where", ""):  # where the workers stopped together
+        how = f"{how} {stop.where}"
     if not epoch:
         return (
             f"vitexp: {how} in the first epoch; run {run_id} is KILLED with no checkpoint; "
@@ -231,6 +232,14 @@ def interrupted_message(run_id: str, out_dir: Path, stop: KeyboardInterrupt) -> 
         f"vitexp: {how}; run {run_id} is KILLED, its last checkpoint (epoch {epoch}) is in "
         f"{checkpoints.folder}; continue it with: {command_line(resume=True)}"
     )
+
+
+def resume_command() -> str:
+    """The command that resumes this job's run: a sweep's job on its own, with its overrides."""
+    if not in_multirun():
+        return command_line(resume=True)
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
+    return " ".join(["python -m vitexp", *map(shlex.quote, overrides), "resume=true"])
 
 
 def prepare(cfg: DictConfig, tracker: Tracker, resume, workers) -> tuple:
@@ -293,8 +302,10 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         callbacks: Keras callbacks to add to `fit`, after vitexp's own.
     """
     check_config(cfg)
-    STOP.install()
+    STOP.install(workers=cfg.trainer.strategy == "multi_worker")
     workers = start_workers() if cfg.trainer.strategy == "multi_worker" else None  # before TF's devices
+    if workers:
+        STOP.reclaim()
     setup_tensorflow(cfg.trainer)
     private = workers and not workers.is_chief  # records into a store of its own; the chief writes the run
     if private:
@@ -338,6 +349,11 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     except KeyboardInterrupt as stop:  # the run is KILLED: say how to go on
         print(interrupted_message(run_id, out_dir, stop), file=sys.stderr)
         raise
+    except StoreDown as down:  # trained, but not all of it recorded: say how to record it
+        raise TrackingError(
+            f"{down}: run {run_id} trained to its end, its checkpoints are in {out_dir / 'checkpoints'}; "
+            f"once the store is back, record the rest with: {resume_command()}"
+        ) from None
     if workers:
         workers.report(model)
     if not private:
