@@ -178,7 +178,7 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
         for path in (checkpoints.best, checkpoints.last):
             job.tracker.log_artifact(job.run_id, path, "checkpoints")
     if job.cfg.tracking.log_model:
-        job.tracker.log_model(job.run_id, chosen, job.class_names, job.model)
+        job.tracker.log_model(job.run_id, chosen, job.class_names, job.model, str(t.tta))
     return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": chosen}
 
 
