@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TINY, compose, run_vitexp, runs_of, signal_at_step, start_vitexp
+from PIL import Image
 
 from vitexp.train import train
 from vitexp.validate import ConfigError
@@ -245,7 +246,14 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     write_png_folder(root / "split" / "test", classes=("cat", "dog", "emu"), per_class=1)
     write_png_folder(root / "jpeg")
     (root / "jpeg" / "owl" / "y.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 60)  # cut short
+    write_png_folder(root / "one", classes=("cat",))
+    write_png_folder(root / "webp")
+    for png in (root / "webp" / "owl").iterdir():  # a format predict refuses too
+        Image.open(png).save(png.with_suffix(".webp"))
+        png.unlink()
     return {
+        "one": root / "one",
+        "webp": root / "webp",
         "split": root / "split",
         "jpeg": root / "jpeg",
         "truncated": truncated,
@@ -262,6 +270,28 @@ BAD_DATA = [
     (["data=image_folder", "data.path={folder}", "data.num_classes=3"], "x.png: not a readable image"),
     (["data=image_folder", "data.path={jpeg}", "data.num_classes=3"], "y.jpg: not a readable image"),
     (["data=image_folder", "data.path={split}", "data.num_classes=3"], "only in test/: ['emu']"),
+    (
+        ["data=image_folder", "data.path={one}", "data.num_classes=3"],
+        "one class (cat); a classifier needs at least two",
+    ),
+    (
+        ["data=image_folder", "data.path={webp}", "data.num_classes=3"],
+        "owl: no images (.bmp, .gif, .jpeg, .jpg, .png)",
+    ),
+    (
+        ["data=synthetic", "data.train_limit=1"],
+        "1 training image (data.train_limit=1): a run needs at least 2",
+    ),
+    (
+        ["data=synthetic", "trainer.validation_split=0.999"],
+        "trainer.validation_split=0.999 of 512 training images leaves none to train on: use a fraction",
+    ),
+    (
+        # a tiny model: where the batch is not checked, it trains, repeating the images to fill it
+        [*(a for a in TINY if not a.startswith("trainer.batch_size")), "trainer.batch_size=4096"],
+        "trainer.batch_size=4096 is larger than the training split: 409 of 512 training images after "
+        "trainer.validation_split=0.2; set trainer.batch_size=409 or less",
+    ),
     (["data.path=/no/such/cifar.tar.gz"], "does not exist"),
     (["tracking.uri=http://127.0.0.1:9"], "is unreachable"),
     (["resume=true"], "no interrupted run of this config"),
@@ -308,3 +338,25 @@ def test_the_command_fails_with_the_line_main_prints(bad_files, shared_store, vi
     code, stderr = vitexp_in_process(args)
     assert code == 2 and stderr.strip().splitlines()[-1] == last
     assert runs_of(client, f"bad-{tmp_path.name}") == []
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_deleted_experiment_says_how_to_restore_it(sweep, shared_store, vitexp_in_process, tmp_path):
+    uri, client = shared_store
+    experiment = f"deleted-{tmp_path.name}"
+    experiment_id = client.create_experiment(experiment)
+    client.delete_experiment(experiment_id)
+    args = [
+        *TINY,
+        f"tracking.uri={uri}",
+        f"tracking.experiment={experiment}",
+        f"hydra.sweep.dir={tmp_path}/m",
+    ]
+    code, stderr = vitexp_in_process(["-m", *args, "trainer.seed=1,2"] if sweep else args)
+    assert code == 2, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"vitexp: error: tracking.experiment={experiment}: that experiment is deleted (id {experiment_id}); "
+        f"restore it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id "
+        f"{experiment_id}`, or pick another name"
+    )
+    assert client.search_runs([experiment_id]) == []

@@ -329,3 +329,52 @@ def test_predict_takes_a_folder_for_its_images_and_names_a_missing_file(trained,
             predict, [run.info.run_id, str(tmp_path / name), "--tracking-uri", uri], capsys
         )
         assert code == 2 and stderr.strip() == f"vitexp.predict: error: {tmp_path / name}: {message}", stderr
+
+
+def class_folder(root, classes):
+    """An image folder of the synthetic test images of `classes` (`pattern_<i>`), 5 a class."""
+    data = synthetic_test_images()
+    for name in classes:
+        index = int(name.removeprefix("pattern_")) % 4
+        (root / name).mkdir(parents=True)
+        write_images(root / name, data.test_x[data.test_y == index][:5])
+    return root
+
+
+def test_evaluate_advice_on_other_classes_works_when_followed(trained, tmp_path, capsys):
+    from vitexp import evaluate
+
+    _, uri, _, run = trained
+    more = class_folder(tmp_path / "more", [f"pattern_{i}" for i in range(5)])
+    argv = [run.info.run_id, "data=image_folder", "data.image_shape=[16,16,3]", "--tracking-uri", uri]
+    code, _, stderr = in_process(evaluate, [*argv, f"data.path={more}"], capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith(
+        f"vitexp.evaluate: error: data image_folder has 5 classes but run {run.info.run_id} predicts 4 "
+        "(pattern_0, pattern_1, pattern_2, pattern_3): evaluate it on images of those classes"
+    ), stderr
+    some = class_folder(tmp_path / "some", ["pattern_1", "pattern_2"])  # the advice, followed
+    code, stdout, stderr = in_process(evaluate, [*argv, f"data.path={some}", "--in-place"], capsys)
+    assert code == 0, stderr[-3000:]
+    assert "on image_folder test, 2 images" in stdout, stdout
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "data.image_shape=abc",
+            "data.image_shape=abc: not of the key's type; give a value like the run's [16, 16, 3]",
+        ),
+        ("data.num_classes=x", "data.num_classes=x: not of the key's type; give a value like the run's 4"),
+        ("data.colour=red", "data.colour=red: no such key; the data config has _target_, name, num_classes"),
+    ],
+)
+def test_evaluate_refuses_a_value_of_the_wrong_type_in_one_line(override, message, trained, capsys):
+    from vitexp import evaluate
+
+    _, uri, _, run = trained
+    code, _, stderr = in_process(evaluate, [run.info.run_id, override, "--tracking-uri", uri], capsys)
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith(f"vitexp.evaluate: error: {message}"), line

@@ -79,6 +79,30 @@ def compile_model(model: keras.Model, cfg: DictConfig, total_steps: int):
     return schedule
 
 
+def check_split(cfg: DictConfig, count: int) -> None:
+    """Fails in one line when `trainer.validation_split` of `count` training images would
+    leave a split empty, or fewer images to train on than `trainer.batch_size` (a batch
+    larger than the data would repeat images to fill each step)."""
+    t, limit = cfg.trainer, cfg.data.train_limit
+    given = f"{count} training image{'s' if count != 1 else ''}"
+    given += f" (data.train_limit={limit})" if limit else ""
+    if count < 2:
+        more = "raise data.train_limit" if limit else "add images"
+        raise DataError(f"{given}: a run needs at least 2, one to train on and one to validate; {more}")
+    kept = int(count * (1.0 - t.validation_split))
+    if kept in (0, count):
+        empty = "none to train on" if kept == 0 else "none to validate on"
+        raise DataError(
+            f"trainer.validation_split={t.validation_split} of {given} leaves {empty}: "
+            "use a fraction that keeps both splits, e.g. trainer.validation_split=0.2"
+        )
+    if t.batch_size > kept:
+        raise DataError(
+            f"trainer.batch_size={t.batch_size} is larger than the training split: {kept} of {given} "
+            f"after trainer.validation_split={t.validation_split}; set trainer.batch_size={kept} or less"
+        )
+
+
 def split(data: ImageData, fraction: float) -> Splits:
     train, val = split_validation(data.train_x, data.train_y, fraction)
     return Splits(train, val, (data.test_x, data.test_y))
@@ -224,6 +248,7 @@ def prepare(cfg: DictConfig, tracker: Tracker, resume, workers) -> tuple:
     """
     try:
         data = load_data(cfg.data)
+        check_split(cfg, len(data.train_x))
         splits = split(data, cfg.trainer.validation_split)
         steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
         strategy = (

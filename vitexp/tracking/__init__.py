@@ -73,7 +73,20 @@ class Tracker:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Tracker":
-        return cls(cfg.uri, cfg.experiment, cfg.timeout_s)
+        """The tracker of a job's `tracking` config; a deleted experiment fails here, at once."""
+        tracker = cls(cfg.uri, cfg.experiment, cfg.timeout_s)
+        tracker._check_active(tracker._client.get_experiment_by_name(tracker.experiment))
+        return tracker
+
+    def _check_active(self, experiment) -> None:
+        """MLflow keeps a deleted experiment's name and refuses runs in it: say how to go on."""
+        if experiment is not None and experiment.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"tracking.experiment={self.experiment}: that experiment is deleted (id "
+                f"{experiment.experiment_id}); restore it with `MLFLOW_TRACKING_URI={self.uri} "
+                f"mlflow experiments restore --experiment-id {experiment.experiment_id}`, "
+                "or pick another name"
+            )
 
     @property
     def experiment_id(self) -> str:
@@ -81,6 +94,7 @@ class Tracker:
             raise TrackingError("this tracker was opened without an experiment")
         if self._experiment_id is None:
             found = self._client.get_experiment_by_name(self.experiment)
+            self._check_active(found)
             if found is None:
                 try:
                     self._experiment_id = self._client.create_experiment(
