@@ -223,6 +223,48 @@ def test_tool_mistakes_end_in_one_line(argv, message, tmp_path, monkeypatch, cap
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "tool, argv",
+    [
+        (compare, []),
+        (evaluate, ["feedbeef"]),
+        (predict, ["feedbeef", "photo.png"]),
+        (explain, ["feedbeef"]),
+        (registry, ["feedbeef"]),
+    ],
+)
+def test_tools_never_create_the_store_they_read(tool, argv, tmp_path, capsys):
+    db = tmp_path / "mlflow.db"
+    line = rejected(
+        [*argv, "--tracking-uri", f"sqlite:///{db}"], capsys, tool.main, f"{tool.__name__}: error: "
+    )
+    assert line == (
+        f"{tool.__name__}: error: no MLflow store at {db} (no runs to read): train first, or name the "
+        "store that holds your runs with --tracking-uri or $MLFLOW_TRACKING_URI"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_explain_out_must_be_a_folder(team_store, tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    argv = ["feedbeef", "--out", str(taken), "--tracking-uri", team_store]
+    line = rejected(argv, capsys, explain.main, "vitexp.explain: error: ")
+    assert line.endswith(f"--out {taken}: is a file; name a folder for the PNG files (created if missing)")
+    assert taken.read_text() == "mine"
+
+
+def test_compare_on_an_empty_store_says_it_is_empty(store, tmp_path, capsys):
+    uri, _ = store
+    line = rejected(
+        ["--tracking-uri", uri, "--out", str(tmp_path / "cmp")], capsys, compare.main, "vitexp.compare:"
+    )
+    assert line == (
+        f"vitexp.compare: error: the store {uri} is empty (no runs): train first, or name the store "
+        "that holds your runs with --tracking-uri or $MLFLOW_TRACKING_URI"
+    )
+
+
 # ---------------------------------------------------------------- make clean keeps results
 def test_make_clean_keeps_results_and_clean_results_says_what_it_deletes(tmp_path):
     for name in ("Makefile", "pyproject.toml"):

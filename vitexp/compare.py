@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sort", default="test_top1", help="column to sort by, best first")
     parser.add_argument("--out", type=Path, default=Path("comparison"))
     args = parser.parse(argv)
+    parser.require_store(args.tracking_uri)
     try:
         header, rows, paths = compare(args.target, args.tracking_uri, args.sort, args.out)
     except ValueError as err:

@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     other = [o for o in args.overrides if not o.startswith(("data=", "data."))]
     if other:
         parser.fail(f"{other[0]}: evaluate takes data=<option>, data.key=value and tracking.uri=URI")
+    parser.require_store(args.tracking_uri)
 
     from vitexp.data import DataError
     from vitexp.runs import RunError, load_run

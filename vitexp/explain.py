@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse(argv)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.fail(f"--out {args.out}: is a file; name a folder for the PNG files (created if missing)")
+    parser.require_store(args.tracking_uri)
 
     from vitexp.models.vit import has_attention
     from vitexp.report import plot_attention

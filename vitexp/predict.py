@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse(argv)
     if args.top < 1:
         parser.fail(f"argument --top: {args.top}: show at least 1 class per image, e.g. --top 5")
+    parser.require_store(args.tracking_uri)
 
     from omegaconf import OmegaConf
 

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if problem := model_name_problem(args.name):
         parser.fail(f"--name {args.name!r}: {problem}")
+    parser.require_store(args.tracking_uri)
     with parser.failing_on(RunError, ValueError):
         run = best_run(Tracker(args.tracking_uri), args.target, args.metric)
         uri, logged_now = register(run.info.run_id, args.name, args.tracking_uri, args.allow_unfinished)

@@ -369,6 +369,13 @@ class Tracker:
             return run, self.children(target, run.info.experiment_id, best_first)
         experiment = self._client.get_experiment_by_name(target)
         if experiment is None:
+            if not self._client.search_runs(
+                [e.experiment_id for e in self._client.search_experiments()], max_results=1
+            ):
+                raise ValueError(
+                    f"the store {self.uri} is empty (no runs): train first, or name the store that "
+                    "holds your runs with --tracking-uri or $MLFLOW_TRACKING_URI"
+                )
             raise ValueError(f"{target!r} is neither a run id nor an experiment name")
         return None, self.find_runs(experiment_id=experiment.experiment_id, best_first=best_first)
 
