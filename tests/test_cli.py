@@ -88,6 +88,25 @@ def test_main_refuses_a_mistake_in_one_line(argv, line, monkeypatch, capsys):
     assert refused_by_main(argv, monkeypatch, capsys).startswith(f"vitexp: error: {line}")
 
 
+def test_a_sweeps_cfg_job_prints_the_config_of_each_job(monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.setattr(
+        sys, "argv", ["vitexp", "-m", "trainer.seed=1,2", "depth=3", "--cfg", "job", "-p", "trainer"]
+    )
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 0
+    jobs = capsys.readouterr().out.split("# job ")[1:]
+    assert [job.splitlines()[0] for job in jobs] == ["0: trainer.seed=1", "1: trainer.seed=2"]
+    assert [yaml.safe_load(job.split("\n", 1)[1])["seed"] for job in jobs] == [1, 2]
+    line = refused_by_main(["-m", "trainer.seed=1,2", "--cfg", "all"], monkeypatch, capsys)
+    assert (
+        line
+        == "vitexp: error: --cfg all with -m: use --cfg job for each job's config, or drop -m for Hydra's own"
+    )
+
+
 def test_main_names_the_file_of_a_bad_value(tmp_path, monkeypatch, capsys):
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nmodel:\n  tokenizer: cnn\n")
@@ -144,6 +163,20 @@ def test_user_config_folder_composes_with_the_packaged_groups(tmp_path, capsys):
         preflight([*where, "experiment=tiny"])
         assert "not divisible by patch_size=7" in rejected([*where, "experiment=bad"], capsys)
     assert "no such folder" in rejected(["--config-dir", str(tmp_path / "nowhere")], capsys)
+
+
+def test_a_user_experiment_without_its_package_header_is_named(tmp_path, monkeypatch, capsys):
+    folder = user_configs(tmp_path / "my_configs", small=4)
+    small = folder / "experiment" / "small.yaml"
+    small.write_text(small.read_text().replace("# @package _global_\n", ""))
+    monkeypatch.chdir(tmp_path)
+    for argv in (["experiment=small"], ["-m", "experiment=small", "trainer.seed=1,2"]):
+        line = refused_by_main(["--config-dir", "my_configs", *argv], monkeypatch, capsys)
+        assert line == (
+            "vitexp: error: my_configs/experiment/small.yaml: options of group experiment set keys at the "
+            "top of the config: make its first line `# @package _global_`, as vitexp's own experiment "
+            "options have it"
+        )
 
 
 def test_help_says_vitexp_and_lists_options_not_schemas(tmp_path):
