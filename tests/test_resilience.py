@@ -1,6 +1,8 @@
 """Runs that survive: kill and resume, Ctrl-C, divergence, determinism, bad inputs."""
 
+import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -9,6 +11,8 @@ import pytest
 from conftest import TINY, compose, run_vitexp, runs_of, signal_at_step, start_vitexp
 from PIL import Image
 
+from vitexp.resume import config_hash, find_resume
+from vitexp.tracking import Tracker
 from vitexp.train import train
 from vitexp.validate import ConfigError
 
@@ -169,6 +173,40 @@ def test_ctrl_c_in_the_first_epoch_says_to_start_again(tmp_path, store):
     assert not (run_dir / "checkpoints").exists()
     (run,) = runs_of(client)
     assert run.info.status == "KILLED"
+
+
+def test_sigkill_in_the_first_epoch_restarts_in_the_same_run_as_ctrl_c_does(tmp_path, store):
+    uri, client = store
+    run_dir = tmp_path / "run"
+    args = [*TINY, "data.num_train=3072", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"]
+    proc = start_vitexp(args, tmp_path)
+    wait_for(lambda: (run_dir / "model_summary.txt").exists(), proc)  # set up, not yet one epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoints" / "epoch_0001.keras").exists()
+    (run,) = runs_of(client)
+    assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
+    result = run_vitexp([*args, "resume=true"], tmp_path)
+    assert f"resuming run {run.info.run_id} after epoch 0" in result.stderr
+    (again,) = runs_of(client)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert steps(client, run.info.run_id, "val_top1") == [1, 2, 3]
+
+
+def test_a_running_run_whose_process_lives_is_not_taken_over(tmp_path, store):
+    """resume=<id> of a run still training (this process holds it) is refused in one line."""
+    uri, client = store
+    cfg = compose([*TINY, f"tracking.uri={uri}"])
+    tracker = Tracker(uri, "vitexp")
+    run_id = tracker.start_run("live", {"vitexp.output_dir": str(tmp_path / "run")})
+    cfg.resume = run_id
+    process = f"{socket.gethostname()}:{os.getpid()}"
+    tracker.set_tags(run_id, {"vitexp.config_hash": config_hash(cfg), "vitexp.process": process})
+    with pytest.raises(
+        ConfigError, match=f"resume={run_id}: that run is still training \\(process {process}\\)"
+    ):
+        find_resume(tracker, cfg)
+    assert client.get_run(run_id).info.status == "RUNNING"
 
 
 def test_cifar_offline_says_what_to_do_and_leaves_no_folder(tmp_path, store):

@@ -16,7 +16,8 @@ from vitexp.devices import choose_precision
 from vitexp.jobs import Job, Splits
 from vitexp.provenance import command_line, git_commit
 from vitexp.report import plot_curves, write_report
-from vitexp.resume import config_hash
+from vitexp.resume import PROCESS_TAG, config_hash
+from vitexp.search import owner
 from vitexp.tracking import CONFIG_HASH_TAG, Tracker, flatten, source_tags
 
 
@@ -28,6 +29,7 @@ def run_tags(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
         "vitexp.git_commit": commit,
         "vitexp.hydra_job": job,
         "vitexp.output_dir": str(out_dir),
+        PROCESS_TAG: owner(),
         CONFIG_HASH_TAG: config_hash(cfg),
         "vitexp.model": cfg.model.name,
         "vitexp.data": cfg.data.name,

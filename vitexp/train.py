@@ -36,7 +36,8 @@ from vitexp.multiworker import start_workers
 from vitexp.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, slurm_job_id
 from vitexp.provenance import command_line
 from vitexp.record import log_pictures, log_setup, print_summary, record_training, run_tags
-from vitexp.resume import EndResumedEpoch, find_resume, finished_before, link_finished, restore
+from vitexp.resume import PROCESS_TAG, EndResumedEpoch, find_resume, finished_before, link_finished, restore
+from vitexp.search import owner
 from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, Tracker, TrackingError, flatten
 from vitexp.trial import trial_callbacks
 from vitexp.validate import ConfigError, check_config
@@ -283,6 +284,7 @@ def open_run(tracker: Tracker, cfg: DictConfig, resume) -> tuple[str, Path, int]
     """The MLflow run this job writes: the resumed one, reopened, or a new one."""
     if resume:
         tracker.reopen(resume.run_id)
+        tracker.set_tags(resume.run_id, {PROCESS_TAG: owner()})  # the process training it now
         replay_missing(tracker, resume.run_id, CheckpointDir(resume.out_dir / "checkpoints"))
         if resume.in_epoch:  # the optimizer step it goes on from: none is trained twice
             step = resume.in_epoch["iterations"]
