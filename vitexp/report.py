@@ -33,15 +33,14 @@ FALLBACK_FONTS = (
 )
 
 
-def use_fallback_fonts() -> list[str]:
-    """Makes matplotlib fall back to the installed FALLBACK_FONTS; returns the font families."""
+def use_fallback_fonts() -> None:
+    """Makes matplotlib fall back to the installed FALLBACK_FONTS for what its own font lacks."""
     from matplotlib import font_manager
 
     installed = {f.name for f in font_manager.fontManager.ttflist}
     noto = sorted(n for n in installed if n.startswith("Noto Sans") and n not in FALLBACK_FONTS)
     extra = [n for n in FALLBACK_FONTS if n in installed] + noto
     plt.rcParams["font.family"] = ["sans-serif", *extra]
-    return list(plt.rcParams["font.family"])
 
 
 @functools.cache
@@ -167,8 +166,8 @@ def plot_position_similarity(embedding: np.ndarray, path: Path) -> Path:
 
 
 def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], path: Path) -> Path:
-    class_names = [drawable(name) for name in class_names]
     """A confusion matrix (up to 20 classes), else the most-confused class pairs."""
+    class_names = [drawable(name) for name in class_names]
     k = len(class_names)
     if k <= 20:
         counts = confusion_counts(y_true, y_pred, k)
@@ -203,8 +202,8 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str
 
 
 def plot_confident_errors(images, y_true, probs, class_names, path: Path, count: int = 12) -> Path:
-    class_names = [drawable(name) for name in class_names]
     """The test images the model got wrong with the most confidence."""
+    class_names = [drawable(name) for name in class_names]
     y_pred = probs.argmax(-1)
     wrong = np.flatnonzero(y_pred != y_true)
     worst = wrong[np.argsort(probs[wrong, y_pred[wrong]])[::-1][:count]]
