@@ -89,6 +89,25 @@ def test_main_refuses_a_mistake_in_one_line(argv, line, monkeypatch, capsys):
     assert refused_by_main(argv, monkeypatch, capsys).startswith(f"vitexp: error: {line}")
 
 
+def test_a_sweeps_cfg_job_prints_the_config_of_each_job(monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.setattr(
+        sys, "argv", ["vitexp", "-m", "trainer.seed=1,2", "depth=3", "--cfg", "job", "-p", "trainer"]
+    )
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 0
+    jobs = capsys.readouterr().out.split("# job ")[1:]
+    assert [job.splitlines()[0] for job in jobs] == ["0: trainer.seed=1", "1: trainer.seed=2"]
+    assert [yaml.safe_load(job.split("\n", 1)[1])["seed"] for job in jobs] == [1, 2]
+    line = refused_by_main(["-m", "trainer.seed=1,2", "--cfg", "all"], monkeypatch, capsys)
+    assert (
+        line
+        == "vitexp: error: --cfg all with -m: use --cfg job for each job's config, or drop -m for Hydra's own"
+    )
+
+
 def test_main_names_the_file_of_a_bad_value(tmp_path, monkeypatch, capsys):
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nmodel:\n  tokenizer: cnn\n")
@@ -145,6 +164,20 @@ def test_user_config_folder_composes_with_the_packaged_groups(tmp_path, capsys):
         preflight([*where, "experiment=tiny"])
         assert "not divisible by patch_size=7" in rejected([*where, "experiment=bad"], capsys)
     assert "no such folder" in rejected(["--config-dir", str(tmp_path / "nowhere")], capsys)
+
+
+def test_a_user_experiment_without_its_package_header_is_named(tmp_path, monkeypatch, capsys):
+    folder = user_configs(tmp_path / "my_configs", small=4)
+    small = folder / "experiment" / "small.yaml"
+    small.write_text(small.read_text().replace("# @package _global_\n", ""))
+    monkeypatch.chdir(tmp_path)
+    for argv in (["experiment=small"], ["-m", "experiment=small", "trainer.seed=1,2"]):
+        line = refused_by_main(["--config-dir", "my_configs", *argv], monkeypatch, capsys)
+        assert line == (
+            "vitexp: error: my_configs/experiment/small.yaml: options of group experiment set keys at the "
+            "top of the config: make its first line `# @package _global_`, as vitexp's own experiment "
+            "options have it"
+        )
 
 
 def test_help_says_vitexp_and_lists_options_not_schemas(tmp_path):
@@ -228,6 +261,47 @@ def test_tool_mistakes_end_in_one_line(argv, message, tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     assert message in rejected(argv, capsys, evaluate.main, "vitexp.evaluate: error: ")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "tool, argv",
+    [
+        (compare, []),
+        (evaluate, ["feedbeef"]),
+        (predict, ["feedbeef", "photo.png"]),
+        (explain, ["feedbeef"]),
+        (registry, ["feedbeef"]),
+    ],
+)
+def test_tools_never_create_the_store_they_read(tool, argv, tmp_path, capsys):
+    name = tool.__name__.replace(".tools.", ".")  # the command users type
+    db = tmp_path / "mlflow.db"
+    line = rejected([*argv, "--tracking-uri", f"sqlite:///{db}"], capsys, tool.main, f"{name}: error: ")
+    assert line == (
+        f"{name}: error: no MLflow store at {db} (no runs to read): train first, or name the "
+        "store that holds your runs with --tracking-uri or $MLFLOW_TRACKING_URI"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_explain_out_must_be_a_folder(team_store, tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    argv = ["feedbeef", "--out", str(taken), "--tracking-uri", team_store]
+    line = rejected(argv, capsys, explain.main, "vitexp.explain: error: ")
+    assert line.endswith(f"--out {taken}: is a file; name a folder for the PNG files (created if missing)")
+    assert taken.read_text() == "mine"
+
+
+def test_compare_on_an_empty_store_says_it_is_empty(store, tmp_path, capsys):
+    uri, _ = store
+    line = rejected(
+        ["--tracking-uri", uri, "--out", str(tmp_path / "cmp")], capsys, compare.main, "vitexp.compare:"
+    )
+    assert line == (
+        f"vitexp.compare: error: the store {uri} is empty (no runs): train first, or name the store "
+        "that holds your runs with --tracking-uri or $MLFLOW_TRACKING_URI"
+    )
 
 
 # ---------------------------------------------------------------- make clean keeps results

@@ -111,3 +111,27 @@ def test_attention_figure_has_one_colour_scale():
     assert len(panels) == 2 * (2 + 2) and colorbar.get_ylabel() == "share of attention"
     heats = [ax.images[1] for ax in panels if len(ax.images) == 2]
     assert len(heats) == 2 * 3 and len({(h.norm.vmin, h.norm.vmax) for h in heats}) == 1
+
+
+def test_class_names_in_scripts_the_font_lacks_are_drawn_or_escaped(tmp_path):
+    """No empty boxes: a Katakana class name is drawn with an installed font that has it (a
+    fallback such as Noto Sans CJK), or written as its escape where none has it."""
+    import warnings
+
+    from vitexp.report import plot_confident_errors, plot_confusion, plot_samples
+
+    names = ["ネコ", "dog"]
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    labels = np.array([0, 1])
+    probs = np.array([[0.2, 0.8], [0.9, 0.1]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_samples(images, labels, names, tmp_path / "samples.png")
+        plot_confusion(labels, probs.argmax(-1), names, tmp_path / "confusion.png")
+        plot_confident_errors(images, labels, probs, names, tmp_path / "errors.png")
+    missing = [str(w.message) for w in caught if "missing from font" in str(w.message)]
+    assert missing == []
+    from vitexp.report import drawable
+
+    assert drawable("ネコ") in ("ネコ", "\\u30cd\\u30b3")
+    assert drawable("dog é") == "dog é"  # what the default font has stays as it is

@@ -7,7 +7,7 @@ from the same search path (`vitexp.config.hydra_app`, as `vitexp.config.compose`
 tools and tests) and checked here (for a sweep, every combination of a grid), so a
 typo fails in one line within a second instead of deep in a traceback after data has been
 loaded. TensorFlow is imported only when a job actually trains, so `--help` and `--cfg job`
-answer at once.
+answer at once; `-m ... --cfg job` prints the config of each job of the sweep.
 """
 
 import contextlib
@@ -16,11 +16,12 @@ import itertools
 import os
 import re
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from vitexp.config import CONFIG_PATH, compose_with, hydra_app
+from vitexp.config import CONFIG_PATH, compose_with, config_folder, hydra_app
 from vitexp.errors import fail
 from vitexp.quiet import filter_native_noise
 from vitexp.train.cluster import launcher_problem
@@ -92,6 +93,90 @@ def preflight(argv: list[str]) -> None:
             check_reachable(uri, timeout)
         except TrackingError as err:
             fail(str(err))
+
+
+GLOBAL_HEADER = "# @package _global_"
+
+
+def missing_global_header(config_dir: str | None, overrides: list[str]) -> str | None:
+    """A user's option (`--config-dir`) of a group whose options set keys at the top of the
+    config (experiment, hparams_search) without their `# @package _global_` line: Hydra would
+    put its keys under the group's name and blame another file. Returns the line to print."""
+    if config_dir is None:
+        return None
+    packaged = config_folder()
+    for override in overrides:
+        key, _, names = override.partition("=")
+        group = key.lstrip("+")
+        options = list((packaged / group).glob("*.yaml")) if group.isidentifier() else []
+        if not options or not all(_has_global_header(o) for o in options):
+            continue
+        for name in names.split(","):
+            mine = Path(config_dir) / group / f"{name.strip()}.yaml"
+            if mine.is_file() and not _has_global_header(mine):
+                return (
+                    f"{mine}: options of group {group} set keys at the top of the config: make its "
+                    f"first line `{GLOBAL_HEADER}`, as vitexp's own {group} options have it"
+                )
+    return None
+
+
+def _has_global_header(path: Path) -> bool:
+    """Whether the file's leading comment lines (where Hydra reads it) hold the header."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return False
+        if line.strip() == GLOBAL_HEADER:
+            return True
+    return False
+
+
+def check_user_options(argv: list[str]) -> None:
+    """Fails in one line on a user's option file that Hydra would misplace (before Hydra runs)."""
+    parsed = _quiet_hydra_parse(argv)
+    if parsed is not None and (problem := missing_global_header(parsed.config_dir, parsed.overrides)):
+        fail(problem)
+
+
+def _quiet_hydra_parse(argv: list[str]):
+    """Hydra's reading of the command line, or None for one it rejects (it says why itself)."""
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return get_args_parser().parse_args(argv)
+    except SystemExit:
+        return None
+
+
+def show_sweep_configs(argv: list[str]) -> None:
+    """`vitexp -m ... --cfg job` (Hydra answers a sweep's `--cfg` with "Only one of --run,
+    --multirun, --cfg ..."): prints the config of each job of the sweep (its grid; a
+    search's sampled ranges stay as the base config has them) and exits."""
+    from omegaconf import OmegaConf
+
+    parsed = _quiet_hydra_parse(argv)
+    if parsed is None or not (parsed.multirun and parsed.cfg):
+        return
+    if parsed.cfg != "job":
+        fail(f"--cfg {parsed.cfg} with -m: use --cfg job for each job's config, or drop -m for Hydra's own")
+    args = [a for a in parsed.overrides if not a.startswith("hydra") or a.startswith("hydra.searchpath")]
+    try:
+        with hydra_app(parsed.config_dir, parsed.config_path) as app:
+            jobs = _job_overrides(app, args)
+            for number, job in enumerate(jobs):
+                cfg = compose_with(app, parsed.config_name or "config", job)
+                shown = OmegaConf.select(cfg, parsed.package) if parsed.package else cfg
+                swept = " ".join(ov for ov in job if ov not in args)
+                print(f"# job {number}: {swept}" if swept else f"# job {number}")
+                print(
+                    OmegaConf.to_yaml(shown, resolve=parsed.resolve) if OmegaConf.is_config(shown) else shown
+                )
+    except ConfigError as err:  # a --config-dir that is not a folder
+        fail(str(err))
+    except Exception as err:
+        fail(_explain_compose_error(err))
+    sys.exit(0)
 
 
 def _check_jobs(app, config_name: str, args: list[str]) -> tuple[DictConfig, set]:
@@ -174,5 +259,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     filter_native_noise()
+    check_user_options(sys.argv[1:])
+    show_sweep_configs(sys.argv[1:])
     preflight(sys.argv[1:])
     _hydra_main()

@@ -10,6 +10,7 @@ The schemas of models, datasets, optimizers and schedules live beside their fact
 """
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -185,12 +186,21 @@ register_schemas()
 
 
 # ---------------------------------------------------------------- composing
+SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"  # a checkout's, installed editable or not
+
+
+def in_checkout() -> bool:
+    return (SOURCE_CONF / "config.yaml").is_file()
+
+
+def config_folder() -> Path:
+    """Where vitexp's own options are: a checkout's conf/, else the installed vitexp.conf."""
+    return SOURCE_CONF if in_checkout() else Path(importlib.util.find_spec(CONFIG_MODULE).origin).parent
+
+
 def config_path() -> str:
-    """A source checkout's own conf/ (installed editable or not), else the packaged configs."""
-    source = Path(__file__).resolve().parent.parent / "conf"
-    if (source / "config.yaml").is_file():
-        return str(source)
-    return f"pkg://{CONFIG_MODULE}"
+    """Hydra's name for `config_folder()`."""
+    return str(SOURCE_CONF) if in_checkout() else f"pkg://{CONFIG_MODULE}"
 
 
 CONFIG_PATH = config_path()

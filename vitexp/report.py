@@ -5,6 +5,7 @@ returns its path (a `*_figure` function returns the figure); `write_report` pick
 applies to the model (attention pictures need a ViT, position similarity a learned one).
 """
 
+import functools
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +18,53 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from vitexp.metrics import confused_pairs, confusion_counts  # noqa: E402
 
 PANELS = (("loss", "Loss", False), ("top1", "Top-1 accuracy", True), ("top5", "Top-5 accuracy", True))
+# Fonts with the scripts matplotlib's own DejaVu Sans lacks (CJK above all): where one is
+# installed, matplotlib falls back to it for those characters (every `Noto Sans*` counts too).
+FALLBACK_FONTS = (
+    "Noto Sans CJK JP",
+    "Noto Sans CJK SC",
+    "Noto Sans CJK TC",
+    "Noto Sans CJK KR",
+    "Source Han Sans",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "Droid Sans Fallback",
+    "Arial Unicode MS",
+)
+
+
+def use_fallback_fonts() -> None:
+    """Makes matplotlib fall back to the installed FALLBACK_FONTS for what its own font lacks."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    noto = sorted(n for n in installed if n.startswith("Noto Sans") and n not in FALLBACK_FONTS)
+    extra = [n for n in FALLBACK_FONTS if n in installed] + noto
+    plt.rcParams["font.family"] = ["sans-serif", *extra]
+
+
+@functools.cache
+def _drawable_characters(families: tuple[str, ...]) -> frozenset[int]:
+    """The characters the fonts of `families` have glyphs for."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    chars: set[int] = set()
+    for family in families:
+        path = font_manager.findfont(font_manager.FontProperties(family=[family]), fallback_to_default=False)
+        chars.update(FT2Font(path).get_charmap())
+    return frozenset(chars)
+
+
+def drawable(text: str) -> str:
+    """`text` as the pictures can draw it: a character no installed font has (a class name
+    in Katakana without a CJK font, say) is written as its escape, `\\u30cd`, not as an
+    empty box."""
+    chars = _drawable_characters(tuple(plt.rcParams["font.family"]))
+    return "".join(c if ord(c) in chars or not c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
+use_fallback_fonts()
 
 
 def _save(fig, path: Path) -> Path:
@@ -65,7 +113,7 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, class_names: list[str],
     fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.6), squeeze=False)
     for ax, image, label in zip(axes[0], images, labels):
         show_image(ax, image)
-        ax.set_title(class_names[int(label)], fontsize=9)
+        ax.set_title(drawable(class_names[int(label)]), fontsize=9)
     fig.suptitle("Training samples")
     return _save(fig, path)
 
@@ -119,6 +167,7 @@ def plot_position_similarity(embedding: np.ndarray, path: Path) -> Path:
 
 def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str], path: Path) -> Path:
     """A confusion matrix (up to 20 classes), else the most-confused class pairs."""
+    class_names = [drawable(name) for name in class_names]
     k = len(class_names)
     if k <= 20:
         counts = confusion_counts(y_true, y_pred, k)
@@ -154,6 +203,7 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str
 
 def plot_confident_errors(images, y_true, probs, class_names, path: Path, count: int = 12) -> Path:
     """The test images the model got wrong with the most confidence."""
+    class_names = [drawable(name) for name in class_names]
     y_pred = probs.argmax(-1)
     wrong = np.flatnonzero(y_pred != y_true)
     worst = wrong[np.argsort(probs[wrong, y_pred[wrong]])[::-1][:count]]
@@ -241,7 +291,7 @@ def attention_figure(model, images: np.ndarray, titles: list[str] | None = None)
     top = max(rollout.max(), last.max())  # one colour scale for every map
     for i, image in enumerate(images):
         show_image(axes[i, 0], image)
-        axes[i, 0].set_title(titles[i] if titles else f"image {i}", fontsize=8)
+        axes[i, 0].set_title(drawable(titles[i]) if titles else f"image {i}", fontsize=8)
         heat = _overlay(axes[i, 1], image, rollout[i], "rollout, all layers", top)
         for h in range(heads):
             _overlay(axes[i, 2 + h], image, last[i, h], f"last layer, head {h + 1}", top)

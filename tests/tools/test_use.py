@@ -48,6 +48,14 @@ def best_model(folder):
     return load_model(str(folder / "run" / "checkpoints" / "best.keras"))
 
 
+def served_probs(folder, images):
+    """What the run reported its test scores from (it used `trainer.tta=flip`): the softmax of
+    the mean of the logits of the images and their horizontal mirrors, from its checkpoint."""
+    model = best_model(folder)
+    views = [model.predict(v, verbose=0).astype(np.float64) for v in (images, images[:, :, ::-1])]
+    return softmax((views[0] + views[1]) / 2)
+
+
 def write_images(folder, images):
     import keras
 
@@ -114,8 +122,9 @@ def test_predict_top5_on_image_files(trained):
     )
     results = json.loads(out.stdout)
     assert [r["image"] for r in results] == paths
-    # the files give what the run's model gives on the same pixels as arrays, best class first
-    expected = softmax(best_model(folder).predict(data.test_x[:3], verbose=0).astype(np.float64))
+    # the files give what the run's model gives on the same pixels as arrays, best class first,
+    # from the image and its mirror, as the run (trainer.tta=flip) scored its test split
+    expected = served_probs(folder, data.test_x[:3])
     for r, p in zip(results, expected):
         assert [t["class"] for t in r["top"]] == np.argsort(p)[::-1].tolist()
         assert [t["probability"] for t in r["top"]] == pytest.approx(sorted(p, reverse=True), abs=1e-5)
@@ -156,7 +165,13 @@ def test_register_load_and_serve(trained):
     out = run_vitexp(
         [run.info.run_id, "--name", "tiny-vit", "--tracking-uri", uri], folder, module="vitexp.registry"
     )
-    assert "models:/tiny-vit/1" in out.stdout
+    assert "models:/tiny-vit/1" in out.stdout and "trainer.tta=flip" in out.stdout
+    # the run's own MLflow Model is registered, not a second copy, and the run is left as it was
+    after = client.get_run(run.info.run_id)
+    (own,) = [o.model_id for o in after.outputs.model_outputs]
+    assert own in client.get_model_version("tiny-vit", "1").source
+    assert client.get_logged_model(own).tags["vitexp.tta"] == "flip"
+    assert after.info.status == "FINISHED" and after.info.end_time == run.info.end_time
 
     import mlflow
 
@@ -164,7 +179,7 @@ def test_register_load_and_serve(trained):
     pyfunc = mlflow.pyfunc.load_model("models:/tiny-vit/1")
     images = synthetic_test_images().test_x[:8]
     predicted = pyfunc.predict(images)
-    probs = softmax(best_model(folder).predict(images, verbose=0).astype(np.float64))
+    probs = served_probs(folder, images)  # as the run was scored: trainer.tta=flip
     assert predicted["class"].tolist() == probs.argmax(-1).tolist()
     assert predicted["label"].tolist() == [f"pattern_{c}" for c in probs.argmax(-1)]
     np.testing.assert_allclose(predicted["probability"], probs.max(-1), atol=1e-6)
@@ -205,6 +220,149 @@ def test_register_load_and_serve(trained):
         )
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
         assert answer["predictions"][0]["class"] == predicted["class"][0]
+        assert answer["predictions"][0]["probability"] == pytest.approx(probs[0].max(), abs=1e-6)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("name", ["my model/v1?", "", "a:b"])
+def test_registry_refuses_a_name_mlflow_refuses_and_leaves_the_run_alone(name, trained, capsys):
+    from vitexp.tools import registry
+
+    _, uri, client, run = trained
+    registered = client.search_registered_models()
+    code, _, stderr = in_process(registry, [run.info.run_id, "--name", name, "--tracking-uri", uri], capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith(f"vitexp.registry: error: --name {name!r}: "), stderr
+    assert ("cannot contain '/' or ':'" in stderr) if name else ("needs a name" in stderr)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert client.search_registered_models() == registered
+
+
+@pytest.fixture
+def unfinished(trained):
+    """A run that did not finish: a RUNNING copy of the trained run's record (its config and
+    checkpoint folder), without an MLflow Model, as an interrupted run leaves it."""
+    folder, uri, client, run = trained
+    copy = client.create_run(run.info.experiment_id, run_name="interrupted")
+    client.log_artifact(copy.info.run_id, str(folder / "run" / "config" / "config.yaml"), "config")
+    client.log_param(copy.info.run_id, "trainer.tta", "flip")
+    client.set_tag(copy.info.run_id, "vitexp.output_dir", str(folder / "run"))
+    return uri, client, copy.info.run_id
+
+
+@pytest.mark.parametrize("status", ["RUNNING", "KILLED"])
+def test_registry_refuses_an_unfinished_run_unless_asked_and_never_changes_its_status(
+    status, unfinished, capsys
+):
+    from vitexp.tools import registry
+    from vitexp.train.resume import _resumable
+
+    uri, client, run_id = unfinished
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
+    name = f"unfinished-{status.lower()}"
+    argv = [run_id, "--name", name, "--tracking-uri", uri]
+    code, _, stderr = in_process(registry, argv, capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"run {run_id} is {status}: it did not finish" in stderr and "--allow-unfinished" in stderr
+    assert client.get_run(run_id).info.status == status
+    assert client.search_model_versions(f"name='{name}'") == []
+
+    code, stdout, stderr = in_process(registry, [*argv, "--allow-unfinished"], capsys)
+    assert code == 0, stderr[-3000:]
+    assert f"{status}: registered unfinished" in stdout and "logged now" in stdout, stdout
+    after = client.get_run(run_id)
+    assert after.info.status == status and _resumable(after) is not None  # it can still go on
+    (version,) = client.search_model_versions(f"name='{name}'")
+    assert after.outputs.model_outputs[0].model_id in version.source
+
+
+@pytest.mark.parametrize("top", ["0", "-3"])
+def test_predict_top_must_be_positive(top, trained, capsys):
+    from vitexp.tools import predict
+
+    folder, uri, _, run = trained
+    paths = write_images(folder, synthetic_test_images().test_x[:1])
+    code, stdout, stderr = in_process(
+        predict, [run.info.run_id, *paths, "--top", top, "--tracking-uri", uri], capsys
+    )
+    assert code == 2 and stdout == "", stdout
+    assert (
+        stderr.strip()
+        == f"vitexp.predict: error: argument --top: {top}: show at least 1 class per image, e.g. --top 5"
+    )
+
+
+def test_predict_takes_a_folder_for_its_images_and_names_a_missing_file(trained, tmp_path, capsys):
+    from vitexp.tools import predict
+
+    _, uri, _, run = trained
+    images = synthetic_test_images().test_x[:3]
+    write_images(tmp_path, images)
+    (tmp_path / "notes.txt").write_text("not an image")
+    code, stdout, stderr = in_process(
+        predict, [run.info.run_id, str(tmp_path), "--json", "--tracking-uri", uri], capsys
+    )
+    assert code == 0, stderr[-3000:]
+    results = json.loads(stdout)
+    assert [r["image"] for r in results] == [str(tmp_path / f"image_{i}.png") for i in range(3)]
+    (tmp_path / "photo.webp").write_bytes(b"RIFF\0\0\0\0WEBPVP8 ")
+    for name, message in [
+        ("missing.png", "no such file"),
+        ("photo.webp", ".webp is not an image format vitexp trains on; use .bmp, .gif, .jpeg, .jpg, .png"),
+    ]:
+        code, _, stderr = in_process(
+            predict, [run.info.run_id, str(tmp_path / name), "--tracking-uri", uri], capsys
+        )
+        assert code == 2 and stderr.strip() == f"vitexp.predict: error: {tmp_path / name}: {message}", stderr
+
+
+def class_folder(root, classes):
+    """An image folder of the synthetic test images of `classes` (`pattern_<i>`), 5 a class."""
+    data = synthetic_test_images()
+    for name in classes:
+        index = int(name.removeprefix("pattern_")) % 4
+        (root / name).mkdir(parents=True)
+        write_images(root / name, data.test_x[data.test_y == index][:5])
+    return root
+
+
+def test_evaluate_advice_on_other_classes_works_when_followed(trained, tmp_path, capsys):
+    from vitexp.tools import evaluate
+
+    _, uri, _, run = trained
+    more = class_folder(tmp_path / "more", [f"pattern_{i}" for i in range(5)])
+    argv = [run.info.run_id, "data=image_folder", "data.image_shape=[16,16,3]", "--tracking-uri", uri]
+    code, _, stderr = in_process(evaluate, [*argv, f"data.path={more}"], capsys)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith(
+        f"vitexp.evaluate: error: data image_folder has 5 classes but run {run.info.run_id} predicts 4 "
+        "(pattern_0, pattern_1, pattern_2, pattern_3): evaluate it on images of those classes"
+    ), stderr
+    some = class_folder(tmp_path / "some", ["pattern_1", "pattern_2"])  # the advice, followed
+    code, stdout, stderr = in_process(evaluate, [*argv, f"data.path={some}", "--in-place"], capsys)
+    assert code == 0, stderr[-3000:]
+    assert "on image_folder test, 2 images" in stdout, stdout
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "data.image_shape=abc",
+            "data.image_shape=abc: not of the key's type; give a value like the run's [16, 16, 3]",
+        ),
+        ("data.num_classes=x", "data.num_classes=x: not of the key's type; give a value like the run's 4"),
+        ("data.colour=red", "data.colour=red: no such key; the data config has _target_, name, num_classes"),
+    ],
+)
+def test_evaluate_refuses_a_value_of_the_wrong_type_in_one_line(override, message, trained, capsys):
+    from vitexp.tools import evaluate
+
+    _, uri, _, run = trained
+    code, _, stderr = in_process(evaluate, [run.info.run_id, override, "--tracking-uri", uri], capsys)
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith(f"vitexp.evaluate: error: {message}"), line

@@ -1,12 +1,17 @@
 """Runs that survive: kill and resume, Ctrl-C, divergence, determinism, bad inputs."""
 
+import os
 import signal
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import TINY, compose, run_vitexp, runs_of, signal_at_step, start_vitexp, wait_for
+from PIL import Image
 
+from vitexp.tracking import Tracker
+from vitexp.train.resume import config_hash, find_resume
 from vitexp.train.run import train
 from vitexp.validate import ConfigError
 
@@ -158,6 +163,40 @@ def test_ctrl_c_in_the_first_epoch_says_to_start_again(tmp_path, store):
     assert run.info.status == "KILLED"
 
 
+def test_sigkill_in_the_first_epoch_restarts_in_the_same_run_as_ctrl_c_does(tmp_path, store):
+    uri, client = store
+    run_dir = tmp_path / "run"
+    args = [*TINY, "data.num_train=3072", f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"]
+    proc = start_vitexp(args, tmp_path)
+    wait_for(lambda: (run_dir / "model_summary.txt").exists(), proc)  # set up, not yet one epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "checkpoints" / "epoch_0001.keras").exists()
+    (run,) = runs_of(client)
+    assert run.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
+    result = run_vitexp([*args, "resume=true"], tmp_path)
+    assert f"resuming run {run.info.run_id} after epoch 0" in result.stderr
+    (again,) = runs_of(client)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert steps(client, run.info.run_id, "val_top1") == [1, 2, 3]
+
+
+def test_a_running_run_whose_process_lives_is_not_taken_over(tmp_path, store):
+    """resume=<id> of a run still training (this process holds it) is refused in one line."""
+    uri, client = store
+    cfg = compose([*TINY, f"tracking.uri={uri}"])
+    tracker = Tracker(uri, "vitexp")
+    run_id = tracker.start_run("live", {"vitexp.output_dir": str(tmp_path / "run")})
+    cfg.resume = run_id
+    process = f"{socket.gethostname()}:{os.getpid()}"
+    tracker.set_tags(run_id, {"vitexp.config_hash": config_hash(cfg), "vitexp.process": process})
+    with pytest.raises(
+        ConfigError, match=f"resume={run_id}: that run is still training \\(process {process}\\)"
+    ):
+        find_resume(tracker, cfg)
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+
 def test_cifar_offline_says_what_to_do_and_leaves_no_folder(tmp_path, store):
     uri, client = store
     offline = {
@@ -233,7 +272,14 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     write_png_folder(root / "split" / "test", classes=("cat", "dog", "emu"), per_class=1)
     write_png_folder(root / "jpeg")
     (root / "jpeg" / "owl" / "y.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 60)  # cut short
+    write_png_folder(root / "one", classes=("cat",))
+    write_png_folder(root / "webp")
+    for png in (root / "webp" / "owl").iterdir():  # a format predict refuses too
+        Image.open(png).save(png.with_suffix(".webp"))
+        png.unlink()
     return {
+        "one": root / "one",
+        "webp": root / "webp",
         "split": root / "split",
         "jpeg": root / "jpeg",
         "truncated": truncated,
@@ -250,6 +296,28 @@ BAD_DATA = [
     (["data=image_folder", "data.path={folder}", "data.num_classes=3"], "x.png: not a readable image"),
     (["data=image_folder", "data.path={jpeg}", "data.num_classes=3"], "y.jpg: not a readable image"),
     (["data=image_folder", "data.path={split}", "data.num_classes=3"], "only in test/: ['emu']"),
+    (
+        ["data=image_folder", "data.path={one}", "data.num_classes=3"],
+        "one class (cat); a classifier needs at least two",
+    ),
+    (
+        ["data=image_folder", "data.path={webp}", "data.num_classes=3"],
+        "owl: no images (.bmp, .gif, .jpeg, .jpg, .png)",
+    ),
+    (
+        ["data=synthetic", "data.train_limit=1"],
+        "1 training image (data.train_limit=1): a run needs at least 2",
+    ),
+    (
+        ["data=synthetic", "trainer.validation_split=0.999"],
+        "trainer.validation_split=0.999 of 512 training images leaves none to train on: use a fraction",
+    ),
+    (
+        # a tiny model: where the batch is not checked, it trains, repeating the images to fill it
+        [*(a for a in TINY if not a.startswith("trainer.batch_size")), "trainer.batch_size=4096"],
+        "trainer.batch_size=4096 is larger than the training split: 409 of 512 training images after "
+        "trainer.validation_split=0.2; set trainer.batch_size=409 or less",
+    ),
     (["data.path=/no/such/cifar.tar.gz"], "does not exist"),
     (["tracking.uri=http://127.0.0.1:9"], "is unreachable"),
     (["resume=true"], "no interrupted run of this config"),
@@ -296,3 +364,25 @@ def test_the_command_fails_with_the_line_main_prints(bad_files, shared_store, vi
     code, stderr = vitexp_in_process(args)
     assert code == 2 and stderr.strip().splitlines()[-1] == last
     assert runs_of(client, f"bad-{tmp_path.name}") == []
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_deleted_experiment_says_how_to_restore_it(sweep, shared_store, vitexp_in_process, tmp_path):
+    uri, client = shared_store
+    experiment = f"deleted-{tmp_path.name}"
+    experiment_id = client.create_experiment(experiment)
+    client.delete_experiment(experiment_id)
+    args = [
+        *TINY,
+        f"tracking.uri={uri}",
+        f"tracking.experiment={experiment}",
+        f"hydra.sweep.dir={tmp_path}/m",
+    ]
+    code, stderr = vitexp_in_process(["-m", *args, "trainer.seed=1,2"] if sweep else args)
+    assert code == 2, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"vitexp: error: tracking.experiment={experiment}: that experiment is deleted (id {experiment_id}); "
+        f"restore it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id "
+        f"{experiment_id}`, or pick another name"
+    )
+    assert client.search_runs([experiment_id]) == []

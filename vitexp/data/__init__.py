@@ -57,6 +57,11 @@ def check_data(data: ImageData, num_classes: int, image_shape: list[int]) -> Non
                 f"{data.source}: {split} labels span [{low}, {high}], outside [0, {num_classes - 1}]"
                 f": set data.num_classes={high + 1} or fix the labels"
             )
+    if len(data.class_names) == 1 < num_classes:  # data.num_classes=1 is no way out
+        raise DataError(
+            f"{data.source}: one class ({data.class_names[0]}); a classifier needs at least two: "
+            "add the images of another class (in an image folder, a sub-folder per class)"
+        )
     if len(data.class_names) != num_classes:
         raise DataError(
             f"{data.source}: {len(data.class_names)} class names for data.num_classes="
@@ -64,8 +69,14 @@ def check_data(data: ImageData, num_classes: int, image_shape: list[int]) -> Non
         )
 
 
-def load_data(cfg: DictConfig) -> ImageData:
-    """Loads, trims (train_limit/test_limit) and checks the dataset a data config names."""
+def load_data(cfg: DictConfig, classes_from_data: bool = False) -> ImageData:
+    """Loads, trims (train_limit/test_limit) and checks the dataset a data config names.
+
+    Args:
+        cfg: the data config.
+        classes_from_data: take the class count from the data rather than holding it to
+            `cfg.num_classes` (evaluate matches a data set's classes to a run's by name).
+    """
     data = call_loader(cfg)
     if cfg.train_limit:
         data.train_x, data.train_y = data.train_x[: cfg.train_limit], data.train_y[: cfg.train_limit]
@@ -73,5 +84,6 @@ def load_data(cfg: DictConfig) -> ImageData:
         data.test_x, data.test_y = data.test_x[: cfg.test_limit], data.test_y[: cfg.test_limit]
     data.train_y = data.train_y.astype(np.int32).reshape(-1)
     data.test_y = data.test_y.astype(np.int32).reshape(-1)
-    check_data(data, cfg.num_classes, list(cfg.image_shape))
+    num_classes = len(data.class_names) if classes_from_data else cfg.num_classes
+    check_data(data, num_classes, list(cfg.image_shape))
     return data

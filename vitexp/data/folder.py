@@ -7,6 +7,7 @@ import numpy as np
 from vitexp.data import DataError, ImageData
 
 SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM")
+# What Keras' directory loader reads; `vitexp.predict` and `explain` take the same formats.
 EXTENSIONS = {".png", ".jpg", ".jpeg", ".gif", ".bmp"}
 
 
@@ -17,7 +18,7 @@ def _check_files(folder: Path) -> list[str]:
     for cls in classes:
         files = [p for p in (folder / cls).iterdir() if p.suffix.lower() in EXTENSIONS]
         if not files:
-            raise DataError(f"{folder / cls}: no images (.png, .jpg, .gif, .bmp)")
+            raise DataError(f"{folder / cls}: no images ({', '.join(sorted(EXTENSIONS))})")
         for file in files:
             with open(file, "rb") as f:
                 head = f.read(4)

@@ -25,8 +25,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from vitexp.errors import fail
 from vitexp.provenance import command_line
-from vitexp.tracking import ERROR_TAG, FAILED, FINISHED, PARENT_ENV, Tracker
+from vitexp.tracking import ERROR_TAG, FAILED, FINISHED, PARENT_ENV, Tracker, TrackingError
 from vitexp.tracking.views import sweep_view
 
 SCORES = ("best_val_top1", "test_top1", "best_test_top1")  # the columns of the sweep's table
@@ -79,7 +80,10 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from vitexp.search.study import resumed_parent
 
-        self.tracker = Tracker.from_config(config.tracking)
+        try:
+            self.tracker = Tracker.from_config(config.tracking)
+        except TrackingError as err:  # before any job ran: one line, as a single run says it
+            fail(str(err))
         # an interrupted Optuna search that is run again continues under its own parent
         self.parent_id = resumed_parent(config, self.tracker) or self.new_parent(config)
         os.environ[PARENT_ENV] = self.parent_id

@@ -8,6 +8,7 @@ any order, and every mistake ends in one line `vitexp.<tool>: error: ...`.
 
 import argparse
 import os
+from pathlib import Path
 from typing import NoReturn
 
 from vitexp.config import compose
@@ -69,3 +70,18 @@ class ToolParser(argparse.ArgumentParser):
             if problem is not None:
                 self.fail(f"tracking URI {args.tracking_uri}: {problem}")
         return args
+
+    def require_store(self, uri: str | None) -> None:
+        """Ends the tool in one line when the sqlite store it is to read runs from does not
+        exist: reading must not create it."""
+        from vitexp.tracking import resolve_uri
+
+        uri = resolve_uri(uri)
+        if not uri.startswith("sqlite:///"):
+            return
+        path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+        if not path.is_file() or path.stat().st_size == 0:
+            self.fail(
+                f"no MLflow store at {path} (no runs to read): train first, or name the store that "
+                "holds your runs with --tracking-uri or $MLFLOW_TRACKING_URI"
+            )

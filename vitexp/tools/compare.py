@@ -246,6 +246,7 @@ def compare(
     tracker = Tracker(tracking_uri)
     runs, parent, read = gather(tracker, targets)
     if not runs:
+        tracker.require_runs()
         raise ValueError(f"no training runs under {', '.join(map(repr, targets)) or 'any experiment'}")
     if say:
         say("read " + "; ".join(read))
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sort", default="test_top1", help="column to sort by, best first")
     parser.add_argument("--out", type=Path, default=Path("comparison"))
     args = parser.parse(argv)
+    parser.require_store(args.tracking_uri)
     env = os.environ.get("MLFLOW_EXPERIMENT_NAME")
     targets = args.targets or ([env] if env else [])
     try:

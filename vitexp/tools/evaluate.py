@@ -19,41 +19,70 @@ from vitexp.tools.args import ToolParser
 
 
 def data_config(run_cfg, overrides: list[str]):
-    """The run's data config with `data=<option>` and `data.key=value` overrides applied."""
+    """The run's data config with `data=<option>` and `data.key=value` overrides applied,
+    typed by its schema, so a misspelt key or a value of the wrong type fails in one line."""
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
     from vitexp.data import DataError
 
     data = run_cfg.data
     group = [o for o in overrides if o.startswith("data=")]
+    dotted = [o.removeprefix("data.") for o in overrides if o.startswith("data.")]
     try:
         if group:
             from vitexp.config import compose
 
             data = compose(group).data
-        dotted = [o.removeprefix("data.") for o in overrides if o.startswith("data.")]
+        elif dotted:
+            data = _typed(data)
         return OmegaConf.merge(data, OmegaConf.from_dotlist(dotted)) if dotted else data
+    except (ValidationError, ConfigKeyError) as err:
+        key = f"data.{err.full_key}"
+        given = next((o for o in overrides if o.startswith(f"{key}=")), key)
+        if isinstance(err, ConfigKeyError):
+            raise DataError(f"{given}: no such key; the data config has {', '.join(data.keys())}") from None
+        now = OmegaConf.select(data, str(err.full_key))
+        raise DataError(f"{given}: not of the key's type; give a value like the run's {now}") from None
     except (HydraException, OmegaConfBaseException) as err:
         raise DataError(f"{' '.join(overrides)}: {str(err).splitlines()[0]}") from None
 
 
-def fit_to_model(run, data_cfg, images: np.ndarray) -> np.ndarray:
+def _typed(data):
+    """A run's data config under its schema (the keys' types), or as it is when it does not
+    fit it (a run recorded by another vitexp version)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from vitexp.config import DataConfig, SyntheticDataConfig
+
+    schema = SyntheticDataConfig if data._target_ == SyntheticDataConfig._target_ else DataConfig
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), data)
+    except OmegaConfBaseException:
+        return data
+
+
+def fit_to_model(run, data, name: str, images: np.ndarray) -> np.ndarray:
     """The test images in the shape the run's model takes, converted as `predict` converts
-    files; raises DataError when the data has more classes than the model."""
+    files; raises DataError when the data (config `name`) has more classes than the model."""
     from vitexp.data import DataError
     from vitexp.data.folder import fit_images
 
     model_classes = int(run.cfg.data.num_classes)
-    if data_cfg.num_classes > model_classes:
+    if len(data.class_names) > model_classes:
         raise DataError(
-            f"data {data_cfg.name} has {data_cfg.num_classes} classes but run {run.run_id} predicts "
-            f"{model_classes}: evaluate it on data with at most {model_classes} classes"
+            f"data {name} has {len(data.class_names)} classes but run {run.run_id} predicts "
+            f"{model_classes} ({_names(run.class_names)}): evaluate it on images of those classes "
+            f"(all or some of them); the data's classes: {_names(data.class_names)}"
         )
     if list(images.shape[1:]) != run.image_shape:
         print(f"vitexp: test images {list(images.shape[1:])} converted to the model's {run.image_shape}")
         images = fit_images(images, run.image_shape)
     return images
+
+
+def _names(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def model_labels(run_classes: list[str], data) -> np.ndarray:
@@ -78,10 +107,10 @@ def evaluate(run, data_cfg, batch_size: int = 256) -> dict:
     from vitexp.data.pipeline import predict_views
     from vitexp.metrics import per_class_accuracy, score_views
 
-    data = load_data(data_cfg)
-    images = fit_to_model(run, data_cfg, data.test_x)
+    data = load_data(data_cfg, classes_from_data=True)  # matched to the run's classes by name
+    images = fit_to_model(run, data, data_cfg.name, data.test_x)
     labels = model_labels(run.class_names, data)
-    num_classes = max(int(run.cfg.data.num_classes), int(data_cfg.num_classes))
+    num_classes = max(int(run.cfg.data.num_classes), len(data.class_names))
     tta = OmegaConf.select(run.cfg, "trainer.tta", default="none")  # as the run scored its test split
     views = predict_views(run.model, images, labels, num_classes, batch_size, tta)
     scores, probs = score_views(views, labels)
@@ -107,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     other = [o for o in args.overrides if not o.startswith(("data=", "data."))]
     if other:
         parser.fail(f"{other[0]}: evaluate takes data=<option>, data.key=value and tracking.uri=URI")
+    parser.require_store(args.tracking_uri)
 
     from vitexp.data import DataError
     from vitexp.tools.runs import RunError, load_run

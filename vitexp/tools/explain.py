@@ -14,21 +14,27 @@ from vitexp.tools.args import ToolParser
 def main(argv: list[str] | None = None) -> None:
     parser = ToolParser("vitexp.explain", __doc__)
     parser.add_argument("run_id")
-    parser.add_argument("images", nargs="*", help="PNG/JPEG files (default: the run's first test images)")
+    parser.add_argument(
+        "images", nargs="*", help="image files or folders (default: the run's first test images)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNG files")
     args = parser.parse(argv)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.fail(f"--out {args.out}: is a file; name a folder for the PNG files (created if missing)")
+    parser.require_store(args.tracking_uri)
 
     from vitexp.models.vit import has_attention
     from vitexp.report import plot_attention
-    from vitexp.tools.runs import RunError, load_run, read_images
+    from vitexp.tools.runs import RunError, image_files, load_run, read_images
 
     with parser.failing_on(RunError):
         run = load_run(args.run_id, args.tracking_uri)
         if not has_attention(run.model):
             raise RunError(f"run {args.run_id} is a {run.model.name} model: attention maps need a ViT")
         if args.images:
-            images = read_images(args.images, run.image_shape)
-            titles = [Path(p).name for p in args.images]
+            paths = image_files(args.images)
+            images = read_images(paths, run.image_shape)
+            titles = [Path(p).name for p in paths]
         else:
             images, labels = run.test_images(4)
             titles = [run.class_names[int(y)] for y in labels]

@@ -1,12 +1,17 @@
 """Hand a trained model on: register the best run as an MLflow pyfunc model, ready to serve.
 
     python -m vitexp.registry [run id | experiment name] [--name MODEL] [--metric test_top1]
-        [--tracking-uri URI]
+        [--allow-unfinished] [--tracking-uri URI]
 
-Given an experiment (or a sweep's parent run), the child/run with the highest metric is
-registered. The model takes uint8 images `(n, height, width, channels)` of the trained
-shape and returns, per image, the class index, its name and its probability. Serve it with
-`make serve MODEL=models:/<name>/<version>` (mlflow models serve, local environment).
+Given an experiment (or a sweep's parent run), the FINISHED child/run with the highest
+metric is registered: the MLflow Model the run logged (`tracking.log_model=true`), or, for
+a run without one, its test checkpoint logged as one now. The run itself is left as it is
+(its status too); a run that did not finish is refused unless `--allow-unfinished`.
+
+The model takes uint8 images `(n, height, width, channels)` of the trained shape and
+returns, per image, the class index, its name and its probability, computed as the run
+scored its test split (with `trainer.tta=flip`, from the image and its mirror). Serve it
+with `make serve MODEL=models:/<name>/<version>` (mlflow models serve, local environment).
 """
 
 from vitexp.tools.args import ToolParser, default_experiment
@@ -23,15 +28,41 @@ def best_run(tracker, target: str, metric: str):
     return finished[0]
 
 
-def register(run_id: str, name: str, tracking_uri: str | None = None) -> str:
-    """Logs the run's best checkpoint as a pyfunc model and registers it; returns its URI."""
-    from vitexp.tools.runs import load_run
-    from vitexp.tracking import Tracker
+def register(run_id: str, name: str, tracking_uri: str | None = None, allow_unfinished: bool = False):
+    """Registers the run's MLflow Model under `name`, logging one first (from the run's test
+    checkpoint) where the run has none that answers as the run was scored; the run's status
+    is never changed. Returns the model's URI and whether it was logged now.
 
-    loaded = load_run(run_id, tracking_uri)
-    tracker = Tracker(tracking_uri, loaded.experiment)
-    info = tracker.log_model(run_id, loaded.checkpoint, loaded.class_names, loaded.model, name)
-    return f"models:/{name}/{info.registered_model_version}"
+    Raises:
+        RunError: the name is one MLflow refuses, or the run did not finish and
+            `allow_unfinished` is False.
+    """
+    from vitexp.tools.runs import RunError, load_run
+    from vitexp.tracking import FINISHED, TTA_TAG, Tracker, model_name_problem
+
+    if problem := model_name_problem(name):
+        raise RunError(f"--name {name!r}: {problem}")
+    tracker = Tracker(tracking_uri)
+    run = tracker.get_run(run_id)
+    if run is None:
+        raise RunError(f"no run {run_id!r} in {tracker.uri}: check the id (`make ui` lists runs)")
+    status = run.info.status
+    if status != FINISHED and not allow_unfinished:
+        raise RunError(
+            f"run {run_id} is {status}: it did not finish, so its model is not the one it would "
+            "have trained; continue it (resume=true) or pass --allow-unfinished to register it as it is"
+        )
+    tta = run.data.params.get("trainer.tta", "none")
+    model = tracker.run_model(run_id)
+    logged_now = model is None or model.tags.get(TTA_TAG, "none") != tta
+    if logged_now:
+        loaded = load_run(run_id, tracking_uri)
+        model_id = tracker.log_model(
+            run_id, loaded.checkpoint, loaded.class_names, loaded.model, tta
+        ).model_id
+    else:
+        model_id = model.model_id
+    return f"models:/{name}/{tracker.register_model(model_id, name)}", logged_now
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,18 +76,35 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--name", default="vitexp-classifier", help="registered model name")
     parser.add_argument("--metric", default="test_top1", help="what 'best' means (higher is better)")
+    parser.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="register a run that did not finish (RUNNING, KILLED, FAILED) as it is",
+    )
     args = parser.parse(argv)
 
     from vitexp.tools.runs import RunError
-    from vitexp.tracking import Tracker
+    from vitexp.tracking import FINISHED, Tracker, model_name_problem
 
+    if problem := model_name_problem(args.name):
+        parser.fail(f"--name {args.name!r}: {problem}")
+    parser.require_store(args.tracking_uri)
     with parser.failing_on(RunError, ValueError):
         run = best_run(Tracker(args.tracking_uri), args.target, args.metric)
-        uri = register(run.info.run_id, args.name, args.tracking_uri)
+        uri, logged_now = register(run.info.run_id, args.name, args.tracking_uri, args.allow_unfinished)
+    status = run.info.status
+    unfinished = (
+        f", {status}: registered unfinished, as --allow-unfinished asks" if status != FINISHED else ""
+    )
     print(
         f"registered run {run.info.run_id} ({run.info.run_name}, {args.metric}="
-        f"{run.data.metrics.get(args.metric, float('nan')):.4f}) as {uri}"
+        f"{run.data.metrics.get(args.metric, float('nan')):.4f}{unfinished}) as {uri}"
     )
+    views = run.data.params.get("trainer.tta", "none")
+    source = (
+        "its test checkpoint, logged now as its MLflow Model" if logged_now else "the run's own MLflow Model"
+    )
+    print(f"  model: {source}; test-time views: trainer.tta={views}, as the run was scored")
     print(f"serve it: make serve MODEL={uri}")
 
 

@@ -77,15 +77,47 @@ def _checkpoint(tracker, run, name: str, folder: Path) -> Path:
     )
 
 
+def image_files(paths: list[str]) -> list[str]:
+    """The image files `paths` name, a folder standing for its images in file-name order.
+
+    Raises:
+        RunError: a path does not exist, a folder holds no images, or a file is of a format
+            that training's image-folder loader does not read either.
+    """
+    from vitexp.data.folder import EXTENSIONS
+
+    formats = ", ".join(sorted(EXTENSIONS))
+    files = []
+    for path in paths:
+        given = Path(path)
+        if given.is_dir():
+            inside = sorted(str(p) for p in given.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS)
+            if not inside:
+                raise RunError(
+                    f"{path}: a folder with no images ({formats}) directly in it; name image files"
+                )
+            files += inside
+        elif not given.exists():
+            raise RunError(f"{path}: no such file")
+        elif given.suffix.lower() not in EXTENSIONS:
+            raise RunError(
+                f"{path}: {given.suffix or 'a file without an extension'} is not an image format vitexp "
+                f"trains on; use {formats}"
+            )
+        else:
+            files.append(path)
+    return files
+
+
 def read_images(paths: list[str], image_shape: list[int]) -> np.ndarray:
-    """Reads PNG/JPEG/GIF/BMP files into uint8 `(N, H, W, C)`, converted and resized as an
+    """Reads image files (`image_files`) into uint8 `(N, H, W, C)`, converted and resized as an
     image-folder run's training images were (`vitexp.data.folder.load_image`)."""
     from vitexp.data.folder import load_image
 
     out = []
-    for path in paths:
+    for path in image_files(paths):
         try:
             out.append(load_image(path, image_shape))
-        except Exception as err:
-            raise RunError(f"{path}: not a readable image ({str(err).splitlines()[0][:80]})") from None
+        except Exception:
+            raise RunError(f"{path}: not a readable image (it does not decode); replace it") from None
     return np.stack(out)

@@ -51,6 +51,8 @@ CLASS_NAMES_ARTIFACT = "class_names.json"
 ERROR_TAG = "vitexp.error"
 # What a run computes, hashed (vitexp.train.resume.config_hash): the same job across sweeps.
 CONFIG_HASH_TAG = "vitexp.config_hash"
+# The test-time views a logged MLflow Model answers from (`trainer.tta`), as a model tag.
+TTA_TAG = "vitexp.tta"
 
 
 class StoreDown(TrackingError):
@@ -88,7 +90,20 @@ class Tracker:
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Tracker":
-        return cls(cfg.uri, cfg.experiment, cfg.timeout_s, cfg.get("reconnect_s", 0.0))
+        """The tracker of a job's `tracking` config; a deleted experiment fails here, at once."""
+        tracker = cls(cfg.uri, cfg.experiment, cfg.timeout_s, cfg.get("reconnect_s", 0.0))
+        tracker._check_active(tracker._client.get_experiment_by_name(tracker.experiment))
+        return tracker
+
+    def _check_active(self, experiment) -> None:
+        """MLflow keeps a deleted experiment's name and refuses runs in it: say how to go on."""
+        if experiment is not None and experiment.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"tracking.experiment={self.experiment}: that experiment is deleted (id "
+                f"{experiment.experiment_id}); restore it with `MLFLOW_TRACKING_URI={self.uri} "
+                f"mlflow experiments restore --experiment-id {experiment.experiment_id}`, "
+                "or pick another name"
+            )
 
     @property
     def experiment_id(self) -> str:
@@ -96,6 +111,7 @@ class Tracker:
             raise TrackingError("this tracker was opened without an experiment")
         if self._experiment_id is None:
             found = self._client.get_experiment_by_name(self.experiment)
+            self._check_active(found)
             if found is None:
                 try:
                     self._experiment_id = self._client.create_experiment(
@@ -252,37 +268,62 @@ class Tracker:
             inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
         self._send(partial(again_after_a_race, partial(self._client.log_inputs, run_id, datasets=inputs)))
 
-    def log_model(
-        self, run_id: str, checkpoint: Path, class_names: list[str], model=None, registered_name=None
-    ):
+    def log_model(self, run_id: str, checkpoint: Path, class_names: list[str], model=None, tta: str = "none"):
         """Logs a checkpoint as the run's MLflow Model (vitexp's pyfunc, with signature and
-        input example), optionally registered; returns MLflow's ModelInfo."""
+        input example) that answers from the test-time views `tta` the run was scored on,
+        through the client alone: the run's status stays as it is. Returns MLflow's ModelInfo."""
         import mlflow
+        from mlflow.entities import LoggedModelOutput
 
         from vitexp.tracking.pyfunc import PACKAGE_DIR, VitexpClassifier, requirements
 
         classifier = VitexpClassifier()
-        classifier.load(checkpoint, class_names, model)
+        classifier.load(checkpoint, class_names, model, tta)
         example = np.zeros((1, *classifier.model.input_shape[1:]), dtype=np.uint8)
         mlflow.set_tracking_uri(self.uri)
+        run = self._client.get_run(run_id)
+        # made here, in the run's experiment, so that no fluent run (which would end it) is needed
+        logged = self._client.create_logged_model(
+            run.info.experiment_id, "model", run_id, tags={TTA_TAG: tta}, params=dict(run.data.params)
+        )
         # MLflow's hints (type hints, integer columns) do not apply to uint8 images
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             signature = mlflow.models.infer_signature(example, classifier.predict(None, example))
             names = Path(tmp) / CLASS_NAMES_ARTIFACT
             names.write_text(json.dumps(class_names, ensure_ascii=False), encoding="utf-8")
-            # the run's own context makes the logged model belong to the run's experiment
-            with mlflow.start_run(run_id=run_id), quiet_model_logging():
-                return mlflow.pyfunc.log_model(
+            with quiet_model_logging():
+                info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=VitexpClassifier(),
                     artifacts={"checkpoint": str(checkpoint), "class_names": str(names)},
+                    model_config={"tta": tta},
                     code_paths=[str(PACKAGE_DIR)],
                     signature=signature,
                     input_example=example,
                     pip_requirements=requirements(classifier.model),
-                    registered_model_name=registered_name,
+                    model_id=logged.model_id,
                 )
+        self._client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        return info
+
+    def run_model(self, run_id: str):
+        """The newest READY MLflow Model the run logged (MLflow's LoggedModel), None if none."""
+        from mlflow.entities import LoggedModelStatus
+
+        outputs = self._client.get_run(run_id).outputs
+        models = [
+            self._client.get_logged_model(o.model_id) for o in (outputs.model_outputs if outputs else [])
+        ]
+        ready = [m for m in models if m.status == LoggedModelStatus.READY]
+        return max(ready, key=lambda m: m.creation_timestamp) if ready else None
+
+    def register_model(self, model_id: str, name: str) -> str:
+        """Registers a logged MLflow Model under `name`; returns the new version."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        return str(mlflow.register_model(f"models:/{model_id}", name).version)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -420,8 +461,19 @@ class Tracker:
             return run, self.children(target, run.info.experiment_id, best_first)
         experiment = self._client.get_experiment_by_name(target)
         if experiment is None:
+            self.require_runs()
             raise ValueError(f"{target!r} is neither a run id nor an experiment name")
         return None, self.find_runs(experiment_id=experiment.experiment_id, best_first=best_first)
+
+    def require_runs(self) -> None:
+        """Raises ValueError, saying which store it read, when the store holds no run at all."""
+        if not self._client.search_runs(
+            [e.experiment_id for e in self._client.search_experiments()], max_results=1
+        ):
+            raise ValueError(
+                f"the store {self.uri} is empty (no runs): train first, or name the store that "
+                "holds your runs with --tracking-uri or $MLFLOW_TRACKING_URI"
+            )
 
     def metric_history(self, run_id: str, key: str) -> dict[int, float]:
         """Every value of metric `key` the run logged, by step, in step order."""
@@ -500,3 +552,17 @@ def source_tags(commit: str) -> dict[str, str]:
     import mlflow
 
     return {MLFLOW_GIT_COMMIT: commit, "version.mlflow": mlflow.__version__}
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why MLflow would refuse `name` for a registered model (its own rule), or None."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    if not name.strip():
+        return "a registered model needs a name, e.g. --name vitexp-classifier"
+    try:
+        _validate_model_name(name)
+    except MlflowException as err:
+        return f"MLflow refuses it: {err.message.splitlines()[0]}"
+    return None

@@ -15,21 +15,25 @@ class VitexpClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         names = json.loads(Path(context.artifacts["class_names"]).read_text(encoding="utf-8"))
-        self.load(context.artifacts["checkpoint"], names)
+        # models logged before the views were recorded answer from the images as they are
+        tta = (context.model_config or {}).get("tta", "none")
+        self.load(context.artifacts["checkpoint"], names, tta=tta)
 
-    def load(self, checkpoint, class_names: list[str], model=None) -> None:
-        """The checkpoint's model (or `model`, already loaded from it) and its class names."""
+    def load(self, checkpoint, class_names: list[str], model=None, tta: str = "none") -> None:
+        """The checkpoint's model (or `model`, already loaded from it), its class names and
+        the test-time views it answers from (`trainer.tta`)."""
         from vitexp.models import load_model
 
         self.model = model if model is not None else load_model(str(checkpoint))
         self.class_names = list(class_names)
+        self.tta = str(tta)
 
     # an array, as the signature says (uint8 images); MLflow validates no data by the hint
     def predict(self, context, model_input: np.ndarray, params=None):
-        from vitexp.metrics import softmax
+        from vitexp.data.pipeline import predict_probs
 
         images = np.asarray(model_input, dtype=np.uint8)
-        probs = softmax(self.model.predict(images, verbose=0).astype(np.float64))
+        probs = predict_probs(self.model, images, self.tta)
         best = probs.argmax(-1)
         return pd.DataFrame(
             {"class": best, "label": [self.class_names[i] for i in best], "probability": probs.max(-1)}

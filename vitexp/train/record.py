@@ -13,11 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitexp.provenance import command_line, git_commit
 from vitexp.report import plot_curves, write_report
+from vitexp.search.study import owner
 from vitexp.tracking import CONFIG_HASH_TAG, Tracker, flatten, source_tags
 from vitexp.train.callbacks import CheckpointDir
 from vitexp.train.devices import choose_precision
 from vitexp.train.jobs import Job, Splits
-from vitexp.train.resume import config_hash
+from vitexp.train.resume import PROCESS_TAG, config_hash
 
 
 def run_tags(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
@@ -28,6 +29,7 @@ def run_tags(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
         "vitexp.git_commit": commit,
         "vitexp.hydra_job": job,
         "vitexp.output_dir": str(out_dir),
+        PROCESS_TAG: owner(),
         CONFIG_HASH_TAG: config_hash(cfg),
         "vitexp.model": cfg.model.name,
         "vitexp.data": cfg.data.name,

@@ -11,6 +11,7 @@ import keras
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp.config import Precision
+from vitexp.search.study import owner_alive
 from vitexp.search.trial import is_trial
 from vitexp.tracking import CONFIG_HASH_TAG, FINISHED, KILLED, PARENT_ENV, Tracker, flatten
 from vitexp.train.callbacks import CheckpointDir
@@ -21,6 +22,9 @@ from vitexp.validate import ConfigError
 # Keys that change where a run is recorded or how it resumes, not what it computes (the
 # shortcuts act through model.*, which is hashed).
 NOT_HASHED = ("tracking", "resume", "report", "patch_size", "depth")
+# The process that trains a run, `host:pid` (vitexp.search.owner): a RUNNING run whose
+# process is gone was killed (SIGKILL, a crash of the machine) and may be resumed.
+PROCESS_TAG = "vitexp.process"
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -77,6 +81,11 @@ def find_resume(tracker: Tracker, cfg: DictConfig) -> Resume | None:
             f"({run.data.tags.get('vitexp.command', '?')}) with resume={cfg.resume}"
         )
     found = _resumable(run)
+    if found is None and run.info.status == "RUNNING" and owner_alive(run.data.tags.get(PROCESS_TAG)):
+        raise ConfigError(
+            f"resume={cfg.resume}: that run is still training (process {run.data.tags[PROCESS_TAG]}): "
+            "let it finish, or stop it first"
+        )
     if found is None:
         raise ConfigError(f"resume={cfg.resume}: the run has no checkpoint to continue from")
     return found
@@ -114,8 +123,9 @@ def requeued_run(tracker: Tracker) -> Resume | None:
 
 
 def _resumable(run) -> Resume | None:
-    """The run's last committed epoch, or the step checkpoint after it; a run stopped
-    (KILLED) in its first epoch with neither starts over in the same run and folder."""
+    """The run's last committed epoch, or the step checkpoint after it; a run stopped in its
+    first epoch with neither (KILLED, or RUNNING with its process gone) starts over in the
+    same run and folder."""
     folder = run.data.tags.get("vitexp.output_dir")
     if not folder:
         return None
@@ -124,7 +134,16 @@ def _resumable(run) -> Resume | None:
     epoch = checkpoints.latest_epoch() if out_dir.is_dir() else 0
     step_file, in_epoch = (checkpoints.step_checkpoint() if out_dir.is_dir() else None) or (None, None)
     resume = Resume(run.info.run_id, out_dir, epoch, in_epoch, step_file, run.data.params.get("precision"))
-    return resume if epoch or step_file or run.info.status == KILLED else None
+    return resume if epoch or step_file or _stopped(run) else None
+
+
+def _stopped(run) -> bool:
+    """Whether the run's process ended without finishing it: KILLED (Ctrl-C, SIGTERM), or
+    left RUNNING by a process that is gone (SIGKILL); unknown for older runs and other hosts."""
+    process = run.data.tags.get(PROCESS_TAG)
+    return run.info.status == KILLED or (
+        run.info.status == "RUNNING" and process is not None and not owner_alive(process)
+    )
 
 
 def restore(model: keras.Model, resume: Resume) -> None:

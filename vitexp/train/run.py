@@ -21,6 +21,7 @@ from vitexp.errors import fail
 from vitexp.metrics import score_views
 from vitexp.models import adapt_input_norm
 from vitexp.provenance import command_line
+from vitexp.search.study import owner
 from vitexp.search.trial import trial_callbacks
 from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, StoreDown, Tracker, TrackingError
 from vitexp.train.callbacks import (
@@ -46,7 +47,14 @@ from vitexp.train.record import (
     record_training,
     run_tags,
 )
-from vitexp.train.resume import EndResumedEpoch, find_resume, finished_before, link_finished, restore
+from vitexp.train.resume import (
+    PROCESS_TAG,
+    EndResumedEpoch,
+    find_resume,
+    finished_before,
+    link_finished,
+    restore,
+)
 from vitexp.validate import ConfigError, check_config
 
 USER_ERRORS = (ConfigError, DataError, TrackingError, DivergenceError)
@@ -85,6 +93,30 @@ def compile_model(model: keras.Model, cfg: DictConfig, total_steps: int):
         steps_per_execution=cfg.trainer.steps_per_execution,
     )
     return schedule
+
+
+def check_split(cfg: DictConfig, count: int) -> None:
+    """Fails in one line when `trainer.validation_split` of `count` training images would
+    leave a split empty, or fewer images to train on than `trainer.batch_size` (a batch
+    larger than the data would repeat images to fill each step)."""
+    t, limit = cfg.trainer, cfg.data.train_limit
+    given = f"{count} training image{'s' if count != 1 else ''}"
+    given += f" (data.train_limit={limit})" if limit else ""
+    if count < 2:
+        more = "raise data.train_limit" if limit else "add images"
+        raise DataError(f"{given}: a run needs at least 2, one to train on and one to validate; {more}")
+    kept = int(count * (1.0 - t.validation_split))
+    if kept in (0, count):
+        empty = "none to train on" if kept == 0 else "none to validate on"
+        raise DataError(
+            f"trainer.validation_split={t.validation_split} of {given} leaves {empty}: "
+            "use a fraction that keeps both splits, e.g. trainer.validation_split=0.2"
+        )
+    if t.batch_size > kept:
+        raise DataError(
+            f"trainer.batch_size={t.batch_size} is larger than the training split: {kept} of {given} "
+            f"after trainer.validation_split={t.validation_split}; set trainer.batch_size={kept} or less"
+        )
 
 
 def split(data: ImageData, fraction: float) -> Splits:
@@ -188,7 +220,7 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
     if job.cfg.tracking.log_model:
         tell("logging the model (MLflow Model with signature and input example)")
         job.tracker.settle()  # the model is logged at once, after every record kept back
-        job.tracker.log_model(job.run_id, chosen, job.class_names, job.model)
+        job.tracker.log_model(job.run_id, chosen, job.class_names, job.model, str(t.tta))
     return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": chosen}
 
 
@@ -249,6 +281,7 @@ def prepare(cfg: DictConfig, tracker: Tracker, resume, workers) -> tuple:
     """
     try:
         data = load_data(cfg.data)
+        check_split(cfg, len(data.train_x))
         splits = split(data, cfg.trainer.validation_split)
         steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
         strategy = (
@@ -283,6 +316,7 @@ def open_run(tracker: Tracker, cfg: DictConfig, resume) -> tuple[str, Path, int]
     """The MLflow run this job writes: the resumed one, reopened, or a new one."""
     if resume:
         tracker.reopen(resume.run_id)
+        tracker.set_tags(resume.run_id, {PROCESS_TAG: owner()})  # the process training it now
         replay_missing(tracker, resume.run_id, CheckpointDir(resume.out_dir / "checkpoints"))
         if resume.in_epoch:  # the optimizer step it goes on from: none is trained twice
             step = resume.in_epoch["iterations"]
