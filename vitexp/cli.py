@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from vitexp.config import CONFIG_PATH, compose_with, config_folder, hydra_app
 from vitexp.errors import fail
 from vitexp.quiet import filter_native_noise
+from vitexp.tracking.uri import is_server
 from vitexp.train.cluster import launcher_problem
 from vitexp.validate import ConfigError, check_config
 
@@ -191,7 +192,7 @@ def _check_jobs(app, config_name: str, args: list[str]) -> tuple[DictConfig, set
             cfg = compose_with(app, config_name, job)
         except Exception as err:
             fail(_explain_compose_error(err))
-        if str(cfg.tracking.uri).startswith(("http://", "https://")):
+        if is_server(cfg.tracking.uri):
             servers.add((cfg.tracking.uri, cfg.tracking.timeout_s))
         try:
             check_config(cfg)

@@ -5,14 +5,13 @@ second for every job of a sweep. Each problem is one line that says what to chan
 """
 
 import dataclasses
-import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp.schema import check_group
+from vitexp.tracking.uri import URI_ENV, env_uri, tracking_uri_problem
 
 
 class ConfigError(ValueError):
@@ -94,37 +93,10 @@ def check_optimisation(opt: Any, sched: Any) -> None:
         )
 
 
-TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "file", "databricks")
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def tracking_uri_problem(uri: str) -> str | None:
-    """What keeps MLflow from using `uri` (checked before anything is written), or None."""
-    scheme = uri.split(":", 1)[0]
-    if scheme not in TRACKING_SCHEMES:
-        return "use sqlite:///ABS/PATH.db or http://host:port"
-    if scheme != "sqlite":
-        return None
-    if not uri.startswith("sqlite:///") or len(uri) == len("sqlite:///"):
-        return "use sqlite:///ABS/PATH.db (three slashes, then an absolute path)"
-    path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
-    if not path.is_absolute():  # relative to which folder? a job may run elsewhere: say it
-        return f"the path is relative: use sqlite:///{path.absolute()}"
-    if path.is_dir():
-        return f"{path} is a folder: name a .db file in it"
-    if not path.parent.is_dir():
-        return f"folder {path.parent} does not exist: create it or name another file"
-    if path.is_file() and path.stat().st_size > 0:
-        with open(path, "rb") as f:
-            if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-                return f"{path} is not an SQLite database: name a new file or an MLflow .db file"
-    return None
-
-
 def check_tracking(tr: Any) -> None:
     if tr.uri is not None:
         problem = tracking_uri_problem(str(tr.uri))
-        source = " (from MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") == tr.uri else ""
+        source = f" (from {URI_ENV})" if env_uri() == tr.uri else ""
         require(problem is None, f"tracking.uri={tr.uri}{source}: {problem}")
     require(bool(tr.experiment), "tracking.experiment must be a non-empty name")
 

@@ -47,7 +47,7 @@ def test_jobs_run_under_one_parent_that_finishes_with_them(sweep, capsys):
     parent = callback.parent_id
     kids = {job(tracker, f"job-{d}", FINISHED) for d in (1, 2)}
     callback.on_multirun_end(config)
-    assert {r.info.run_id for r in tracker.children(parent)} == kids
+    assert {r.id for r in tracker.children(parent)} == kids
     run = client.get_run(parent)
     assert run.info.status == FINISHED and run.data.tags["vitexp.sweep"] == "true"
     assert run.data.params["sweep.overrides"] == "depth=1,2"

@@ -127,7 +127,7 @@ def test_without_a_target_every_experiment_is_read(sweep, tmp_path):
 
 def test_runs_are_labelled_by_their_swept_values(sweep, shared_store):
     uri, client, experiment, parent, _ = sweep
-    runs = [r for r in Tracker(uri, experiment).children(parent) if "vitexp.evaluates" not in r.data.tags]
+    runs = [r for r in Tracker(uri, experiment).children(parent) if "vitexp.evaluates" not in r.tags]
     swept = swept_params(runs)
     assert swept == ["model.depth"]
     assert sorted(label(r, swept) for r in runs) == ["depth=1", "depth=2", "depth=4"]

@@ -195,9 +195,9 @@ def test_class_names_travel_as_json_and_old_runs_still_read(shared_store):
     tracker.log_class_names(new, CLASSES)
     old = tracker.start_run("old", {})
     tracker.log_params(old, {"class_names": "cat,dog"})
-    assert tracker.class_names(client.get_run(new), 4) == CLASSES
-    assert tracker.class_names(client.get_run(old), 2) == ["cat", "dog"]
-    assert tracker.class_names(client.get_run(old), 3) == ["0", "1", "2"]
+    assert tracker.class_names(tracker.get_run(new), 4) == CLASSES
+    assert tracker.class_names(tracker.get_run(old), 2) == ["cat", "dog"]
+    assert tracker.class_names(tracker.get_run(old), 3) == ["0", "1", "2"]
 
 
 @pytest.mark.parametrize(
@@ -294,7 +294,7 @@ def test_a_killed_run_is_reopened_running(shared_store):
     tracker.end_run(run_id, KILLED)
     tracker.reopen(run_id)
     assert status_of(client, run_id) == "RUNNING"
-    assert tracker.get_run(run_id).info.run_id == run_id and tracker.get_run("no-such-run") is None
+    assert tracker.get_run(run_id).id == run_id and tracker.get_run("no-such-run") is None
 
 
 def test_metric_history_is_in_step_order(shared_store):
@@ -325,10 +325,10 @@ def test_unfinished_and_finished_runs_of_a_config(shared_store):
         ids[name] = tracker.start_run(name, {"vitexp.config_hash": config})
         tracker.end_run(ids[name], status)
     unfinished = tracker.unfinished_runs("aaa")
-    assert {r.info.run_id for r in unfinished} == {ids["old-killed"], ids["new-failed"]}
-    starts = [r.info.start_time for r in unfinished]
+    assert {r.id for r in unfinished} == {ids["old-killed"], ids["new-failed"]}
+    starts = [r.start_time for r in unfinished]
     assert starts == sorted(starts, reverse=True)  # newest first: the one to resume
-    assert tracker.finished_run("aaa").info.run_id == ids["finished"]
+    assert tracker.finished_run("aaa").id == ids["finished"]
     assert tracker.finished_run("bbb") is None
 
 
@@ -344,15 +344,15 @@ def test_run_id_or_experiment_name_lookup(shared_store):
         tracker.log_metrics(kid, {"test_top1": score}, step=1)
         tracker.end_run(kid)
     run, children = tracker.runs_under(parent)
-    assert run.info.run_id == parent and {c.info.run_id for c in children} == set(kids)
+    assert run.id == parent and {c.id for c in children} == set(kids)
     run, runs = Tracker(uri).runs_under("lookup", best_first="test_top1")
-    assert run is None and {r.info.run_id for r in runs} == {parent, *kids}
-    assert runs[0].info.run_id == kids[1]
+    assert run is None and {r.id for r in runs} == {parent, *kids}
+    assert runs[0].id == kids[1]
     with pytest.raises(ValueError, match="neither a run id nor an experiment name"):
         tracker.runs_under("nothing-by-this-name")
     # the registry's "best run" takes the same lookup: a sweep's best child, or the run itself
-    assert best_run(tracker, parent, "test_top1").info.run_id == kids[1]
-    assert best_run(tracker, kids[0], "test_top1").info.run_id == kids[0]
+    assert best_run(tracker, parent, "test_top1").id == kids[1]
+    assert best_run(tracker, kids[0], "test_top1").id == kids[0]
 
 
 def test_resume_finds_the_interrupted_run_of_the_same_config(shared_store, tmp_path):

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from vitexp.search.study import PRUNED_ATTR, Plan, grid_size  # noqa: E402
-from vitexp.tracking import FAILED, PARENT_ENV, Tracker  # noqa: E402
+from vitexp.tracking import FAILED, PARENT_ENV, Tracker, tag  # noqa: E402
 
 
 def summary(study, plan: Plan) -> dict[str, float]:
@@ -75,7 +75,7 @@ class SearchLog:
     def retried(self, number: int, run_id: str | None) -> None:
         """The MLflow child of a trial a killed search left running: FAILED, tagged as retried."""
         if self.tracker and run_id:
-            self.tracker.set_tags(run_id, {"vitexp.retried": "true"})
+            self.tracker.set_tags(run_id, {tag.RETRIED: "true"})
             self.tracker.end_run(run_id, FAILED)
 
     def progress(self, study) -> None:
@@ -89,7 +89,7 @@ class SearchLog:
             self.tracker.set_tags(self.parent, {**tags, "best.trial": str(best.number)})
         self.tracker.set_tags(
             self.parent,
-            {"vitexp.optuna_study": self.plan.study_name, "vitexp.optuna_storage": self.plan.storage_url},
+            {tag.OPTUNA_STUDY: self.plan.study_name, tag.OPTUNA_STORAGE: self.plan.storage_url},
         )
         self.tracker.flush(raise_errors=False)
 

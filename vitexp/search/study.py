@@ -18,6 +18,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vitexp.tracking import tag
+from vitexp.tracking.uri import PROJECT_ROOT, sqlite_path
+
 SWEEPER_TARGET = "hydra_plugins.vitexp_optuna_sweeper.sweeper.VitexpOptunaSweeper"
 # How a trial's job finds its trial: set per job through hydra.job.env_set.
 STORAGE_ENV = "VITEXP_OPTUNA_STORAGE"
@@ -29,8 +32,8 @@ PARENT_ATTR = "vitexp.mlflow_parent"
 PRUNER_ATTR = "vitexp.pruner"
 OWNER_ATTR = "vitexp.owner"
 RUN_ATTR = "vitexp.mlflow_run_id"
-PRUNED_ATTR = "vitexp.pruned_epoch"
-RETRIED_ATTR = "vitexp.retried"
+PRUNED_ATTR = tag.PRUNED_EPOCH  # a trial's attributes named as its MLflow run's tags
+RETRIED_ATTR = tag.RETRIED
 OBJECTIVES = ("best_val_top1", "num_params", "train_time_s")
 SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "cmaes": "CmaEsSampler"}
 PRUNERS = {
@@ -184,11 +187,8 @@ def default_storage(tracking_uri: str | None) -> str:
     version in a table named `alembic_version`. For a cluster give hydra.sweeper.storage
     (another database on that server, or a journal file on a shared disk).
     """
-    from vitexp.tracking import PROJECT_ROOT, resolve_uri
-
-    uri = resolve_uri(tracking_uri)
-    folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else PROJECT_ROOT
-    return f"sqlite:///{folder / 'optuna.db'}"
+    db = sqlite_path(tracking_uri)
+    return f"sqlite:///{(db.parent if db else PROJECT_ROOT) / 'optuna.db'}"
 
 
 def open_storage(url: str):
@@ -362,7 +362,7 @@ def resumed_parent(config: DictConfig, tracker) -> str | None:
     if parent is None:
         return None
     run = tracker.get_run(parent)
-    if run is None or run.info.experiment_id != tracker.experiment_id or run.info.lifecycle_stage != "active":
+    if run is None or run.experiment_id != tracker.experiment_id or not run.active:
         return None
     tracker.reopen(parent)
     return parent

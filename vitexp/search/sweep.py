@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from vitexp.errors import fail
 from vitexp.provenance import command_line
-from vitexp.tracking import ERROR_TAG, FAILED, FINISHED, PARENT_ENV, Tracker, TrackingError
+from vitexp.tracking import FAILED, FINISHED, PARENT_ENV, Tracker, TrackingError, tag
 from vitexp.tracking.views import sweep_view
 
 SCORES = ("best_val_top1", "test_top1", "best_test_top1")  # the columns of the sweep's table
@@ -35,8 +35,8 @@ SCORES = ("best_val_top1", "test_top1", "best_test_top1")  # the columns of the 
 
 def best_job(children):
     """The finished job with the best validation top-1, None if there is none."""
-    done = [r for r in children if r.info.status == FINISHED and "best_val_top1" in r.data.metrics]
-    return max(done, key=lambda r: r.data.metrics["best_val_top1"], default=None)
+    done = [r for r in children if r.status == FINISHED and "best_val_top1" in r.metrics]
+    return max(done, key=lambda r: r.metrics["best_val_top1"], default=None)
 
 
 def sweep_answer(children, swept: list[str]) -> tuple[dict[str, float], dict[str, str], str]:
@@ -46,12 +46,12 @@ def sweep_answer(children, swept: list[str]) -> tuple[dict[str, float], dict[str
         children: the sweep's jobs (MLflow runs); a search's trial that was run again is left out.
         swept: the params that differ between the jobs (`vitexp.compare.swept_params`).
     """
-    jobs = [r for r in children if "vitexp.retried" not in r.data.tags]
-    pruned = [r for r in jobs if "vitexp.pruned_epoch" in r.data.tags]
-    finished = [r for r in jobs if r.info.status == FINISHED and r not in pruned]
+    jobs = [r for r in children if tag.RETRIED not in r.tags]
+    pruned = [r for r in jobs if tag.PRUNED_EPOCH in r.tags]
+    finished = [r for r in jobs if r.status == FINISHED and r not in pruned]
     metrics = {
         "trials_finished": len(finished),
-        "trials_failed": sum(r.info.status != FINISHED for r in jobs),
+        "trials_failed": sum(r.status != FINISHED for r in jobs),
         "trials_pruned": len(pruned),
     }
     counts = f"{metrics['trials_finished']} finished, {metrics['trials_failed']} failed"
@@ -59,16 +59,16 @@ def sweep_answer(children, swept: list[str]) -> tuple[dict[str, float], dict[str
     best = best_job(jobs)
     if best is None:
         return metrics, {}, f"No job finished ({counts})."
-    won = {k: best.data.params.get(k, "") for k in swept}
-    metrics["best_val_top1"] = best.data.metrics["best_val_top1"]
+    won = {k: best.params.get(k, "") for k in swept}
+    metrics["best_val_top1"] = best.metrics["best_val_top1"]
     scores = f"val top-1 {metrics['best_val_top1']:.4f}"
-    if "test_top1" in best.data.metrics:
-        metrics["best_test_top1"] = best.data.metrics["test_top1"]
+    if "test_top1" in best.metrics:
+        metrics["best_test_top1"] = best.metrics["test_top1"]
         scores += f", test top-1 {metrics['best_test_top1']:.4f}"
-    tags = {"best.run_id": best.info.run_id, "best.run_name": best.info.run_name}
+    tags = {"best.run_id": best.id, "best.run_name": best.name}
     tags.update({f"best.{k}": v for k, v in won.items()})
     values = " ".join(f"{k}={v}" for k, v in won.items())
-    note = f"Best: {best.info.run_name}{f' ({values})' if values else ''}: {scores} ({counts})."
+    note = f"Best: {best.name}{f' ({values})' if values else ''}: {scores} ({counts})."
     return metrics, tags, note
 
 
@@ -95,9 +95,9 @@ class MlflowSweepCallback(Callback):
         parent_id = self.tracker.start_run(
             name,
             tags={
-                "vitexp.sweep": "true",
-                "vitexp.command": command_line(),
-                "vitexp.sweep_dir": str(config.hydra.sweep.dir),
+                tag.SWEEP: "true",
+                tag.COMMAND: command_line(),
+                tag.SWEEP_DIR: str(config.hydra.sweep.dir),
             },
         )
         self.tracker.log_params(parent_id, {"sweep.overrides": " ".join(config.hydra.overrides.task)})
@@ -105,11 +105,11 @@ class MlflowSweepCallback(Callback):
 
     def close_stale(self, command: str) -> None:
         """Marks FAILED the parents of earlier runs of this same sweep left RUNNING by a kill."""
-        stale = self.tracker.find_runs({"vitexp.sweep": "true"}, "RUNNING")
+        stale = self.tracker.find_runs({tag.SWEEP: "true"}, "RUNNING")
         for run in stale:
-            if run.info.run_id != self.parent_id and run.data.tags.get("vitexp.command") == command:
-                self.tracker.set_tags(run.info.run_id, {"vitexp.superseded_by": self.parent_id})
-                self.tracker.end_run(run.info.run_id, FAILED)
+            if run.id != self.parent_id and run.tags.get(tag.COMMAND) == command:
+                self.tracker.set_tags(run.id, {tag.SUPERSEDED_BY: self.parent_id})
+                self.tracker.end_run(run.id, FAILED)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.tracker is None or self.parent_id is None:
@@ -134,7 +134,7 @@ class MlflowSweepCallback(Callback):
     def report(self, parent: str, note: str, link: str) -> int:
         """Prints what the sweep left and what to run next; returns how many jobs failed."""
         children = self.tracker.children(parent)
-        counts = Counter(run.info.status for run in children)
+        counts = Counter(run.status for run in children)
         summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         uri = self.tracker.uri
         serve = f" (after: {self.tracker.ui_command()})" if self.tracker.ui_command() else ""
@@ -146,12 +146,12 @@ class MlflowSweepCallback(Callback):
             file=sys.stderr,
         )
         # a search's trial that a kill cut short is FAILED but was run again
-        failed = [r for r in children if r.info.status == FAILED and "vitexp.retried" not in r.data.tags]
+        failed = [r for r in children if r.status == FAILED and tag.RETRIED not in r.tags]
         if failed:
-            first = failed[0].data.tags.get(ERROR_TAG, "no error recorded").splitlines()[0]
+            first = failed[0].tags.get(tag.ERROR, "no error recorded").splitlines()[0]
             print(
                 f"vitexp: error: {len(failed)} of {len(children)} jobs failed (they are FAILED runs "
-                f"under {parent}); first: {failed[0].info.run_name}: {first}",
+                f"under {parent}); first: {failed[0].name}: {first}",
                 file=sys.stderr,
             )
         return len(failed)
@@ -163,11 +163,11 @@ class MlflowSweepCallback(Callback):
         from vitexp.tools.compare import compare, swept_params
 
         parent = self.parent_id
-        jobs = [r for r in self.tracker.children(parent) if "vitexp.evaluates" not in r.data.tags]
+        jobs = [r for r in self.tracker.children(parent) if tag.EVALUATES not in r.tags]
         print(f"vitexp: comparing the sweep's {len(jobs)} jobs, drawing its pictures...", file=sys.stderr)
         swept = swept_params(jobs)
         metrics, tags, note = sweep_answer(jobs, swept)
-        if "trials_complete" in self.tracker.get_run(parent).data.metrics:  # a search counts its own
+        if "trials_complete" in self.tracker.get_run(parent).metrics:  # a search counts its own
             metrics = {k: v for k, v in metrics.items() if k not in ("trials_failed", "trials_pruned")}
         self.tracker.log_metrics(parent, metrics, step=0)
         self.tracker.flush(raise_errors=False)
@@ -177,9 +177,7 @@ class MlflowSweepCallback(Callback):
             compare(parent, self.tracker.uri, "best_val_top1", sweep_dir / "comparison")
         except ValueError as err:  # no finished child to compare
             print(f"vitexp: no comparison for the sweep: {err}", file=sys.stderr)
-        view = sweep_view(
-            parent, [r.info.run_id for r in jobs], swept, list(SCORES), [f"best.{k}" for k in swept]
-        )
+        view = sweep_view(parent, [r.id for r in jobs], swept, list(SCORES), [f"best.{k}" for k in swept])
         return note, self.tracker.share_view(f"sweep-{parent}", view)
 
     def close(self, interrupted: bool) -> None:
@@ -190,6 +188,6 @@ class MlflowSweepCallback(Callback):
         os.environ.pop(PARENT_ENV, None)
         children = self.tracker.children(parent)
         failed = interrupted or any(
-            run.info.status != FINISHED and "vitexp.retried" not in run.data.tags for run in children
+            run.status != FINISHED and tag.RETRIED not in run.tags for run in children
         )
         self.tracker.end_run(parent, FAILED if failed else FINISHED)

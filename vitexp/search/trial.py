@@ -24,6 +24,7 @@ from vitexp.search.study import (
     open_storage,
     owner,
 )
+from vitexp.tracking import tag
 
 
 def is_trial() -> bool:
@@ -79,7 +80,7 @@ class TrialReporter(keras.callbacks.Callback):
         self.trial.set_user_attr("num_params", int(self.model.count_params()))
         self.tracker.set_tags(
             self.run_id,
-            {"vitexp.optuna_trial": str(self.number), "vitexp.optuna_study": self.study.study_name},
+            {tag.OPTUNA_TRIAL: str(self.number), tag.OPTUNA_STUDY: self.study.study_name},
         )
 
     def on_epoch_end(self, epoch, logs=None):
@@ -93,7 +94,7 @@ class TrialReporter(keras.callbacks.Callback):
         self.trial.report(float(value), step)
         if step < self.params.get("epochs", step) and self.trial.should_prune():
             self.trial.set_user_attr(PRUNED_ATTR, step)
-            self.tracker.set_tags(self.run_id, {"vitexp.pruned": "true", "vitexp.pruned_epoch": str(step)})
+            self.tracker.set_tags(self.run_id, {tag.PRUNED: "true", tag.PRUNED_EPOCH: str(step)})
             print(
                 f"vitexp: trial {self.number} pruned after epoch {step} ({self.monitor} {value:.4f})",
                 file=sys.stderr,

@@ -7,14 +7,12 @@ any order, and every mistake ends in one line `vitexp.<tool>: error: ...`.
 """
 
 import argparse
-import os
-from pathlib import Path
 from typing import NoReturn
 
 from vitexp.config import compose
 from vitexp.errors import fail, failing_on
 from vitexp.quiet import filter_native_noise
-from vitexp.validate import tracking_uri_problem
+from vitexp.tracking.uri import env_uri, sqlite_path, tracking_uri_problem
 
 
 def default_experiment() -> str:
@@ -64,7 +62,7 @@ class ToolParser(argparse.ArgumentParser):
             if given and args.tracking_uri not in (None, given[-1]):
                 self.fail(f"--tracking-uri {args.tracking_uri} and tracking.uri={given[-1]} disagree")
             args.tracking_uri = given[-1] if given else args.tracking_uri
-        args.tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+        args.tracking_uri = args.tracking_uri or env_uri()
         if args.tracking_uri is not None:
             problem = tracking_uri_problem(args.tracking_uri)
             if problem is not None:
@@ -74,13 +72,8 @@ class ToolParser(argparse.ArgumentParser):
     def require_store(self, uri: str | None) -> None:
         """Ends the tool in one line when the sqlite store it is to read runs from does not
         exist: reading must not create it."""
-        from vitexp.tracking import resolve_uri
-
-        uri = resolve_uri(uri)
-        if not uri.startswith("sqlite:///"):
-            return
-        path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
-        if not path.is_file() or path.stat().st_size == 0:
+        path = sqlite_path(uri)
+        if path is not None and (not path.is_file() or path.stat().st_size == 0):
             self.fail(
                 f"no MLflow store at {path} (no runs to read): train first, or name the store that "
                 "holds your runs with --tracking-uri or $MLFLOW_TRACKING_URI"

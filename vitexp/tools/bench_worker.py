@@ -150,15 +150,15 @@ def run_vitexp(args, overrides) -> dict:
     train(cfg, callbacks=(timer,))
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     run = tracker.find_runs()[0]
-    losses = list(tracker.metric_history(run.info.run_id, "train_loss").values())
+    losses = list(tracker.metric_history(run.id, "train_loss").values())
     return result(
         timer,
         steps * batch,
         baseline,
         losses,
-        int(run.data.params["num_params"]),
-        int(run.data.params["val_images"]),
-        precision=run.data.params["precision"],
+        int(run.params["num_params"]),
+        int(run.params["val_images"]),
+        precision=run.params["precision"],
     )
 
 

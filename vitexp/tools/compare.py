@@ -17,7 +17,6 @@ its swept values. For a sweep, the table and pictures are also logged to the par
 """
 
 import csv
-import os
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from vitexp.tools.args import ToolParser  # noqa: E402
-from vitexp.tracking import Tracker  # noqa: E402
+from vitexp.tracking import Tracker, tag  # noqa: E402
+from vitexp.tracking.uri import env_experiment  # noqa: E402
 
 METRICS = ("best_val_top1", "test_top1", "test_top5")
 IGNORED_PARAMS = ("tracking.", "hydra", "run_name", "resume", "class_names")
@@ -53,14 +53,14 @@ def collect(tracker: Tracker, target: str) -> tuple[list, str | None, str]:
     """The training runs of a sweep (by parent id) or of an experiment (by name), the parent's
     id for a sweep, and what was read, in words."""
     parent, runs = tracker.runs_under(target)
-    trained = [r for r in runs if "vitexp.evaluates" not in r.data.tags]
+    trained = [r for r in runs if tag.EVALUATES not in r.tags]
     if parent is not None:
         where = f"experiment {tracker.experiment_of(parent)}"
-        if not trained and parent.data.tags.get("vitexp.sweep") != "true":  # one run, by its id
-            return [parent], None, f"run {parent.info.run_name} ({target}) in {where}"
-        return trained, target, f"sweep {parent.info.run_name} ({target}) in {where}, {len(trained)} runs"
-    parents = {r.data.tags.get("mlflow.parentRunId") for r in trained}  # sweeps', speedruns' parents
-    jobs = [r for r in trained if r.data.tags.get("vitexp.sweep") != "true" and r.info.run_id not in parents]
+        if not trained and parent.tags.get(tag.SWEEP) != "true":  # one run, by its id
+            return [parent], None, f"run {parent.name} ({target}) in {where}"
+        return trained, target, f"sweep {parent.name} ({target}) in {where}, {len(trained)} runs"
+    parents = {r.parent_id for r in trained}  # sweeps', speedruns' parents
+    jobs = [r for r in trained if r.tags.get(tag.SWEEP) != "true" and r.id not in parents]
     return jobs, None, f"experiment {target}, {len(jobs)} runs"
 
 
@@ -74,8 +74,8 @@ def gather(tracker: Tracker, targets: list[str]) -> tuple[list, str | None, list
         found = [f for f in found if f[0]]
     runs, seen = [], set()
     for run in (r for f in found for r in f[0]):
-        if run.info.run_id not in seen:
-            seen.add(run.info.run_id)
+        if run.id not in seen:
+            seen.add(run.id)
             runs.append(run)
     parent = found[0][1] if len(found) == 1 else None
     read = [f[2] for f in found]
@@ -85,14 +85,9 @@ def gather(tracker: Tracker, targets: list[str]) -> tuple[list, str | None, list
 def swept_params(runs) -> list[str]:
     """Parameters whose values differ between the runs (what the comparison is about)."""
     keys = sorted(
-        {
-            k
-            for r in runs
-            for k in r.data.params
-            if not k.startswith(IGNORED_PARAMS) and k not in DERIVED_PARAMS
-        }
+        {k for r in runs for k in r.params if not k.startswith(IGNORED_PARAMS) and k not in DERIVED_PARAMS}
     )
-    return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+    return [k for k in keys if len({r.params.get(k) for r in runs}) > 1]
 
 
 def short_names(keys: list[str]) -> dict[str, str]:
@@ -104,35 +99,35 @@ def short_names(keys: list[str]) -> dict[str, str]:
 def label(run, swept: list[str]) -> str:
     """A run by its swept values (`patch_size=4 depth=2`), else by its name."""
     names = short_names(swept)
-    values = [f"{names[k]}={run.data.params.get(k, '')}" for k in swept]
-    return " ".join(values) or run.info.run_name
+    values = [f"{names[k]}={run.params.get(k, '')}" for k in swept]
+    return " ".join(values) or run.name
 
 
 def table(tracker: Tracker, runs, sort: str) -> tuple[list[str], list[list]]:
     swept = swept_params(runs)
     experiments = tracker.experiment_names()
-    several = len({r.info.experiment_id for r in runs}) > 1
+    several = len({r.experiment_id for r in runs}) > 1
     header = ["run", *(["experiment"] if several else []), "status", *swept, "num_params", *METRICS]
     header += ["epochs", "train_time_s", "images_per_s"]
-    pruned = any("vitexp.pruned_epoch" in r.data.tags for r in runs)  # trials an Optuna pruner stopped
+    pruned = any(tag.PRUNED_EPOCH in r.tags for r in runs)  # trials an Optuna pruner stopped
     header += ["pruned_epoch"] if pruned else []
     rows = []
     for run in runs:
-        m = run.data.metrics
-        times = list(tracker.metric_history(run.info.run_id, "epoch_time_s").values())
-        speeds = list(tracker.metric_history(run.info.run_id, "images_per_s").values())
+        m = run.metrics
+        times = list(tracker.metric_history(run.id, "epoch_time_s").values())
+        speeds = list(tracker.metric_history(run.id, "images_per_s").values())
         rows.append(
             [
-                run.info.run_name,
-                *([experiments.get(run.info.experiment_id, run.info.experiment_id)] if several else []),
-                run.info.status,
-                *[run.data.params.get(k, "") for k in swept],
-                int(run.data.params.get("num_params", 0)),
+                run.name,
+                *([experiments.get(run.experiment_id, run.experiment_id)] if several else []),
+                run.status,
+                *[run.params.get(k, "") for k in swept],
+                int(run.params.get("num_params", 0)),
                 *[m.get(k) for k in METRICS],
                 len(times),
                 round(sum(times), 1),
                 round(sum(speeds) / len(speeds), 1) if speeds else None,
-                *([run.data.tags.get("vitexp.pruned_epoch", "")] if pruned else []),
+                *([run.tags.get(tag.PRUNED_EPOCH, "")] if pruned else []),
             ]
         )
     if sort not in header:
@@ -206,8 +201,8 @@ def plot_scores(header, rows, swept: list[str], path: Path) -> None:
 def plot_curves(tracker: Tracker, runs, swept: list[str], path: Path) -> Path:
     """Every run's validation top-1 per epoch, one line each, labelled by its swept values."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for run in sorted(runs, key=lambda r: [_order(r.data.params.get(k, "")) for k in swept]):
-        history = tracker.metric_history(run.info.run_id, "val_top1")
+    for run in sorted(runs, key=lambda r: [_order(r.params.get(k, "")) for k in swept]):
+        history = tracker.metric_history(run.id, "val_top1")
         if history:
             ax.plot(list(history), list(history.values()), marker="o", label=label(run, swept))
     ax.set_xlabel("epoch")
@@ -274,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("comparison"))
     args = parser.parse(argv)
     parser.require_store(args.tracking_uri)
-    env = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    env = env_experiment()
     targets = args.targets or ([env] if env else [])
     try:
         header, rows, paths = compare(

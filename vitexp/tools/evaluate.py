@@ -16,6 +16,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from vitexp.tools.args import ToolParser
+from vitexp.tracking import tag
 
 
 def data_config(run_cfg, overrides: list[str]):
@@ -171,8 +172,8 @@ def log_result(run, result: dict, data_name: str, args) -> str:
     if args.in_place:
         target, prefix = args.run_id, "eval_"
     else:
-        name = f"eval-{run.run.info.run_name}"
-        target, prefix = tracker.start_run(name, {"vitexp.evaluates": args.run_id}, args.run_id), "test_"
+        name = f"eval-{run.run.name}"
+        target, prefix = tracker.start_run(name, {tag.EVALUATES: args.run_id}, args.run_id), "test_"
         params = {"checkpoint": run.checkpoint.stem, "data": data_name, "overrides": " ".join(args.overrides)}
         tracker.log_params(target, params)
     tracker.log_metrics(target, {f"{prefix}{k}": v for k, v in result["scores"].items()}, step=0)

@@ -15,14 +15,15 @@ with `make serve MODEL=models:/<name>/<version>` (mlflow models serve, local env
 """
 
 from vitexp.tools.args import ToolParser, default_experiment
+from vitexp.tracking import tag
 
 
 def best_run(tracker, target: str, metric: str):
     """`target` is a run id (a sweep parent picks its best child) or an experiment name."""
     run, runs = tracker.runs_under(target, best_first=metric)
-    if run is not None and run.data.tags.get("vitexp.sweep") != "true":
+    if run is not None and run.tags.get(tag.SWEEP) != "true":
         return run
-    finished = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
+    finished = [r for r in runs if r.status == "FINISHED" and metric in r.metrics]
     if not finished:
         raise ValueError(f"no FINISHED run with metric {metric} under {target!r}")
     return finished[0]
@@ -38,7 +39,7 @@ def register(run_id: str, name: str, tracking_uri: str | None = None, allow_unfi
             `allow_unfinished` is False.
     """
     from vitexp.tools.runs import RunError, load_run
-    from vitexp.tracking import FINISHED, TTA_TAG, Tracker, model_name_problem
+    from vitexp.tracking import FINISHED, Tracker, model_name_problem
 
     if problem := model_name_problem(name):
         raise RunError(f"--name {name!r}: {problem}")
@@ -46,22 +47,20 @@ def register(run_id: str, name: str, tracking_uri: str | None = None, allow_unfi
     run = tracker.get_run(run_id)
     if run is None:
         raise RunError(f"no run {run_id!r} in {tracker.uri}: check the id (`make ui` lists runs)")
-    status = run.info.status
+    status = run.status
     if status != FINISHED and not allow_unfinished:
         raise RunError(
             f"run {run_id} is {status}: it did not finish, so its model is not the one it would "
             "have trained; continue it (resume=true) or pass --allow-unfinished to register it as it is"
         )
-    tta = run.data.params.get("trainer.tta", "none")
+    tta = run.params.get("trainer.tta", "none")
     model = tracker.run_model(run_id)
-    logged_now = model is None or model.tags.get(TTA_TAG, "none") != tta
+    logged_now = model is None or model.tags.get(tag.TTA, "none") != tta
     if logged_now:
         loaded = load_run(run_id, tracking_uri)
-        model_id = tracker.log_model(
-            run_id, loaded.checkpoint, loaded.class_names, loaded.model, tta
-        ).model_id
+        model_id = tracker.log_model(run_id, loaded.checkpoint, loaded.class_names, loaded.model, tta)
     else:
-        model_id = model.model_id
+        model_id = model.id
     return f"models:/{name}/{tracker.register_model(model_id, name)}", logged_now
 
 
@@ -91,16 +90,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.require_store(args.tracking_uri)
     with parser.failing_on(RunError, ValueError):
         run = best_run(Tracker(args.tracking_uri), args.target, args.metric)
-        uri, logged_now = register(run.info.run_id, args.name, args.tracking_uri, args.allow_unfinished)
-    status = run.info.status
+        uri, logged_now = register(run.id, args.name, args.tracking_uri, args.allow_unfinished)
+    status = run.status
     unfinished = (
         f", {status}: registered unfinished, as --allow-unfinished asks" if status != FINISHED else ""
     )
     print(
-        f"registered run {run.info.run_id} ({run.info.run_name}, {args.metric}="
-        f"{run.data.metrics.get(args.metric, float('nan')):.4f}{unfinished}) as {uri}"
+        f"registered run {run.id} ({run.name}, {args.metric}="
+        f"{run.metrics.get(args.metric, float('nan')):.4f}{unfinished}) as {uri}"
     )
-    views = run.data.params.get("trainer.tta", "none")
+    views = run.params.get("trainer.tta", "none")
     source = (
         "its test checkpoint, logged now as its MLflow Model" if logged_now else "the run's own MLflow Model"
     )

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from vitexp.tracking import tag
+
 
 class RunError(RuntimeError):
     """A run or an input cannot be used; the message is one line naming the problem."""
@@ -22,7 +24,7 @@ class LoadedRun:
 
     @property
     def run_id(self) -> str:
-        return self.run.info.run_id
+        return self.run.id
 
     class_names: list[str]
 
@@ -66,13 +68,13 @@ def load_run(run_id: str, tracking_uri: str | None = None, checkpoint: str | Non
 
 def _checkpoint(tracker, run, name: str, folder: Path) -> Path:
     try:
-        return tracker.download(run.info.run_id, f"checkpoints/{name}.keras", folder)
+        return tracker.download(run.id, f"checkpoints/{name}.keras", folder)
     except Exception:
-        local = Path(run.data.tags.get("vitexp.output_dir", "/nonexistent")) / "checkpoints" / f"{name}.keras"
+        local = Path(run.tags.get(tag.OUTPUT_DIR, "/nonexistent")) / "checkpoints" / f"{name}.keras"
         if local.is_file():
             return local
     raise RunError(
-        f"run {run.info.run_id} ({run.info.status}) has no {name}.keras checkpoint: it ended before its "
+        f"run {run.id} ({run.status}) has no {name}.keras checkpoint: it ended before its "
         "first epoch, or was run with tracking.log_checkpoints=false and its output folder is gone"
     )
 

@@ -29,7 +29,8 @@ from pathlib import Path
 from vitexp.errors import fail
 from vitexp.machine import describe, one_line
 from vitexp.tools.args import ToolParser
-from vitexp.tracking import FAILED, FINISHED, PARENT_ENV, Tracker, flatten
+from vitexp.tracking import FAILED, FINISHED, PARENT_ENV, Tracker, flatten, tag
+from vitexp.tracking.uri import env_experiment
 
 # a seed's lines that the command relays: each epoch's check against the target, errors
 PROGRESS = ("vitexp: epoch ", "vitexp: error")
@@ -79,13 +80,13 @@ def say(line: str) -> None:
 
 def seed_row(tracker: Tracker, run, wall: float) -> dict:
     """One seed's figures, read back from its MLflow run."""
-    metrics = run.data.metrics
-    speeds = list(tracker.metric_history(run.info.run_id, "images_per_s").values())
-    epochs = tracker.metric_history(run.info.run_id, "target_top1")
+    metrics = run.metrics
+    speeds = list(tracker.metric_history(run.id, "images_per_s").values())
+    epochs = tracker.metric_history(run.id, "target_top1")
     return {
-        "seed": int(run.data.params["trainer.seed"]),
-        "run_id": run.info.run_id,
-        "status": run.info.status,
+        "seed": int(run.params["trainer.seed"]),
+        "run_id": run.id,
+        "status": run.status,
         "time_to_target_s": metrics.get("time_to_target_s"),
         "target_epoch": metrics.get("target_epoch"),
         "wall_s": wall,
@@ -93,7 +94,7 @@ def seed_row(tracker: Tracker, run, wall: float) -> dict:
         "test_top1": metrics.get("test_top1"),
         # with test-time augmentation (trainer.tta), top-1 on the images as they are
         "test_top1_1view": metrics.get("test_top1_1view"),
-        "tta": run.data.params.get("trainer.tta", "none"),
+        "tta": run.params.get("trainer.tta", "none"),
         # the first epoch pays for the graph trace: the rate of the others, where there are
         "images_per_s": statistics.fmean(speeds[1:] or speeds) if speeds else None,
     }
@@ -182,7 +183,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, one process each")
     parser.add_argument(
         "--mlflow-experiment",
-        default=os.environ.get("MLFLOW_EXPERIMENT_NAME") or "speedrun",
+        default=env_experiment() or "speedrun",
         help="where the parent and the seeds' runs go (default: $MLFLOW_EXPERIMENT_NAME, else speedrun)",
     )
     parser.add_argument("--out", type=Path, default=Path("speedrun"))
@@ -199,11 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     machine = describe()
     tracker = Tracker(args.tracking_uri, args.mlflow_experiment)
-    parent = tracker.start_run(f"speedrun-{args.experiment}", {"vitexp.command": " ".join(sys.argv)})
+    parent = tracker.start_run(f"speedrun-{args.experiment}", {tag.COMMAND: " ".join(sys.argv)})
     settings = {"experiment": args.experiment, "target": args.target, "seeds": args.seeds}
     tracker.log_params(parent, flatten({**settings, "overrides": args.overrides, "machine": machine}))
     walls = {seed: run_seed(args, seed, tracker, parent) for seed in range(args.seeds)}
-    runs = {int(r.data.params.get("trainer.seed", -1)): r for r in tracker.children(parent)}
+    runs = {int(r.params.get("trainer.seed", -1)): r for r in tracker.children(parent)}
     rows = [
         seed_row(tracker, runs[s], wall) if s in runs else missing_row(args, s, wall)
         for s, wall in walls.items()

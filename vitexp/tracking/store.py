@@ -5,7 +5,6 @@ import contextlib
 import fcntl
 import functools
 import gc
-import json
 import logging
 import os
 import sqlite3
@@ -15,10 +14,10 @@ import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
-from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
+
+from vitexp.tracking.uri import TrackingError
 
 # A dead server must cost seconds, not MLflow's default minutes of retries (MLflow reads
 # these when it sends a request).
@@ -31,30 +30,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow's INFO lines about creating a new store's tables are noise to a user.
 for _name in ("mlflow.store.db.utils", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
-
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
-PROJECT_ROOT = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "pyproject.toml").exists() else Path.cwd()
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message is one line naming the fix."""
-
-
-def sqlite_store(folder: Path) -> str:
-    """The URI of a sqlite store in `folder` (its artifacts go beside it)."""
-    return f"sqlite:///{Path(folder) / 'mlflow.db'}"
-
-
-def resolve_uri(uri: str | None) -> str:
-    return uri or sqlite_store(PROJECT_ROOT)
-
-
-def artifact_location(uri: str, experiment: str) -> str | None:
-    """Artifacts of a sqlite store live beside the database file; servers choose their own."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
-        return (db.parent / "mlruns" / experiment).as_uri()
-    return None
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
@@ -169,23 +144,8 @@ def _schema_statements() -> list[str]:
             return [s for s in db.iterdump() if s not in ("BEGIN TRANSACTION;", "COMMIT;")]
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    """`{"model": {"depth": 4}}` -> `{"model.depth": "4"}`, for MLflow params."""
-    if isinstance(tree, dict):
-        out: dict[str, str] = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: json.dumps(tree) if isinstance(tree, list) else str(tree)}
-
-
 def release_interrupted(stop: BaseException) -> None:
     """Lets go of what the interrupted code held: a signal can land inside a tracking-store
     write, whose open sqlite transaction would lock the store against closing the run."""
     traceback.clear_frames(stop.__traceback__)
     gc.collect()
-
-
-FINISHED = RunStatus.to_string(RunStatus.FINISHED)
-FAILED = RunStatus.to_string(RunStatus.FAILED)
-KILLED = RunStatus.to_string(RunStatus.KILLED)

@@ -9,6 +9,8 @@ invisible to the others).
 import shutil
 import subprocess
 
+from vitexp.tracking.uri import is_server, resolve_uri
+
 SLURM_LAUNCHERS = ("hydra/launcher=slurm", "hydra/launcher=submitit_slurm")
 
 
@@ -40,10 +42,8 @@ def launcher_problem(argv: list[str], tracking_uri: str | None) -> str | None:
     """The one-line reason a sweep cannot be launched as asked, or None."""
     if not uses_slurm(argv):
         return None
-    from vitexp.tracking import resolve_uri
-
     uri = resolve_uri(tracking_uri)
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return (
             f"hydra/launcher=slurm: tracking.uri is {uri}, a local store that jobs on other nodes "
             "cannot share safely; start a server (make server HOST=0.0.0.0) and set "

@@ -42,6 +42,7 @@ from keras.src import tree
 from keras.src.backend.tensorflow import trainer as keras_trainer
 from omegaconf import DictConfig
 
+from vitexp.tracking.uri import sqlite_store
 from vitexp.validate import ConfigError
 
 TIMEOUT_ENV = "VITEXP_WORKER_TIMEOUT"
@@ -65,8 +66,6 @@ class Workers:
         remove_dead_scratch()
         self.scratch = claim_scratch()
         atexit.register(shutil.rmtree, self.scratch, True)
-        from vitexp.tracking import sqlite_store
-
         cfg = cfg.copy()
         cfg.tracking.uri = sqlite_store(self.scratch)
         return cfg

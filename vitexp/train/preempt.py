@@ -25,8 +25,6 @@ import threading
 
 import keras
 
-SLURM_TAG = "vitexp.slurm_job_id"
-
 
 class Terminated(KeyboardInterrupt):
     """The run was stopped by SIGTERM (or Slurm's warning signal); `requeue` when Slurm

@@ -14,25 +14,25 @@ from omegaconf import DictConfig, OmegaConf
 from vitexp.provenance import command_line, git_commit
 from vitexp.report import plot_curves, write_report
 from vitexp.search.study import owner
-from vitexp.tracking import CONFIG_HASH_TAG, Tracker, flatten, source_tags
+from vitexp.tracking import Tracker, flatten, source_tags, tag
 from vitexp.train.callbacks import CheckpointDir
 from vitexp.train.devices import choose_precision
 from vitexp.train.jobs import Job, Splits
-from vitexp.train.resume import PROCESS_TAG, config_hash
+from vitexp.train.resume import config_hash
 
 
 def run_tags(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
     job = HydraConfig.get().job.name if HydraConfig.initialized() else "vitexp"
     commit = git_commit()
     return {
-        "vitexp.command": command_line(),
-        "vitexp.git_commit": commit,
-        "vitexp.hydra_job": job,
-        "vitexp.output_dir": str(out_dir),
-        PROCESS_TAG: owner(),
-        CONFIG_HASH_TAG: config_hash(cfg),
-        "vitexp.model": cfg.model.name,
-        "vitexp.data": cfg.data.name,
+        tag.COMMAND: command_line(),
+        tag.GIT_COMMIT: commit,
+        tag.HYDRA_JOB: job,
+        tag.OUTPUT_DIR: str(out_dir),
+        tag.PROCESS: owner(),
+        tag.CONFIG_HASH: config_hash(cfg),
+        tag.MODEL: cfg.model.name,
+        tag.DATA: cfg.data.name,
         **source_tags(commit),
         "version.tensorflow": tf.__version__,
         "version.keras": keras.__version__,
@@ -104,7 +104,7 @@ def record_training(job: Job, checkpoints: CheckpointDir) -> None:
     if t.early_stopping.patience is not None and checkpoints.latest_epoch() < t.epochs:
         stopped = checkpoints.latest_epoch()
         job.tracker.log_metrics(job.run_id, {"stopped_epoch": stopped}, step=stopped)
-        job.tracker.set_tags(job.run_id, {"vitexp.stopped_early": "true"})
+        job.tracker.set_tags(job.run_id, {tag.STOPPED_EARLY: "true"})
     if t.profile and (job.out_dir / "profile").is_dir():
         job.tracker.log_artifacts(job.run_id, job.out_dir / "profile", "profile")
 

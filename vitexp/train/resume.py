@@ -13,10 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from vitexp.config import Precision
 from vitexp.search.study import owner_alive
 from vitexp.search.trial import is_trial
-from vitexp.tracking import CONFIG_HASH_TAG, FINISHED, KILLED, PARENT_ENV, Tracker, flatten
+from vitexp.tracking import FINISHED, KILLED, PARENT_ENV, Tracker, flatten, tag
 from vitexp.train.callbacks import CheckpointDir
 from vitexp.train.jobs import in_multirun
-from vitexp.train.preempt import SLURM_TAG, requeued
+from vitexp.train.preempt import requeued
 from vitexp.validate import ConfigError
 
 # Keys that change where a run is recorded or how it resumes, not what it computes (the
@@ -24,7 +24,6 @@ from vitexp.validate import ConfigError
 NOT_HASHED = ("tracking", "resume", "report", "patch_size", "depth")
 # The process that trains a run, `host:pid` (vitexp.search.owner): a RUNNING run whose
 # process is gone was killed (SIGKILL, a crash of the machine) and may be resumed.
-PROCESS_TAG = "vitexp.process"
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -72,18 +71,18 @@ def find_resume(tracker: Tracker, cfg: DictConfig) -> Resume | None:
     run = tracker.get_run(str(cfg.resume))
     if run is None:
         raise ConfigError(f"resume={cfg.resume}: no such MLflow run in {tracker.uri}")
-    if run.info.status == FINISHED:
+    if run.status == FINISHED:
         raise ConfigError(f"resume={cfg.resume}: that run already FINISHED; nothing to resume")
-    if run.data.tags.get(CONFIG_HASH_TAG) != wanted:
+    if run.tags.get(tag.CONFIG_HASH) != wanted:
         other_precision(tracker, cfg, run)
         raise ConfigError(
             f"resume={cfg.resume}: that run was started with another config; repeat its command "
-            f"({run.data.tags.get('vitexp.command', '?')}) with resume={cfg.resume}"
+            f"({run.tags.get(tag.COMMAND, '?')}) with resume={cfg.resume}"
         )
     found = _resumable(run)
-    if found is None and run.info.status == "RUNNING" and owner_alive(run.data.tags.get(PROCESS_TAG)):
+    if found is None and run.status == "RUNNING" and owner_alive(run.tags.get(tag.PROCESS)):
         raise ConfigError(
-            f"resume={cfg.resume}: that run is still training (process {run.data.tags[PROCESS_TAG]}): "
+            f"resume={cfg.resume}: that run is still training (process {run.tags[tag.PROCESS]}): "
             "let it finish, or stop it first"
         )
     if found is None:
@@ -103,10 +102,10 @@ def other_precision(tracker: Tracker, cfg: DictConfig, run=None) -> None:
         wanted = config_hash(changed)
         candidates = [run] if run is not None else tracker.unfinished_runs(wanted)
         for candidate in candidates:
-            if candidate.data.tags.get(CONFIG_HASH_TAG) == wanted and _resumable(candidate):
-                trained = candidate.data.params.get("precision", precision)
+            if candidate.tags.get(tag.CONFIG_HASH) == wanted and _resumable(candidate):
+                trained = candidate.params.get("precision", precision)
                 raise ConfigError(
-                    f"resume: run {candidate.info.run_id} trained with trainer.precision={precision} "
+                    f"resume: run {candidate.id} trained with trainer.precision={precision} "
                     f"({trained}), this command asks for trainer.precision={cfg.trainer.precision}: "
                     f"resume it with trainer.precision={precision}, or start a new run without resume"
                 )
@@ -115,10 +114,10 @@ def other_precision(tracker: Tracker, cfg: DictConfig, run=None) -> None:
 def requeued_run(tracker: Tracker) -> Resume | None:
     """The unfinished run this Slurm job wrote before it was requeued, if any."""
     job = os.environ["SLURM_JOB_ID"]  # in each task: a non-chief worker resumes the chief's run
-    runs = tracker.find_runs({SLURM_TAG: job}, unfinished=True, newest_first=True, limit=1)
+    runs = tracker.find_runs({tag.SLURM_JOB: job}, unfinished=True, newest_first=True, limit=1)
     if not runs:
         return None
-    tracker.set_tags(runs[0].info.run_id, {"vitexp.slurm_restarts": os.environ["SLURM_RESTART_COUNT"]})
+    tracker.set_tags(runs[0].id, {tag.SLURM_RESTARTS: os.environ["SLURM_RESTART_COUNT"]})
     return _resumable(runs[0])
 
 
@@ -126,23 +125,23 @@ def _resumable(run) -> Resume | None:
     """The run's last committed epoch, or the step checkpoint after it; a run stopped in its
     first epoch with neither (KILLED, or RUNNING with its process gone) starts over in the
     same run and folder."""
-    folder = run.data.tags.get("vitexp.output_dir")
+    folder = run.tags.get(tag.OUTPUT_DIR)
     if not folder:
         return None
     out_dir = Path(folder)
     checkpoints = CheckpointDir(out_dir / "checkpoints")
     epoch = checkpoints.latest_epoch() if out_dir.is_dir() else 0
     step_file, in_epoch = (checkpoints.step_checkpoint() if out_dir.is_dir() else None) or (None, None)
-    resume = Resume(run.info.run_id, out_dir, epoch, in_epoch, step_file, run.data.params.get("precision"))
+    resume = Resume(run.id, out_dir, epoch, in_epoch, step_file, run.params.get("precision"))
     return resume if epoch or step_file or _stopped(run) else None
 
 
 def _stopped(run) -> bool:
     """Whether the run's process ended without finishing it: KILLED (Ctrl-C, SIGTERM), or
     left RUNNING by a process that is gone (SIGKILL); unknown for older runs and other hosts."""
-    process = run.data.tags.get(PROCESS_TAG)
-    return run.info.status == KILLED or (
-        run.info.status == "RUNNING" and process is not None and not owner_alive(process)
+    process = run.tags.get(tag.PROCESS)
+    return run.status == KILLED or (
+        run.status == "RUNNING" and process is not None and not owner_alive(process)
     )
 
 
@@ -196,10 +195,10 @@ def link_finished(tracker: Tracker, cfg: DictConfig, done) -> str | None:
     parent = os.environ.get(PARENT_ENV)
     if not parent:
         return None
-    earlier = done.info.run_id
-    run_id = tracker.start_run(f"{cfg.run_name}-reused", {"vitexp.reused_run": earlier}, parent)
+    earlier = done.id
+    run_id = tracker.start_run(f"{cfg.run_name}-reused", {tag.REUSED_RUN: earlier}, parent)
     with tracker.run(run_id):
         tracker.describe(run_id, f"Not trained again: the same config FINISHED earlier as run {earlier}.")
-        tracker.log_params(run_id, dict(done.data.params))
-        tracker.log_metrics(run_id, dict(done.data.metrics), step=cfg.trainer.epochs)
+        tracker.log_params(run_id, dict(done.params))
+        tracker.log_metrics(run_id, dict(done.metrics), step=cfg.trainer.epochs)
     return run_id

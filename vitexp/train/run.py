@@ -23,7 +23,7 @@ from vitexp.models import adapt_input_norm
 from vitexp.provenance import command_line
 from vitexp.search.study import owner
 from vitexp.search.trial import trial_callbacks
-from vitexp.tracking import ERROR_TAG, FAILED, PARENT_ENV, StoreDown, Tracker, TrackingError
+from vitexp.tracking import FAILED, PARENT_ENV, StoreDown, Tracker, TrackingError, tag
 from vitexp.train.callbacks import (
     CheckpointDir,
     DivergenceError,
@@ -38,7 +38,7 @@ from vitexp.train.callbacks import (
 from vitexp.train.devices import distribution, jit_setting, setup_tensorflow
 from vitexp.train.jobs import Job, Splits, in_multirun, job_dir
 from vitexp.train.multiworker import start_workers
-from vitexp.train.preempt import SLURM_TAG, STOP, StopAtStepEnd, Terminated, requeue, slurm_job_id
+from vitexp.train.preempt import STOP, StopAtStepEnd, Terminated, requeue, slurm_job_id
 from vitexp.train.record import (
     config_params,
     log_pictures,
@@ -48,7 +48,6 @@ from vitexp.train.record import (
     run_tags,
 )
 from vitexp.train.resume import (
-    PROCESS_TAG,
     EndResumedEpoch,
     find_resume,
     finished_before,
@@ -233,7 +232,7 @@ def record_failed_job(tracker: Tracker, cfg: DictConfig, err: BaseException) -> 
     """A sweep job that failed before its run existed (data, model) still gets a FAILED run."""
     run_id = tracker.start_run(cfg.run_name, run_tags(cfg, job_dir()), os.environ.get(PARENT_ENV))
     tracker.log_params(run_id, config_params(cfg))
-    tracker.set_tags(run_id, {ERROR_TAG: error_text(err)})
+    tracker.set_tags(run_id, {tag.ERROR: error_text(err)})
     tracker.end_run(run_id, FAILED)
     return run_id
 
@@ -316,7 +315,7 @@ def open_run(tracker: Tracker, cfg: DictConfig, resume) -> tuple[str, Path, int]
     """The MLflow run this job writes: the resumed one, reopened, or a new one."""
     if resume:
         tracker.reopen(resume.run_id)
-        tracker.set_tags(resume.run_id, {PROCESS_TAG: owner()})  # the process training it now
+        tracker.set_tags(resume.run_id, {tag.PROCESS: owner()})  # the process training it now
         replay_missing(tracker, resume.run_id, CheckpointDir(resume.out_dir / "checkpoints"))
         if resume.in_epoch:  # the optimizer step it goes on from: none is trained twice
             step = resume.in_epoch["iterations"]
@@ -324,7 +323,7 @@ def open_run(tracker: Tracker, cfg: DictConfig, resume) -> tuple[str, Path, int]
         print(f"vitexp: resuming run {resume.run_id} {resume.describe()}", file=sys.stderr)
         return resume.run_id, resume.out_dir, resume.epoch
     out_dir = job_dir()
-    tags = {**run_tags(cfg, out_dir), **({SLURM_TAG: slurm_job_id()} if slurm_job_id() else {})}
+    tags = {**run_tags(cfg, out_dir), **({tag.SLURM_JOB: slurm_job_id()} if slurm_job_id() else {})}
     return tracker.start_run(cfg.run_name, tags, os.environ.get(PARENT_ENV)), out_dir, 0
 
 
@@ -348,8 +347,8 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     done = finished_before(tracker, cfg)
     if done is not None:  # a re-run sweep: this job already finished
         link_finished(tracker, cfg, done)
-        print(f"vitexp: {cfg.run_name} already FINISHED as run {done.info.run_id}; skipped", file=sys.stderr)
-        return float(done.data.metrics.get("best_val_top1", float("nan")))
+        print(f"vitexp: {cfg.run_name} already FINISHED as run {done.id}; skipped", file=sys.stderr)
+        return float(done.metrics.get("best_val_top1", float("nan")))
     resume = workers.find_resume() if private else find_resume(tracker, cfg)
     if resume:
         continue_in_precision(resume)
