@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from reload_checkpoints import optimizer_scalars
 from test_models import small
 
-from vitexp.train.run import compile_model
+from vitexp.train.build import compile_model
 from vitexp.validate import check_config
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")

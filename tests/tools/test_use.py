@@ -257,6 +257,7 @@ def test_registry_refuses_an_unfinished_run_unless_asked_and_never_changes_its_s
     status, unfinished, capsys
 ):
     from vitexp.tools import registry
+    from vitexp.tracking.records import RunRecord
     from vitexp.train.resume import _resumable
 
     uri, client, run_id = unfinished
@@ -274,7 +275,7 @@ def test_registry_refuses_an_unfinished_run_unless_asked_and_never_changes_its_s
     assert code == 0, stderr[-3000:]
     assert f"{status}: registered unfinished" in stdout and "logged now" in stdout, stdout
     after = client.get_run(run_id)
-    assert after.info.status == status and _resumable(after) is not None  # it can still go on
+    assert after.info.status == status and _resumable(RunRecord.of(after)) is not None  # it can still go on
     (version,) = client.search_model_versions(f"name='{name}'")
     assert after.outputs.model_outputs[0].model_id in version.source
 

@@ -54,9 +54,11 @@ def _typed(data):
     fit it (a run recorded by another vitexp version)."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from vitexp.config import DataConfig, SyntheticDataConfig
+    from vitexp.data.schema import DataConfig
+    from vitexp.schema import find_schemas
 
-    schema = SyntheticDataConfig if data._target_ == SyntheticDataConfig._target_ else DataConfig
+    loaders = {s._target_: s for s in find_schemas("vitexp.data", DataConfig).values()}
+    schema = loaders.get(data._target_, DataConfig)  # a loader's own schema, else every dataset's
     try:
         return OmegaConf.merge(OmegaConf.structured(schema), data)
     except OmegaConfBaseException:
