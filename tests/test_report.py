@@ -4,7 +4,7 @@ similarity, and what the drawn pixels show."""
 import numpy as np
 import pytest
 
-from vitexp.report import attention_rollout, position_similarity
+from vitexp.report.run import attention_rollout, position_similarity
 
 
 def test_rollout_one_layer_without_cls():
@@ -49,7 +49,7 @@ def render(draw, inches: float = 2.0) -> np.ndarray:
 
 
 def test_patches_of_the_same_grey_get_the_same_pixels():
-    from vitexp.report import show_image
+    from vitexp.report.run import show_image
 
     flat = np.full((4, 4, 1), 100, np.uint8)
     mixed = flat.copy()
@@ -64,7 +64,7 @@ def test_patches_of_the_same_grey_get_the_same_pixels():
 
 
 def test_attention_overlay_covers_the_image_to_its_edges():
-    from vitexp.report import _overlay
+    from vitexp.report.run import _overlay
 
     image = np.full((8, 8, 3), 120, np.uint8)
     weights = np.full(16, 1 / 16)  # a 4x4 patch grid, one colour everywhere
@@ -75,7 +75,7 @@ def test_attention_overlay_covers_the_image_to_its_edges():
 
 
 def test_curves_have_whole_epochs_on_the_x_axis():
-    from vitexp.report import curves_figure
+    from vitexp.report.run import curves_figure
 
     history = {f"{s}_{k}": [0.9, 0.5, 0.4] for s in ("train", "val") for k in ("loss", "top1", "top5")}
     fig = curves_figure(history)
@@ -90,7 +90,7 @@ def test_attention_figure_has_one_colour_scale():
     from conftest import compose
     from hydra.utils import instantiate
 
-    from vitexp.report import attention_figure
+    from vitexp.report.run import attention_figure
 
     model = instantiate(
         compose(["model=vit"]).model,
@@ -118,7 +118,7 @@ def test_class_names_in_scripts_the_font_lacks_are_drawn_or_escaped(tmp_path):
     fallback such as Noto Sans CJK), or written as its escape where none has it."""
     import warnings
 
-    from vitexp.report import plot_confident_errors, plot_confusion, plot_samples
+    from vitexp.report.run import plot_confident_errors, plot_confusion, plot_samples
 
     names = ["ネコ", "dog"]
     images = np.zeros((2, 8, 8, 3), np.uint8)
@@ -131,7 +131,7 @@ def test_class_names_in_scripts_the_font_lacks_are_drawn_or_escaped(tmp_path):
         plot_confident_errors(images, labels, probs, names, tmp_path / "errors.png")
     missing = [str(w.message) for w in caught if "missing from font" in str(w.message)]
     assert missing == []
-    from vitexp.report import drawable
+    from vitexp.report.run import drawable
 
     assert drawable("ネコ") in ("ネコ", "\\u30cd\\u30b3")
     assert drawable("dog é") == "dog é"  # what the default font has stays as it is

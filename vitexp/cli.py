@@ -88,7 +88,7 @@ def preflight(argv: list[str]) -> None:
     if problem := launcher_problem(argv, cfg.tracking.uri):  # a Slurm sweep: cluster and store
         fail(problem)
     for uri, timeout in sorted(servers):  # before a sweep creates its parent run
-        from vitexp.tracking import TrackingError, check_reachable
+        from vitexp.tracking import TrackingError, check_reachable  # MLflow loads only for a server
 
         try:
             check_reachable(uri, timeout)
@@ -205,7 +205,7 @@ def _check_jobs(app, config_name: str, args: list[str]) -> tuple[DictConfig, set
 
 def _check_search(app, config_name: str, overrides: list[str]) -> None:
     """An Optuna search (hparams_search=...): its space, sampler, pruner, storage and study name."""
-    from vitexp.search.study import SearchError, check
+    from vitexp.search.study import SearchError, check  # Optuna loads only for a search
 
     try:
         check(app, config_name, overrides)

@@ -52,7 +52,7 @@ class VitexpOptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        from vitexp.search.report import SearchLog
+        from vitexp.search.report import SearchLog  # matplotlib and MLflow: once the search runs
 
         plan = make_plan(self.config, arguments)
         study = open_study(plan)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from vitexp.tools.compare import compare, label, swept_params
+from vitexp.report.compare import compare, label, swept_params
 from vitexp.tracking import FINISHED, Tracker
 
 

@@ -9,6 +9,8 @@ at epoch k sees exactly the batches it would have seen.
 import numpy as np
 import tensorflow as tf
 
+from vitexp.metrics import softmax
+
 
 def split_validation(x: np.ndarray, y: np.ndarray, fraction: float):
     """Holds out the last `fraction` of the training set, as Keras' `validation_split` does."""
@@ -123,7 +125,5 @@ def predict_views(
 def predict_probs(model, x: np.ndarray, tta: str, batch_size: int = 256) -> np.ndarray:
     """Class probabilities of images as a run scores its test split (`score_views`): the
     softmax of the mean of the test-time views' logits (`predict_views`)."""
-    from vitexp.metrics import softmax
-
     views = predict_views(model, x, np.zeros(len(x), np.int32), model.output_shape[-1], batch_size, tta)
     return softmax(views.mean(0).astype(np.float64))

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vitexp.validate import ConfigError
+
 if TYPE_CHECKING:
     import keras
 
@@ -50,8 +52,6 @@ def load_model(path: str) -> "keras.Model":
     """Loads a `.keras` checkpoint in safe mode, with every vitexp class registered first
     (every family's layers, and the learning-rate schedule)."""
     import keras
-
-    from vitexp.validate import ConfigError
 
     for module in pkgutil.iter_modules(__path__):
         with contextlib.suppress(ConfigError):  # a family whose package is missing (tfswin)

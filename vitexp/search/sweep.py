@@ -27,6 +27,8 @@ from omegaconf import DictConfig
 
 from vitexp.errors import fail
 from vitexp.provenance import command_line
+from vitexp.report.compare import compare, swept_params
+from vitexp.search.study import resumed_parent
 from vitexp.tracking import FAILED, FINISHED, PARENT_ENV, Tracker, TrackingError, tag
 from vitexp.tracking.views import sweep_view
 
@@ -78,8 +80,6 @@ class MlflowSweepCallback(Callback):
         self.parent_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from vitexp.search.study import resumed_parent
-
         try:
             self.tracker = Tracker.from_config(config.tracking)
         except TrackingError as err:  # before any job ran: one line, as a single run says it
@@ -160,8 +160,6 @@ class MlflowSweepCallback(Callback):
         """The sweep's answer on its parent, its comparison table and pictures (a search also
         logs its own results: vitexp.search.report), and the runs table's view of it; returns
         the answer in words and the view's link."""
-        from vitexp.tools.compare import compare, swept_params
-
         parent = self.parent_id
         jobs = [r for r in self.tracker.children(parent) if tag.EVALUATES not in r.tags]
         print(f"vitexp: comparing the sweep's {len(jobs)} jobs, drawing its pictures...", file=sys.stderr)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from vitexp.machine import describe, one_line
 from vitexp.tools.bench_worker import VALIDATION_SPLIT, best_overrides, worker
-from vitexp.tracking import tag
+from vitexp.tracking import Tracker, flatten, tag
 
 
 def spawn(name: str, args) -> dict:
@@ -166,8 +166,6 @@ def print_report(report: dict) -> None:
 
 
 def log_to_mlflow(report: dict, args) -> None:
-    from vitexp.tracking import Tracker, flatten
-
     tracker = Tracker(args.tracking_uri, "bench")
     run_id = tracker.start_run(f"bench-{args.model}", {tag.COMMAND: " ".join(sys.argv)})
     metrics = {

@@ -7,6 +7,7 @@ memory is its own, and reads back the one `BENCH {json}` line the worker prints.
 import json
 import os
 import resource
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +15,15 @@ T0 = time.perf_counter()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from vitexp.config import compose  # noqa: E402
+from vitexp.data.pipeline import split_validation  # noqa: E402
+from vitexp.data.synthetic import load_synthetic  # noqa: E402
+from vitexp.models import adapt_input_norm  # noqa: E402
+from vitexp.optim.warmup_cosine import WarmupCosine  # noqa: E402
+from vitexp.tracking import Tracker, sqlite_store  # noqa: E402
+from vitexp.train.run import train  # noqa: E402
 
 VALIDATION_SPLIT = 0.2  # the textbook's, and vitexp's default
 
@@ -61,8 +71,6 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def synthetic(count: int, shape, classes: int):
-    from vitexp.data.synthetic import load_synthetic
-
     data = load_synthetic(
         num_classes=classes, image_shape=shape, num_train=count, num_test=64, noise=0.25, seed=0
     )
@@ -70,17 +78,9 @@ def synthetic(count: int, shape, classes: int):
 
 
 def run_textbook(args) -> dict:
-    from vitexp.config import compose
-    from vitexp.optim.warmup_cosine import WarmupCosine
-
     cfg = compose([f"model={args.model}", *args.overrides])
     baseline = rss_mb()
     x, y = synthetic(args.images, tuple(cfg.data.image_shape), cfg.data.num_classes)
-    from hydra.utils import instantiate
-
-    from vitexp.data.pipeline import split_validation
-    from vitexp.models import adapt_input_norm
-
     model = instantiate(cfg.model, _convert_="all")
     # the same model as vitexp trains (its normalisation adapted, not the textbook's identity),
     # fed the textbook's way: for the ViT a float64 copy of the whole set, sliced batch by
@@ -115,12 +115,6 @@ def run_textbook(args) -> dict:
 
 
 def run_vitexp(args, overrides) -> dict:
-    import tempfile
-
-    from vitexp.config import compose
-    from vitexp.tracking import Tracker, sqlite_store
-    from vitexp.train.run import train
-
     folder = Path(tempfile.mkdtemp(prefix="vitexp-bench-"))
     batch = next((int(o.split("=")[1]) for o in overrides if o.startswith("trainer.batch_size=")), args.batch)
     steps = args.steps * args.batch // batch
@@ -208,8 +202,6 @@ def training_flops(model_name: str, overrides: list[str]) -> float:
     from hydra.utils import instantiate
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from vitexp.config import compose
-
     cfg = compose([f"model={model_name}", *overrides])
     model = instantiate(cfg.model, _convert_="all")
     spec = tf.TensorSpec([1, *cfg.data.image_shape], tf.float32)
@@ -222,8 +214,6 @@ def training_flops(model_name: str, overrides: list[str]) -> float:
 
 def best_overrides(args) -> list[str]:
     """`trainer.precision=auto`, with the batch and learning rate scaled by `--best-batch-factor`."""
-    from vitexp.config import compose
-
     if args.best_batch_factor == 1:
         return ["trainer.precision=auto"]
     lr = compose([f"model={args.model}", *args.overrides]).optimizer.learning_rate

@@ -15,8 +15,15 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from vitexp.config import compose
+from vitexp.data import DataError, load_data
+from vitexp.data.folder import fit_images
+from vitexp.data.schema import DataConfig
+from vitexp.metrics import per_class_accuracy, score_views
+from vitexp.schema import find_schemas
 from vitexp.tools.args import ToolParser
-from vitexp.tracking import tag
+from vitexp.tools.runs import RunError, load_run
+from vitexp.tracking import Tracker, tag
 
 
 def data_config(run_cfg, overrides: list[str]):
@@ -25,15 +32,11 @@ def data_config(run_cfg, overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-    from vitexp.data import DataError
-
     data = run_cfg.data
     group = [o for o in overrides if o.startswith("data=")]
     dotted = [o.removeprefix("data.") for o in overrides if o.startswith("data.")]
     try:
         if group:
-            from vitexp.config import compose
-
             data = compose(group).data
         elif dotted:
             data = _typed(data)
@@ -54,9 +57,6 @@ def _typed(data):
     fit it (a run recorded by another vitexp version)."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from vitexp.data.schema import DataConfig
-    from vitexp.schema import find_schemas
-
     loaders = {s._target_: s for s in find_schemas("vitexp.data", DataConfig).values()}
     schema = loaders.get(data._target_, DataConfig)  # a loader's own schema, else every dataset's
     try:
@@ -68,9 +68,6 @@ def _typed(data):
 def fit_to_model(run, data, name: str, images: np.ndarray) -> np.ndarray:
     """The test images in the shape the run's model takes, converted as `predict` converts
     files; raises DataError when the data (config `name`) has more classes than the model."""
-    from vitexp.data import DataError
-    from vitexp.data.folder import fit_images
-
     model_classes = int(run.cfg.data.num_classes)
     if len(data.class_names) > model_classes:
         raise DataError(
@@ -91,8 +88,6 @@ def _names(names: list[str], most: int = 8) -> str:
 def model_labels(run_classes: list[str], data) -> np.ndarray:
     """The test labels as indices of the model's classes, matched by name (data of a subset of
     the classes, or in another order); raises DataError for classes the model does not know."""
-    from vitexp.data import DataError
-
     names = list(data.class_names)
     if names == list(run_classes) or list(run_classes) == [str(i) for i in range(len(run_classes))]:
         return data.test_y  # the same classes, or a run that recorded no names: trust the order
@@ -106,9 +101,7 @@ def model_labels(run_classes: list[str], data) -> np.ndarray:
 
 
 def evaluate(run, data_cfg, batch_size: int = 256) -> dict:
-    from vitexp.data import load_data
-    from vitexp.data.pipeline import predict_views
-    from vitexp.metrics import per_class_accuracy, score_views
+    from vitexp.data.pipeline import predict_views  # TensorFlow: after the arguments are checked
 
     data = load_data(data_cfg, classes_from_data=True)  # matched to the run's classes by name
     images = fit_to_model(run, data, data_cfg.name, data.test_x)
@@ -141,9 +134,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.fail(f"{other[0]}: evaluate takes data=<option>, data.key=value and tracking.uri=URI")
     parser.require_store(args.tracking_uri)
 
-    from vitexp.data import DataError
-    from vitexp.tools.runs import RunError, load_run
-
     with parser.failing_on(RunError, DataError):
         run = load_run(args.run_id, args.tracking_uri, args.checkpoint)
         cfg = data_config(run.cfg, args.overrides)
@@ -168,8 +158,6 @@ def print_result(heading: str, result: dict) -> None:
 def log_result(run, result: dict, data_name: str, args) -> str:
     """The scores as `test_*` metrics of a new child run (`eval_*` of the run itself with
     `--in-place`) and the per-class table as an artifact; returns the run logged to."""
-    from vitexp.tracking import Tracker
-
     tracker = Tracker(args.tracking_uri, run.experiment)
     if args.in_place:
         target, prefix = args.run_id, "eval_"

@@ -9,6 +9,7 @@ PNG per image (rollout over all layers, and each head of the last layer) and pri
 from pathlib import Path
 
 from vitexp.tools.args import ToolParser
+from vitexp.tools.runs import RunError, image_files, load_run, read_images
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,9 +24,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.fail(f"--out {args.out}: is a file; name a folder for the PNG files (created if missing)")
     parser.require_store(args.tracking_uri)
 
-    from vitexp.models.vit import has_attention
-    from vitexp.report import plot_attention
-    from vitexp.tools.runs import RunError, image_files, load_run, read_images
+    from vitexp.models.vit import has_attention  # Keras: after the arguments are checked
+    from vitexp.report.run import plot_attention  # Keras too
 
     with parser.failing_on(RunError):
         run = load_run(args.run_id, args.tracking_uri)

@@ -10,7 +10,9 @@ of each image and its mirror.
 import json
 from pathlib import Path
 
+from vitexp.metrics import top_k
 from vitexp.tools.args import ToolParser
+from vitexp.tools.runs import RunError, image_files, load_run, read_images
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,9 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from omegaconf import OmegaConf
 
-    from vitexp.data.pipeline import predict_probs
-    from vitexp.metrics import top_k
-    from vitexp.tools.runs import RunError, image_files, load_run, read_images
+    from vitexp.data.pipeline import predict_probs  # TensorFlow: after the arguments are checked
 
     with parser.failing_on(RunError):
         run = load_run(args.run_id, args.tracking_uri, args.checkpoint)

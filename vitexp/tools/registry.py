@@ -15,7 +15,8 @@ with `make serve MODEL=models:/<name>/<version>` (mlflow models serve, local env
 """
 
 from vitexp.tools.args import ToolParser, default_experiment
-from vitexp.tracking import tag
+from vitexp.tools.runs import RunError, load_run
+from vitexp.tracking import FINISHED, Tracker, model_name_problem, tag
 
 
 def best_run(tracker, target: str, metric: str):
@@ -38,9 +39,6 @@ def register(run_id: str, name: str, tracking_uri: str | None = None, allow_unfi
         RunError: the name is one MLflow refuses, or the run did not finish and
             `allow_unfinished` is False.
     """
-    from vitexp.tools.runs import RunError, load_run
-    from vitexp.tracking import FINISHED, Tracker, model_name_problem
-
     if problem := model_name_problem(name):
         raise RunError(f"--name {name!r}: {problem}")
     tracker = Tracker(tracking_uri)
@@ -81,9 +79,6 @@ def main(argv: list[str] | None = None) -> None:
         help="register a run that did not finish (RUNNING, KILLED, FAILED) as it is",
     )
     args = parser.parse(argv)
-
-    from vitexp.tools.runs import RunError
-    from vitexp.tracking import FINISHED, Tracker, model_name_problem
 
     if problem := model_name_problem(args.name):
         parser.fail(f"--name {args.name!r}: {problem}")

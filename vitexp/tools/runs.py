@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from vitexp.tracking import tag
+from vitexp.data import load_data
+from vitexp.data.folder import EXTENSIONS, load_image
+from vitexp.tracking import Tracker, tag
 
 
 class RunError(RuntimeError):
@@ -33,8 +35,6 @@ class LoadedRun:
         return list(self.cfg.data.image_shape)
 
     def test_images(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        from vitexp.data import load_data
-
         data = load_data(self.cfg.data)
         return data.test_x[:count], data.test_y[:count]
 
@@ -46,8 +46,7 @@ def load_run(run_id: str, tracking_uri: str | None = None, checkpoint: str | Non
     The checkpoint comes from the run's artifacts, or, for a run that has not finished,
     from its local checkpoint folder.
     """
-    from vitexp.models import load_model
-    from vitexp.tracking import Tracker
+    from vitexp.models import load_model  # Keras: after the tool's arguments are checked
 
     tracker = Tracker(tracking_uri)
     run = tracker.get_run(run_id)
@@ -86,8 +85,6 @@ def image_files(paths: list[str]) -> list[str]:
         RunError: a path does not exist, a folder holds no images, or a file is of a format
             that training's image-folder loader does not read either.
     """
-    from vitexp.data.folder import EXTENSIONS
-
     formats = ", ".join(sorted(EXTENSIONS))
     files = []
     for path in paths:
@@ -114,8 +111,6 @@ def image_files(paths: list[str]) -> list[str]:
 def read_images(paths: list[str], image_shape: list[int]) -> np.ndarray:
     """Reads image files (`image_files`) into uint8 `(N, H, W, C)`, converted and resized as an
     image-folder run's training images were (`vitexp.data.folder.load_image`)."""
-    from vitexp.data.folder import load_image
-
     out = []
     for path in image_files(paths):
         try:

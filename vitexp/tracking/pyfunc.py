@@ -22,7 +22,7 @@ class VitexpClassifier(mlflow.pyfunc.PythonModel):
     def load(self, checkpoint, class_names: list[str], model=None, tta: str = "none") -> None:
         """The checkpoint's model (or `model`, already loaded from it), its class names and
         the test-time views it answers from (`trainer.tta`)."""
-        from vitexp.models import load_model
+        from vitexp.models import load_model  # above the wall: loaded where MLflow loads the model
 
         self.model = model if model is not None else load_model(str(checkpoint))
         self.class_names = list(class_names)
@@ -30,7 +30,7 @@ class VitexpClassifier(mlflow.pyfunc.PythonModel):
 
     # an array, as the signature says (uint8 images); MLflow validates no data by the hint
     def predict(self, context, model_input: np.ndarray, params=None):
-        from vitexp.data.pipeline import predict_probs
+        from vitexp.data.pipeline import predict_probs  # TensorFlow: where the model answers
 
         images = np.asarray(model_input, dtype=np.uint8)
         probs = predict_probs(self.model, images, self.tta)

@@ -27,7 +27,9 @@ from mlflow.utils.mlflow_tags import (
 from vitexp.tracking import tag
 from vitexp.tracking.records import FAILED, FINISHED, KILLED, ModelRecord, RunRecord
 from vitexp.tracking.store import check_reachable, open_client, release_interrupted
+from vitexp.tracking.system import SystemMonitor
 from vitexp.tracking.uri import TrackingError, artifact_location, resolve_uri
+from vitexp.tracking.views import SHARED_VIEW_TAG, encode
 
 PARENT_ENV = "VITEXP_PARENT_RUN_ID"
 # The MLflow UI opens experiments of this kind on their runs table, not its GenAI views.
@@ -223,8 +225,6 @@ class Tracker:
         """Starts MLflow's own system-metrics monitor for the run (CPU, memory, disk,
         network; GPUs through nvidia-ml-py), publishing after the run's first own metrics
         (`vitexp.tracking.system`); `finish()` the returned monitor at the end."""
-        from vitexp.tracking.system import SystemMonitor
-
         monitor = SystemMonitor(run_id, resume_logging=resume, tracking_uri=self.uri)
         monitor.start()
         return monitor
@@ -256,7 +256,11 @@ class Tracker:
         import mlflow
         from mlflow.entities import LoggedModelOutput
 
-        from vitexp.tracking.pyfunc import PACKAGE_DIR, VitexpClassifier, requirements
+        from vitexp.tracking.pyfunc import (  # pandas and mlflow.pyfunc: to log a model only
+            PACKAGE_DIR,
+            VitexpClassifier,
+            requirements,
+        )
 
         classifier = VitexpClassifier()
         classifier.load(checkpoint, class_names, model, tta)
@@ -323,8 +327,6 @@ class Tracker:
     def share_view(self, key: str, state: dict) -> str:
         """Stores a runs-table state (`vitexp.tracking.views`) in the experiment under `key`;
         returns the link that opens the table in it."""
-        from vitexp.tracking.views import SHARED_VIEW_TAG, encode
-
         self._client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + key, encode(state))
         return self.ui_link().replace("?", f"?viewStateShareKey={key}&", 1)
 

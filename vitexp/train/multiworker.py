@@ -42,7 +42,11 @@ from keras.src import tree
 from keras.src.backend.tensorflow import trainer as keras_trainer
 from omegaconf import DictConfig
 
+from vitexp.tracking import Tracker
 from vitexp.tracking.uri import sqlite_store
+from vitexp.train.preempt import requeued
+from vitexp.train.record import run_tags
+from vitexp.train.resume import find_resume
 from vitexp.validate import ConfigError
 
 TIMEOUT_ENV = "VITEXP_WORKER_TIMEOUT"
@@ -73,10 +77,6 @@ class Workers:
     def find_resume(self):
         """The chief's run to continue, read from the shared store (a non-chief worker's
         own store is private); None when not resuming."""
-        from vitexp.tracking import Tracker
-        from vitexp.train.preempt import requeued
-        from vitexp.train.resume import find_resume
-
         cfg = self.shared_cfg
         if not requeued() and str(cfg.resume).lower() == "false":
             return None
@@ -85,8 +85,6 @@ class Workers:
     def open_run(self, tracker, cfg: DictConfig, resume) -> tuple[str, Path, int]:
         """A non-chief worker's private run, with a copy of the chief's checkpoint folder when
         resuming (early stopping and the best epoch then read the same history)."""
-        from vitexp.train.record import run_tags
-
         if resume and (resume.out_dir / "checkpoints").is_dir():
             shutil.copytree(resume.out_dir / "checkpoints", self.scratch / "checkpoints", symlinks=True)
         run_id = tracker.start_run(cfg.run_name, run_tags(cfg, self.scratch))

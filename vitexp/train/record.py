@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from vitexp.provenance import command_line, git_commit
-from vitexp.report import plot_curves, write_report
+from vitexp.report.run import plot_curves, write_report
 from vitexp.search.study import owner
 from vitexp.tracking import Tracker, flatten, source_tags, tag
 from vitexp.train.callbacks import CheckpointDir

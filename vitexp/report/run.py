@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from vitexp.metrics import confused_pairs, confusion_counts  # noqa: E402
+from vitexp.models.vit import attention_maps, has_attention, has_cls_token, learned_positions
 
 PANELS = (("loss", "Loss", False), ("top1", "Top-1 accuracy", True), ("top5", "Top-5 accuracy", True))
 # Fonts with the scripts matplotlib's own DejaVu Sans lacks (CJK above all): where one is
@@ -277,8 +278,6 @@ def plot_attention(model, images: np.ndarray, path: Path, titles: list[str] | No
 
 
 def attention_figure(model, images: np.ndarray, titles: list[str] | None = None):
-    from vitexp.models.vit import attention_maps, has_cls_token
-
     maps = attention_maps(model, images)
     has_cls = has_cls_token(model)
     rollout = attention_rollout(maps, has_cls)
@@ -304,8 +303,6 @@ def write_report(
     model, cfg, train_x, train_y, test_x, test_y, probs, class_names, folder: Path
 ) -> list[Path]:
     """Every picture that applies to this model, into `folder`; returns their paths."""
-    from vitexp.models.vit import has_attention, learned_positions
-
     folder.mkdir(parents=True, exist_ok=True)
     n = cfg.report.num_images
     paths = [
