@@ -171,6 +171,7 @@ def test_a_job_whose_data_fails_is_recorded_and_the_sweep_goes_on(tmp_path, stor
             "-m",
             *TINY,
             "trainer.epochs=1",
+            "trainer.batch_size=8",  # 16 images a folder: 12 to train on
             "data=image_folder",
             "data.num_classes=4",
             "data.image_shape=[16,16,3]",
