@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml
 train: install  ## the textbook ViT on CIFAR-100 (add ARGS="model=vit patch_size=4 ...")
 	$(PY) -m vitexp $(ARGS)
 
-test: install  ## the whole suite, end-to-end runs included
-	$(PY) -m pytest -q $(ARGS)
+TEST_WORKERS ?= 2
+test: install  ## the whole suite, end-to-end runs included, on TEST_WORKERS processes
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 ui: install  ## the MLflow UI over the project's store, on 127.0.0.1 only
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui \

@@ -379,6 +379,18 @@ def install_wheel(tmp_path: Path) -> Path:
     return venv
 
 
+def test_the_wheel_lists_every_package():
+    """pyproject.toml names the packages (conf/ ships as vitexp.conf): a new one must be there."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "vitexp").rglob("__init__.py")}
+    found |= {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "hydra_plugins").rglob("__init__.py")
+    }
+    assert listed == found | {"vitexp.conf"}, listed ^ found  # conf/ itself is vitexp.conf
+
+
 @pytest.mark.slow
 def test_wheel_installs_a_vitexp_command_that_runs_from_any_folder(tmp_path):
     from mlflow.tracking import MlflowClient

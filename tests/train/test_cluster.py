@@ -56,6 +56,7 @@ def squeue(job: str) -> str:
     return out.stdout.strip()
 
 
+@pytest.mark.xdist_group("slurm")  # the one local cluster: its tests one after another
 def test_slurm_sweep_reports_to_a_tracking_server(slurm, server, tmp_path):  # noqa: F811
     uri, client, _, _ = server
     args = [*LOCAL_JOBS, *TINY, "trainer.epochs=1", "patch_size=4,8", "tracking.experiment=slurm"]
@@ -105,6 +106,7 @@ def test_slurm_sweep_into_a_sqlite_file_fails_in_one_line(tmp_path):
     assert not db.exists()  # before any run
 
 
+@pytest.mark.xdist_group("slurm")  # the one local cluster: its tests one after another
 def test_preempted_slurm_job_requeues_and_resumes_its_run(slurm, server, tmp_path):  # noqa: F811
     uri, client, _, _ = server
     sweep = tmp_path / "sweep"

@@ -229,6 +229,7 @@ def consecutive_free_ports(n: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # the one local cluster: its tests one after another
 def test_two_workers_under_srun(slurm, tmp_path, store):  # noqa: F811
     uri, client = store
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "VITEXP_WORKER_PORT": str(consecutive_free_ports(2))}

@@ -5,7 +5,8 @@ share, in the order the store holds them: the first logged. A run's system metri
 come first wherever an epoch takes longer than the monitor's 10 s interval, so the plot
 would open on `system/cpu_utilization_percentage`. This monitor holds its values back until
 the run has a metric of its own (the first epoch's, `val_top1` first); the samples taken
-meanwhile are averaged into its first published values, so nothing is lost.
+meanwhile are averaged into its first published values, or published when it finishes, so
+nothing is lost.
 """
 
 import logging
@@ -34,3 +35,15 @@ class SystemMonitor(SystemMetricsMonitor):
             if not self._run_has_metrics:
                 return  # the samples stay and are averaged with the next ones
         super().publish_metrics(metrics)
+
+    def finish(self):
+        """Stops sampling; what was held back (a run shorter than two intervals, whose metrics
+        came after the first sample) is published now, at the run's end."""
+        if self._process is not None:
+            self._shutdown_event.set()
+            self._process.join()
+            held = self.aggregate_metrics()
+            if held:
+                self._run_has_metrics = True
+                self.publish_metrics(held)
+        super().finish()
