@@ -45,5 +45,8 @@ class SystemMonitor(SystemMetricsMonitor):
             held = self.aggregate_metrics()
             if held:
                 self._run_has_metrics = True
-                self.publish_metrics(held)
+                try:
+                    self.publish_metrics(held)
+                except Exception:  # a store that is away: MLflow's own sampling drops them too
+                    logging.getLogger(LOGGER).debug("system metrics held at the end not sent")
         super().finish()
