@@ -2,9 +2,10 @@
 # A one-node Slurm cluster on this machine, for the tests and for trying the slurm launcher
 # before a real cluster. Needs root and the Debian packages `slurm-wlm munge`.
 #   scripts/slurm-local.sh up      writes /etc/slurm/slurm.conf for this machine (its cores
-#                                  and memory), starts munged, slurmctld and slurmd, and waits
-#                                  until `sinfo` shows the node idle
-#   scripts/slurm-local.sh down    stops them
+#                                  and memory), starts munged, slurmctld and slurmd with no
+#                                  jobs left from an earlier start, and waits until `sinfo`
+#                                  shows the node idle
+#   scripts/slurm-local.sh down    cancels every job and stops them
 #   scripts/slurm-local.sh status  exits 0 when the cluster answers
 # Finished jobs are recorded in the job-completion log $SLURM_LOCAL/jobcomp.log.
 set -euo pipefail
@@ -59,28 +60,40 @@ start_munge() {
 }
 
 wait_idle() {
-  local host
+  local host deadline state=""
   host=$(hostname -s)
-  for _ in $(seq 120); do
-    if sinfo -h -n "$host" -o %t 2>/dev/null | grep -qx idle; then return; fi
+  deadline=$((SECONDS + 60))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    state=$(timeout 10 sinfo -h -n "$host" -o %t 2>/dev/null || true)
+    if [ "$state" = idle ]; then return; fi
     sleep 0.5
   done
-  die "the node did not become idle; see $ROOT/slurmctld.log and $ROOT/slurmd.log"
+  die "the node is '${state:-not answering}', not idle, after 60 s (squeue shows what holds it); see $ROOT/slurmctld.log and $ROOT/slurmd.log"
 }
 
 up() {
   [ "$(id -u)" = 0 ] || die "needs root (it starts munged, slurmctld and slurmd)"
   command -v slurmctld >/dev/null || die "Slurm is not installed: apt-get install -y slurm-wlm munge"
-  if sinfo -h >/dev/null 2>&1; then wait_idle; echo "slurm-local: already up"; return; fi
+  if timeout 10 sinfo -h >/dev/null 2>&1; then wait_idle; echo "slurm-local: already up"; return; fi
   write_conf
   start_munge
-  /usr/sbin/slurmctld
+  # -c: start clean; a job still queued or running at the last `down` would hold the node
+  /usr/sbin/slurmctld -c
   /usr/sbin/slurmd
   wait_idle
   sinfo
 }
 
 down() {
+  local jobs
+  jobs=$(timeout 10 squeue -h -o %A 2>/dev/null || true)
+  if [ -n "$jobs" ]; then
+    scancel $jobs >/dev/null 2>&1 || true
+    for _ in $(seq 40); do  # until slurmd has stopped their processes
+      [ -z "$(timeout 10 squeue -h -o %A 2>/dev/null || true)" ] && break
+      sleep 0.25
+    done
+  fi
   scontrol shutdown >/dev/null 2>&1 || true
   for pidfile in "$ROOT/slurmctld.pid" "$ROOT/slurmd.pid"; do
     for _ in $(seq 40); do
@@ -94,6 +107,6 @@ down() {
 case "${1:-}" in
   up) up ;;
   down) down ;;
-  status) sinfo -h >/dev/null 2>&1 ;;
+  status) timeout 10 sinfo -h >/dev/null 2>&1 ;;
   *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
 esac

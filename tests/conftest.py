@@ -235,15 +235,17 @@ LOCAL_JOBS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slurm():
-    """The one-node cluster of `make slurm-up`; its job-completion log."""
+    """The one-node cluster of `make slurm-up`, started once for the session (its tests run
+    on one process: xdist_group "slurm"); its job-completion log."""
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster needs root (it starts munged, slurmctld and slurmd)")
     if shutil.which("slurmctld") is None or shutil.which("munged") is None:
         pytest.skip("Slurm is not installed: apt-get install -y slurm-wlm munge")
     was_up = subprocess.run([SCRIPT, "status"]).returncode == 0
-    subprocess.run([SCRIPT, "up"], check=True, capture_output=True, timeout=120)
+    up = subprocess.run([SCRIPT, "up"], capture_output=True, text=True, timeout=150)
+    assert up.returncode == 0, f"{SCRIPT} up failed: {up.stderr.strip()}"
     yield Path(os.environ.get("SLURM_LOCAL", "/var/lib/vitexp-slurm")) / "jobcomp.log"
     if not was_up:
         subprocess.run([SCRIPT, "down"], capture_output=True, timeout=120)
