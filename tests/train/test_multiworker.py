@@ -242,3 +242,66 @@ def test_two_workers_under_srun(slurm, tmp_path, store):  # noqa: F811
     assert [step for step, _ in history(client, run.info.run_id, "val_top1")] == list(range(1, EPOCHS + 1))
     digests = [x.rsplit(" ", 1)[1] for x in proc.stderr.splitlines() if "final weights sha256" in x]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def slurm_state(job: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # the one local cluster: its tests one after another
+def test_a_preempted_two_worker_slurm_job_requeues_and_resumes_its_run(slurm, tmp_path, store):  # noqa: F811
+    """An sbatch job of two workers (`srun -n 2`) pre-empted in epoch 2, as Slurm does it:
+    SIGTERM to every task. Both stop at the same step, the job requeues itself, and the
+    requeued job's workers continue the same run from its last epoch to FINISHED, each epoch
+    recorded once, and no worker's scratch folder is left behind."""
+    uri, client = store
+    epochs = 3
+    args = [*JOB, "data.num_train=1280", f"trainer.epochs={epochs}", "trainer.strategy=multi_worker"]
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"exec srun -n 2 --cpus-per-task=1 {sys.executable} -m vitexp {' '.join(args)} tracking.uri={uri}\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "TMPDIR": str(scratch),
+        "VITEXP_WORKER_PORT": str(consecutive_free_ports(2)),
+    }
+    log = tmp_path / "job.log"
+    submit = ["sbatch", "--parsable", "--requeue", "--open-mode=append", "-n", "2", "--cpus-per-task=1"]
+    submit += ["--mem=4G", f"--output={log}", str(script)]
+    job = subprocess.run(submit, cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        wait_for(lambda: list(tmp_path.glob("outputs/*/*/checkpoints/epoch_0001.keras")), timeout=600, poll=0.05)
+        subprocess.run(["scancel", "--signal=TERM", job], check=True)  # to both tasks of the step
+        # Slurm holds a requeued job back for two minutes (reason BeginTime); the test lets it start now
+        wait_for(lambda: slurm_state(job) == "PENDING BeginTime", timeout=300, poll=0.5)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        wait_for(lambda: "COMPLETED" in job_states(slurm, job), timeout=600, poll=0.5)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    text = log.read_text()
+    said = [x for x in text.splitlines() if x.startswith("vitexp: terminated")]
+    wheres = [re.search(r"at step \d+ of epoch \d+", x) for x in said]
+    assert len(wheres) == 2 and all(wheres) and wheres[0][0] == wheres[1][0], text[-5000:]
+    assert any(f"Slurm job {job} requeued" in x for x in said), said
+    (run,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["replicas"] == "2"
+    assert run.data.tags["vitexp.slurm_restarts"] == "1"  # Slurm ran the job a second time
+    assert [s for s, _ in history(client, run.info.run_id, "val_top1")] == list(range(1, epochs + 1))
+    # multi-worker jobs resume from the last committed epoch: epoch 2 is trained again, whole
+    assert "resuming run" in text and history(client, run.info.run_id, "resumed_step") == []
+    digests = [x.rsplit(" ", 1)[1] for x in text.splitlines() if "final weights sha256" in x]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert list(scratch.glob("vitexp-worker-*")) == []
+
+
+def job_states(jobcomp, job: str) -> list[str]:
+    """The job's states in the cluster's job-completion log, oldest first."""
+    lines = jobcomp.read_text().splitlines() if jobcomp.exists() else []
+    return [x.split("JobState=", 1)[1].split()[0] for x in lines if f"JobId={job} " in x and "JobState=" in x]
