@@ -275,9 +275,13 @@ def test_a_preempted_two_worker_slurm_job_requeues_and_resumes_its_run(slurm, tm
     log = tmp_path / "job.log"
     submit = ["sbatch", "--parsable", "--requeue", "--open-mode=append", "-n", "2", "--cpus-per-task=1"]
     submit += ["--mem=4G", f"--output={log}", str(script)]
-    job = subprocess.run(submit, cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout.strip()
+    job = subprocess.run(
+        submit, cwd=tmp_path, env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
     try:
-        wait_for(lambda: list(tmp_path.glob("outputs/*/*/checkpoints/epoch_0001.keras")), timeout=600, poll=0.05)
+        wait_for(
+            lambda: list(tmp_path.glob("outputs/*/*/checkpoints/epoch_0001.keras")), timeout=600, poll=0.05
+        )
         subprocess.run(["scancel", "--signal=TERM", job], check=True)  # to both tasks of the step
         # Slurm holds a requeued job back for two minutes (reason BeginTime); the test lets it start now
         wait_for(lambda: slurm_state(job) == "PENDING BeginTime", timeout=300, poll=0.5)
