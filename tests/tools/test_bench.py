@@ -6,7 +6,8 @@ import re
 import pytest
 from conftest import run_vitexp
 
-from vitexp.machine import ISA_FLAGS, cpu_info, native_bfloat16
+from vitexp.machine import ISA_FLAGS, cpu_info
+from vitexp.train.devices import choose_precision
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +32,23 @@ def test_bench_runs_and_reports(tmp_path):
         module="vitexp.bench",
     )
     last = out.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"speedup_same_batch=\d+\.\d\d speedup_best=\d+\.\d\d", last), last
+    assert re.fullmatch(r"speedup_same_batch=\d+\.\d\d speedup_best=\d+\.\d\d bf16_over_fp32=\d+\.\d\d", last)
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())
-    assert set(report["results"]) == {"textbook", "vitexp", "vitexp_best"}
-    # the best settings: bfloat16 at twice the batch, the learning rate scaled alike
+    assert set(report["results"]) == {"textbook", "vitexp", "vitexp_bf16", "vitexp_best"}
+    # the best settings: auto's precision at twice the batch, the learning rate scaled alike
     assert {"trainer.batch_size=128", "trainer.precision=auto"} <= set(report["best_overrides"])
     assert "optimizer.learning_rate=0.002" in report["best_overrides"]
-    # bfloat16 where this CPU runs it natively, float32 elsewhere; the same-batch row stays float32
-    expected = "mixed_bfloat16" if native_bfloat16() else "float32"
-    assert report["results"]["vitexp_best"]["precision"] == expected
-    assert report["results"]["vitexp"]["precision"] == "float32"
+    # both precisions side by side; the best row trains in what auto chooses for this model here
+    results = report["results"]
+    assert (results["vitexp"]["precision"], results["vitexp_bf16"]["precision"]) == (
+        "float32",
+        "mixed_bfloat16",
+    )
+    gflop = report["train_flops_per_image"] / 1e9
+    auto = choose_precision("auto", model_gflop=lambda: gflop)
+    assert [report["auto"]["precision"], report["auto"]["reason"]] == list(auto)
+    assert results["vitexp_best"]["precision"] == auto[0] and report["best"] == "vitexp_best"
+    assert f"* trainer.precision=auto: {auto[0]} ({auto[1]})" in out.stdout
     machine = report["machine"]
     assert machine["cpu"] and machine["cores"] >= 1 and f"{machine['cores']} cores" in out.stdout
     assert set(machine["isa"]) <= set(ISA_FLAGS)

@@ -8,14 +8,17 @@ Each configuration trains the same model in its own process (so peak memory is i
   default compile: how the chapter trains. For its ViT, float arrays (`x / 255.`) at batch
   64 (with the input normalisation adapted, so that both train the same model and their
   losses compare); for its Swin, the uint8 arrays at batch 128 (`--batch 128`).
-- `vitexp`: `python -m vitexp`'s own path at the same batch and precision (float32): uint8
-  tf.data, MLflow tracking, atomic checkpoints and validation every epoch.
-- `vitexp_best`: vitexp at the settings fastest on this machine without costing accuracy:
-  `trainer.precision=auto` at the same batch, which is mixed_bfloat16 on CPUs that run
-  bfloat16 natively (AVX-512 BF16, AMX) and float32 elsewhere. `--best-batch-factor k`
-  also scales its batch and learning rate by k (the linear rule): k=2 ran ~5% faster an
-  epoch on an AVX-512 BF16 CPU but, in a short fixed budget, half the updates cost
-  accuracy, so it is not the default.
+- `vitexp`, `vitexp_bf16`: `python -m vitexp`'s own path at the same batch, in float32 and
+  in mixed_bfloat16, the two precisions `trainer.precision=auto` chooses between on a CPU:
+  uint8 tf.data, MLflow tracking, atomic checkpoints and validation every epoch.
+- the best: the row `trainer.precision=auto` picks for this model on this machine (marked
+  `*`, with auto's reason). `--best-batch-factor k` adds `vitexp_best`, auto at k times the
+  batch and learning rate (the linear rule): k=2 ran ~5% faster an epoch on an AVX-512
+  BF16 CPU but, in a short fixed budget, half the updates cost accuracy, so it is not the
+  default.
+
+`--override experiment=vit_fashion_mnist_speedrun --batch 256` measures the speedrun's
+model (and its XLA) the same way, on synthetic images of its data's shape.
 
 Each holds the same `--images` training images (CIFAR-sized by default, the last 20% held
 out for validation) and trains two epochs of `--steps` steps, validating on all held-out
@@ -26,8 +29,10 @@ images, which the speedups compare. Also measured in the same run: a dense matmu
 (float32 and bfloat16) and the model's training FLOPs per image, so the achieved FLOP/s of
 the training steps reads as a fraction of what the machine can do. Results: a table on
 stdout, `bench/bench.json`, an MLflow run; the last line is
-`speedup_same_batch=<x> speedup_best=<y>`. The machine (CPU model, cores, the ISA flags
-that decide bfloat16 speed, GPUs) is printed with the figures and kept in the report.
+`speedup_same_batch=<x> speedup_best=<y> bf16_over_fp32=<z>` (whole-epoch rates: vitexp
+float32 and the best against the textbook, vitexp bfloat16 against float32). The machine
+(CPU model, cores, the ISA flags that decide bfloat16 speed, GPUs) is printed with the
+figures and kept in the report.
 """
 
 import argparse
@@ -37,7 +42,7 @@ import sys
 from pathlib import Path
 
 from vitexp.machine import describe, one_line
-from vitexp.tools.bench_worker import VALIDATION_SPLIT, best_overrides, worker
+from vitexp.tools.bench_worker import CONFIGS, VALIDATION_SPLIT, best_overrides, worker
 from vitexp.tracking import Tracker, flatten, tag
 
 
@@ -101,24 +106,39 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker(args)
     machine = {"machine": describe(), **spawn("machine", args)}
-    results = {name: spawn(name, args) for name in ("textbook", "vitexp", "vitexp_best")}
+    results = {name: spawn(name, args) for name in ("textbook", *CONFIGS)}
+    best = best_row(results, machine["auto"], args)
+    if best == "vitexp_best":
+        results[best] = spawn(best, args)
     report = {
         "model": args.model,
+        "overrides": args.overrides,
         "steps": args.steps,
         "batch": args.batch,
+        "best": best,
         "best_overrides": best_overrides(args),
         **machine,
         "results": results,
-        **summarise(results, machine, args.images),
+        **summarise(results, best, machine, args.images),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=1))
     print_report(report)
     log_to_mlflow(report, args)
-    print(f"speedup_same_batch={report['speedup_same_batch']:.2f} speedup_best={report['speedup_best']:.2f}")
+    print(
+        f"speedup_same_batch={report['speedup_same_batch']:.2f} speedup_best={report['speedup_best']:.2f} "
+        f"bf16_over_fp32={report['bf16_over_fp32']:.2f}"
+    )
 
 
-def summarise(results: dict, machine: dict, images: int) -> dict:
+def best_row(results: dict, auto: dict, args) -> str:
+    """The configuration `trainer.precision=auto` trains: the row in its precision at the same
+    batch, or `vitexp_best` (run only then) at `--best-batch-factor` times the batch."""
+    same = [name for name in CONFIGS if results[name]["precision"] == auto["precision"]]
+    return same[0] if same and args.best_batch_factor == 1 else "vitexp_best"
+
+
+def summarise(results: dict, best: str, machine: dict, images: int) -> dict:
     """Adds each configuration's whole-epoch rate and FLOP/s to `results`; returns the speedups."""
     flops = machine["train_flops_per_image"]
     train_images = int(images * (1 - VALIDATION_SPLIT))
@@ -130,11 +150,14 @@ def summarise(results: dict, machine: dict, images: int) -> dict:
         r["images_per_s"] = train_images / r["full_epoch_s"]
         r["achieved_gflops"] = r["train_images_per_s"] * flops / 1e9
         r["fraction_of_matmul_peak"] = r["achieved_gflops"] / peak
-    ref = results["textbook"]
+    ref, fp32, bf16 = results["textbook"], results["vitexp"], results["vitexp_bf16"]
     return {
-        "speedup_same_batch": results["vitexp"]["images_per_s"] / ref["images_per_s"],
-        "speedup_best": results["vitexp_best"]["images_per_s"] / ref["images_per_s"],
-        "train_speedup_same_batch": results["vitexp"]["train_images_per_s"] / ref["train_images_per_s"],
+        "speedup_same_batch": fp32["images_per_s"] / ref["images_per_s"],
+        "speedup_best": results[best]["images_per_s"] / ref["images_per_s"],
+        "train_speedup_same_batch": fp32["train_images_per_s"] / ref["train_images_per_s"],
+        # bfloat16 against float32, vitexp's path at the same batch: what `auto` decides on
+        "bf16_over_fp32": bf16["images_per_s"] / fp32["images_per_s"],
+        "train_bf16_over_fp32": bf16["train_images_per_s"] / fp32["train_images_per_s"],
     }
 
 
@@ -151,12 +174,19 @@ def print_report(report: dict) -> None:
         f"{'first step s':>13}{'GFLOP/s':>9}{'of peak':>9}   loss per epoch"
     )
     for name, r in results.items():
+        mark = "*" if name == report["best"] else ""
         print(
-            f"{name:<13}{r['precision']:<16}{r['train_images_per_s']:>12.1f}{r['epoch_overhead_s']:>11.1f}"
-            f"{r['images_per_s']:>12.1f}{r['first_step_s']:>13.1f}"
+            f"{name + mark:<13}{r['precision']:<16}{r['train_images_per_s']:>12.1f}"
+            f"{r['epoch_overhead_s']:>11.1f}{r['images_per_s']:>12.1f}{r['first_step_s']:>13.1f}"
             f"{r['achieved_gflops']:>9.1f}{r['fraction_of_matmul_peak']:>9.2f}"
             f"   {', '.join(f'{v:.3f}' for v in r['loss_per_epoch'])}"
         )
+    auto = report["auto"]
+    print(
+        f"bfloat16 / float32 (vitexp, batch {report['batch']}): x{report['train_bf16_over_fp32']:.2f} "
+        f"training steps, x{report['bf16_over_fp32']:.2f} whole epoch; "
+        f"* trainer.precision=auto: {auto['precision']} ({auto['reason']})"
+    )
     print(f"{'memory, MB':<13}{'peak RSS':>10}{'above TF':>10}{'before training':>17}{'first step':>12}")
     for name, r in results.items():
         print(
@@ -174,12 +204,21 @@ def log_to_mlflow(report: dict, args) -> None:
         for k, v in r.items()
         if isinstance(v, int | float)
     }
-    metrics.update({k: report[k] for k in ("speedup_same_batch", "speedup_best", "train_flops_per_image")})
+    summary = ("speedup_same_batch", "speedup_best", "bf16_over_fp32", "train_bf16_over_fp32")
+    metrics.update({k: report[k] for k in (*summary, "train_flops_per_image")})
     tracker.log_metrics(run_id, metrics, step=0)
     tracker.log_params(
         run_id,
         flatten(
-            {"model": args.model, "steps": args.steps, "batch": args.batch, "best": report["best_overrides"]}
+            {
+                "model": args.model,
+                "overrides": args.overrides,
+                "steps": args.steps,
+                "batch": args.batch,
+                "best": report["best_overrides"],
+                "auto_precision": report["auto"]["precision"],
+                "auto_reason": report["auto"]["reason"],
+            }
         ),
     )
     tracker.log_artifact(run_id, args.out / "bench.json")

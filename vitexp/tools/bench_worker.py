@@ -23,9 +23,15 @@ from vitexp.data.synthetic import load_synthetic  # noqa: E402
 from vitexp.models import adapt_input_norm  # noqa: E402
 from vitexp.optim.warmup_cosine import WarmupCosine  # noqa: E402
 from vitexp.tracking import Tracker, sqlite_store  # noqa: E402
+from vitexp.train.devices import choose_precision, training_flops  # noqa: E402
 from vitexp.train.run import train  # noqa: E402
 
 VALIDATION_SPLIT = 0.2  # the textbook's, and vitexp's default
+# vitexp at the textbook's batch, in each precision `trainer.precision=auto` chooses between on a CPU
+CONFIGS = {
+    "vitexp": ["trainer.precision=float32"],
+    "vitexp_bf16": ["trainer.precision=mixed_bfloat16"],
+}
 
 
 def rss_mb() -> float:
@@ -118,6 +124,7 @@ def run_vitexp(args, overrides) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="vitexp-bench-"))
     batch = next((int(o.split("=")[1]) for o in overrides if o.startswith("trainer.batch_size=")), args.batch)
     steps = args.steps * args.batch // batch
+    data = compose([f"model={args.model}", *args.overrides]).data  # the images the model is for
     cfg = compose(
         [
             f"model={args.model}",
@@ -127,8 +134,9 @@ def run_vitexp(args, overrides) -> dict:
             f"data.num_train={args.images}",
             f"trainer.steps_per_epoch={steps}",
             "data.num_test=64",
-            "data.num_classes=100",
-            "data.image_shape=[32,32,3]",
+            f"data.num_classes={data.num_classes}",
+            f"data.image_shape=[{','.join(map(str, data.image_shape))}]",
+            f"trainer.validation_split={VALIDATION_SPLIT}",
             "trainer.epochs=2",
             "trainer.verbose=0",
             "report.enabled=false",
@@ -196,20 +204,12 @@ def matmul_peak(size: int = 1024, budget_s: float = 1.0) -> dict:
     return peaks
 
 
-def training_flops(model_name: str, overrides: list[str]) -> float:
-    """Forward FLOPs of one image (TensorFlow's graph profiler), times 3 for training."""
-    import tensorflow as tf
-    from hydra.utils import instantiate
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    cfg = compose([f"model={model_name}", *overrides])
-    model = instantiate(cfg.model, _convert_="all")
-    spec = tf.TensorSpec([1, *cfg.data.image_shape], tf.float32)
-    frozen = convert_variables_to_constants_v2(tf.function(lambda x: model(x)).get_concrete_function(spec))
-    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    opts["output"] = "none"
-    profile = tf.compat.v1.profiler.profile(graph=frozen.graph, options=opts)
-    return 3.0 * profile.total_float_ops
+def model_cost(args) -> dict:
+    """The model's training FLOPs per image, and what `trainer.precision=auto` chooses for it
+    on this machine, and why."""
+    flops = training_flops(compose([f"model={args.model}", *args.overrides]).model)
+    precision, reason = choose_precision("auto", model_gflop=lambda: flops / 1e9)
+    return {"train_flops_per_image": flops, "auto": {"precision": precision, "reason": reason}}
 
 
 def best_overrides(args) -> list[str]:
@@ -228,11 +228,7 @@ def worker(args) -> None:
     if args.worker == "textbook":
         out = run_textbook(args)
     elif args.worker == "machine":
-        out = {
-            "peak_gflops": matmul_peak(),
-            "train_flops_per_image": training_flops(args.model, args.overrides),
-        }
+        out = {"peak_gflops": matmul_peak(), **model_cost(args)}
     else:
-        same = ["trainer.precision=float32"]
-        out = run_vitexp(args, best_overrides(args) if args.worker == "vitexp_best" else same)
+        out = run_vitexp(args, CONFIGS[args.worker] if args.worker in CONFIGS else best_overrides(args))
     print("BENCH " + json.dumps(out))

@@ -1,11 +1,13 @@
 """Devices, threads, precision and distribution strategy, set before any model is built."""
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vitexp.machine import native_bfloat16
@@ -13,12 +15,14 @@ from vitexp.train.jobs import parallel_jobs
 from vitexp.validate import ConfigError
 
 
-def setup_tensorflow(trainer: DictConfig) -> None:
-    """Threads, device, seeds, determinism and precision, before any model is built.
+def setup_tensorflow(cfg: DictConfig) -> tuple[str, str]:
+    """Threads, device, seeds, determinism and precision, before any model is built; returns
+    the precision and why (`choose_precision`).
 
     Jobs that a parallel launcher runs side by side share the CPU cores evenly and, on a
     machine with several GPUs, each take one GPU (by job number).
     """
+    trainer = cfg.trainer
     keras.backend.clear_session()  # a sweep's jobs may share this process
     if trainer.logical_cpus:
         cpu = tf.config.list_physical_devices("CPU")[0]
@@ -39,10 +43,15 @@ def setup_tensorflow(trainer: DictConfig) -> None:
             tf.config.set_visible_devices(gpus[HydraConfig.get().job.num % len(gpus)], "GPU")
     except RuntimeError:
         pass  # a worker process that already ran a job keeps its first settings
+    precision, reason = choose_precision(
+        trainer.precision, model_gflop=lambda: training_flops(cfg.model) / 1e9
+    )
+    keras.backend.clear_session()  # a model measured for `auto` leaves no trace in the run's layer names
     keras.utils.set_random_seed(trainer.seed)
     if trainer.deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(resolve_precision(trainer.precision))
+    keras.mixed_precision.set_global_policy(precision)
+    return precision, reason
 
 
 def distribution(name: str, jit_compile: str = "auto") -> tf.distribute.Strategy | None:
@@ -70,8 +79,10 @@ def distribution(name: str, jit_compile: str = "auto") -> tf.distribute.Strategy
     raise ValueError(f"{name}: multi_worker comes from vitexp.train.multiworker.start_workers")
 
 
-def resolve_precision(precision: str) -> str:
-    return choose_precision(precision)[0]
+# On a CPU with native bfloat16, the training GFLOP per image (forward x 3) from which
+# bfloat16 trains faster than float32, by instruction set (measured: README, the table
+# after "trainer.precision=auto chooses by what was measured faster")
+BF16_MIN_GFLOP = {"avx512_bf16": 0.1, "amx_bf16": 0.1}
 
 
 @dataclass(frozen=True)
@@ -92,19 +103,26 @@ def visible_gpus() -> list[Gpu]:
 
 
 def choose_precision(
-    precision: str, cpu_flags: set[str] | None = None, gpus: list[Gpu] | None = None
+    precision: str,
+    cpu_flags: set[str] | None = None,
+    gpus: list[Gpu] | None = None,
+    model_gflop: Callable[[], float] | None = None,
 ) -> tuple[str, str]:
     """The Keras policy for `trainer.precision`, and why (recorded as run params).
 
     `auto`: bfloat16 compute on GPUs that have it (Ampere and newer), float16 with loss
-    scaling on older GPUs; on a CPU, bfloat16 where its instruction set runs bfloat16
-    matmuls natively (AVX-512 BF16, AMX: same accuracy, faster; see `make bench`), float32
-    elsewhere, where bfloat16 would be emulated. Logits and softmax stay float32 always.
+    scaling on older GPUs. On a CPU, float32 where bfloat16 would be emulated (no AVX-512
+    BF16 or AMX); where it runs natively, bfloat16 for models whose training costs at least
+    `BF16_MIN_GFLOP` per image on that instruction set, float32 for smaller ones, which
+    `make bench` measured slower in bfloat16 (README, "Benchmark"). Logits and softmax
+    stay float32 always.
 
     Args:
         precision: `trainer.precision`.
         cpu_flags: the CPU's flags (/proc/cpuinfo); None reads this machine's.
         gpus: the GPUs to train on; None asks TensorFlow for this machine's.
+        model_gflop: the model's training GFLOP per image (forward x 3), asked only on a CPU
+            with native bfloat16; None counts as a large model.
     """
     if precision != "auto":
         return str(precision), "set by trainer.precision"  # the plain name, not the Enum
@@ -116,9 +134,38 @@ def choose_precision(
             return "mixed_bfloat16", f"auto: {gpu.name} has bfloat16 (compute capability {major}.x)"
         return "mixed_float16", f"auto: {gpu.name} has no bfloat16 (compute capability {major}.x)"
     isa = native_bfloat16(cpu_flags)
-    if isa:
+    if not isa:
+        return "float32", "auto: CPU without native bfloat16 (no avx512_bf16 or amx_bf16)"
+    threshold = BF16_MIN_GFLOP[isa]
+    if model_gflop is None or threshold == 0:
         return "mixed_bfloat16", f"auto: CPU runs bfloat16 natively ({isa})"
-    return "float32", "auto: CPU without native bfloat16 (no avx512_bf16 or amx_bf16)"
+    gflop = model_gflop()
+    if gflop >= threshold:
+        return "mixed_bfloat16", (
+            f"auto: CPU runs bfloat16 natively ({isa}) and the model costs {gflop:.3g} GFLOP per "
+            f"training image (>= {threshold:g}: bfloat16 measured faster)"
+        )
+    return "float32", (
+        f"auto: CPU runs bfloat16 natively ({isa}), but the model costs {gflop:.3g} GFLOP per "
+        f"training image (< {threshold:g}: float32 measured faster)"
+    )
+
+
+def training_flops(model: DictConfig) -> float:
+    """FLOPs of training on one image: the forward pass (TensorFlow's graph profiler over a
+    float32 build of `model` at batch 1), times 3 for the backward pass."""
+    keras.backend.clear_session()
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        built = instantiate(model, _convert_="all")
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    spec = tf.TensorSpec([1, *model.input_shape], tf.float32)
+    graph = tf.function(lambda x: built(x)).get_concrete_function(spec).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return 3.0 * tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops
 
 
 def jit_setting(value: str) -> bool | str:

@@ -16,7 +16,6 @@ from vitexp.report.run import plot_curves, write_report
 from vitexp.search.study import owner
 from vitexp.tracking import Tracker, flatten, source_tags, tag
 from vitexp.train.callbacks import CheckpointDir
-from vitexp.train.devices import choose_precision
 from vitexp.train.jobs import Job, Splits
 from vitexp.train.resume import config_hash
 
@@ -62,7 +61,6 @@ def log_setup(tracker: Tracker, run_id: str, cfg: DictConfig, model, splits: Spl
             "val_images": str(len(splits.val[0])),
             "test_images": str(len(splits.test[0])),
             "precision": keras.mixed_precision.global_policy().name,
-            "precision_reason": choose_precision(cfg.trainer.precision)[1],
             # what trainer.jit_compile=auto became: Keras turns XLA on with a GPU, off on the CPU
             "xla": str(bool(model.jit_compile)),
         }

@@ -39,11 +39,13 @@ class Role:
         cfg: the config as this process records it (a non-chief worker's store is private).
         tracker: the store this process writes.
         workers: the job's workers, None for a job of one process.
+        precision_reason: why it trains in its precision (`trainer.precision=auto`'s choice).
     """
 
     cfg: DictConfig
     tracker: Tracker
     workers: Workers | None = None
+    precision_reason: str = ""
 
     @classmethod
     def start(cls, cfg: DictConfig) -> "Role":
@@ -54,10 +56,10 @@ class Role:
         workers = start_workers() if several else None
         if workers:
             STOP.reclaim()
-        setup_tensorflow(cfg.trainer)
+        _, precision_reason = setup_tensorflow(cfg)
         if workers and not workers.is_chief:
             cfg = workers.private_config(cfg)
-        return cls(cfg, Tracker.from_config(cfg.tracking), workers)
+        return cls(cfg, Tracker.from_config(cfg.tracking), workers, precision_reason)
 
     @property
     def records_privately(self) -> bool:

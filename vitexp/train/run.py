@@ -89,7 +89,8 @@ def record_setup(job: Job, role: Role, built: Built) -> None:
     """What a new run records before training: config, splits, model, replicas, class names."""
     log_setup(job.tracker, job.run_id, job.cfg, job.model, job.splits, job.out_dir)
     strategy = role.strategy()
-    job.tracker.log_params(job.run_id, {"replicas": str(strategy.num_replicas_in_sync if strategy else 1)})
+    replicas = str(strategy.num_replicas_in_sync if strategy else 1)
+    job.tracker.log_params(job.run_id, {"replicas": replicas, "precision_reason": role.precision_reason})
     job.tracker.log_class_names(job.run_id, built.data.class_names)
 
 
