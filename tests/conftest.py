@@ -18,6 +18,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 ARTIFACTS = ROOT / "test-artifacts"
+ARTIFACTS.mkdir(exist_ok=True)  # what the browser tests keep: every test process may write first
 
 # A model and data small enough that a whole run takes seconds on two CPU cores.
 TINY = [

@@ -99,7 +99,11 @@ def test_a_new_process_loads_it_and_gives_the_same_logits(variant, precision, re
         assert "dynamic_scale" in dict(loaded["optimizer_scalars"])
     else:
         assert ["iteration", 1.0] in loaded["optimizer_scalars"]
-    assert loaded["served"] == trained.argmax(-1).tolist()  # the pyfunc model answers as trained
+    # the pyfunc model answers as trained: its class is the trained top one, or within the
+    # precision's tolerance of it (an untrained model's logits can nearly tie in bfloat16)
+    served = trained[np.arange(len(trained)), loaded["served"]]
+    top = trained.max(-1)
+    assert np.all(top - served <= 2 * TOLERANCE[precision] * (1 + np.abs(top))), (loaded["served"], trained)
     assert loaded["xla"] == (variant == "xla")
     if variant != "swin":
         assert loaded["attention_blocks"] == 1  # explain's attention maps

@@ -132,7 +132,6 @@ def test_the_printed_link_shows_each_job_with_its_swept_values_and_scores_and_th
     assert printed, stderr[-3000:]
     link = printed[1].replace("http://127.0.0.1:5000", ui)  # `mlflow ui` here runs on a free port
     dom = rendered(link, tmp_path, [j.info.run_id for j in jobs] + [parent.info.run_id])
-    ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "mlflow_ui_sweep_link.html").write_text(dom)
     subprocess.run(
         [

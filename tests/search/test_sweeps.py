@@ -184,7 +184,6 @@ def test_mlflow_ui_lists_the_sweep_in_a_real_browser(server, grid, tmp_path):
     runs = runs_of(client, "grid")
     (parent,) = [r for r in runs if r.data.tags.get("vitexp.sweep") == "true"]
     children = [r for r in runs if r is not parent]
-    ARTIFACTS.mkdir(exist_ok=True)
     flags = chromium_flags(tmp_path)
 
     def page(url, shot, expected):
@@ -230,7 +229,6 @@ def test_mlflow_ui_opens_the_experiment_on_its_training_runs(server, grid, tmp_p
     assert grid.tags["mlflow.experimentKind"] == "custom_model_development"
     link = Tracker(uri, "grid").ui_link()
     runs = runs_of(client, "grid")
-    ARTIFACTS.mkdir(exist_ok=True)
     flags = chromium_flags(tmp_path)
     expected = f"<strong>{len(runs)}</strong> matching runs"
     for _ in range(6):  # the UI loads the runs after its first paint
