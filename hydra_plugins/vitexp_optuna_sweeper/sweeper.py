@@ -126,7 +126,7 @@ def retry_stale(study, results) -> None:
             continue
         study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params)
-        results.retried(t.number, t.user_attrs.get(RUN_ATTR))
+        results.retried(t.number, t.user_attrs.get(RUN_ATTR), study.study_name)
         log.warning("trial %d was left running by a killed search: failed, and run again", t.number)
 
 

@@ -2,6 +2,8 @@
 
 import re
 import signal
+import socket
+import subprocess
 
 import numpy as np
 import pytest
@@ -253,3 +255,41 @@ def test_pruner_stops_a_planted_bad_trial_and_the_parent_shows_it(tmp_path, stor
     header, *rows = (tmp_path / "cmp" / "comparison.csv").read_text().strip().splitlines()
     assert header.endswith(",pruned_epoch") and sum(row.endswith(",1") for row in rows) == 1
     assert "pruned_epoch" in compared.stdout
+
+
+def test_a_trial_killed_before_it_recorded_its_run_is_failed_and_asked_again(tmp_path, store, monkeypatch):
+    """A search killed in the seconds between a trial's MLflow run being created and the trial
+    recording its run id: the continued search still finds that run (by the trial tags it was
+    created with), marks it FAILED and retried, and asks the trial again."""
+    import optuna
+    from conftest import compose
+
+    from hydra_plugins.vitexp_optuna_sweeper.sweeper import retry_stale
+    from vitexp.search.report import SearchLog
+    from vitexp.search.study import OWNER_ATTR, STUDY_ENV, TRIAL_ENV
+    from vitexp.tracking import PARENT_ENV, Tracker, tag
+    from vitexp.train.record import run_tags
+
+    uri, client = store
+    cfg = compose([*TINY, f"tracking.uri={uri}"])
+    tracker = Tracker.from_config(cfg.tracking)
+    parent = tracker.start_run("search", {tag.SWEEP: "true"}, None)
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    trial = study.ask()
+    trial.suggest_int("depth", 1, 2)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    trial.set_user_attr(OWNER_ATTR, f"{socket.gethostname()}:{gone.pid}")  # the killed sweeper
+    # the trial's job created its run as every job does, then the kill came
+    monkeypatch.setenv(TRIAL_ENV, str(trial.number))
+    monkeypatch.setenv(STUDY_ENV, "s")
+    child = tracker.start_run("job", run_tags(cfg, tmp_path), parent)
+    other = tracker.start_run("another study's job", {tag.OPTUNA_STUDY: "t", tag.OPTUNA_TRIAL: "0"}, parent)
+
+    monkeypatch.setenv(PARENT_ENV, parent)
+    retry_stale(study, SearchLog(cfg, None, tmp_path))
+    run = client.get_run(child)
+    assert run.info.status == "FAILED" and run.data.tags[tag.RETRIED] == "true"
+    assert client.get_run(other).info.status == "RUNNING"  # only the killed trial's own run
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]  # asked again
+    assert study.trials[1].system_attrs["fixed_params"] == {"depth": trial.params["depth"]}

@@ -72,11 +72,18 @@ class SearchLog:
         self.parent = os.environ.get(PARENT_ENV)
         self.tracker = Tracker.from_config(config.tracking) if self.parent else None
 
-    def retried(self, number: int, run_id: str | None) -> None:
-        """The MLflow child of a trial a killed search left running: FAILED, tagged as retried."""
-        if self.tracker and run_id:
-            self.tracker.set_tags(run_id, {tag.RETRIED: "true"})
-            self.tracker.end_run(run_id, FAILED)
+    def retried(self, number: int, run_id: str | None, study: str) -> None:
+        """The MLflow child of a trial a killed search left running: FAILED, tagged as retried.
+        Without `run_id` (killed before the trial recorded it), the child is found by the
+        trial tags it was created with."""
+        if not self.tracker:
+            return
+        trial = {tag.OPTUNA_STUDY: study, tag.OPTUNA_TRIAL: str(number)}
+        children = [] if run_id else self.tracker.children(self.parent)
+        found = [r.id for r in children if r.status == "RUNNING" and trial.items() <= r.tags.items()]
+        for child in [run_id] if run_id else found:
+            self.tracker.set_tags(child, {tag.RETRIED: "true"})
+            self.tracker.end_run(child, FAILED)
 
     def progress(self, study) -> None:
         if not self.tracker:

@@ -26,6 +26,16 @@ SWEEPER_TARGET = "hydra_plugins.vitexp_optuna_sweeper.sweeper.VitexpOptunaSweepe
 STORAGE_ENV = "VITEXP_OPTUNA_STORAGE"
 STUDY_ENV = "VITEXP_OPTUNA_STUDY"
 TRIAL_ENV = "VITEXP_OPTUNA_TRIAL"
+
+
+def trial_tags() -> dict[str, str]:
+    """A trial's job tags its MLflow run with the study and trial number when it creates it,
+    so a search killed before the trial recorded its run id still finds the run."""
+    if not os.environ.get(TRIAL_ENV):
+        return {}
+    return {tag.OPTUNA_TRIAL: os.environ[TRIAL_ENV], tag.OPTUNA_STUDY: os.environ.get(STUDY_ENV, "")}
+
+
 # Study and trial attributes vitexp keeps in the storage.
 FINGERPRINT_ATTR = "vitexp.search"
 PARENT_ATTR = "vitexp.mlflow_parent"

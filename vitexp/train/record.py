@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vitexp.provenance import command_line, git_commit
 from vitexp.report.run import plot_curves, write_report
-from vitexp.search.study import owner
+from vitexp.search.study import owner, trial_tags
 from vitexp.tracking import Tracker, flatten, source_tags, tag
 from vitexp.train.callbacks import CheckpointDir
 from vitexp.train.jobs import Job, Splits
@@ -36,6 +36,7 @@ def run_tags(cfg: DictConfig, out_dir: Path) -> dict[str, str]:
         "version.tensorflow": tf.__version__,
         "version.keras": keras.__version__,
         "version.python": sys.version.split()[0],
+        **trial_tags(),
     }
 
 
