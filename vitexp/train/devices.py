@@ -79,10 +79,10 @@ def distribution(name: str, jit_compile: str = "auto") -> tf.distribute.Strategy
     raise ValueError(f"{name}: multi_worker comes from vitexp.train.multiworker.start_workers")
 
 
-# On a CPU with native bfloat16, the training GFLOP per image (forward x 3) from which
-# bfloat16 trains faster than float32, by instruction set (measured: README, the table
+# On a CPU with native bfloat16 (AVX-512 BF16 or AMX alike), the training GFLOP per image
+# (forward x 3) from which bfloat16 trains faster than float32 (measured: README, the table
 # after "trainer.precision=auto chooses by what was measured faster")
-BF16_MIN_GFLOP = {"avx512_bf16": 0.1, "amx_bf16": 0.1}
+BF16_MIN_GFLOP = 0.1
 
 
 @dataclass(frozen=True)
@@ -113,9 +113,9 @@ def choose_precision(
     `auto`: bfloat16 compute on GPUs that have it (Ampere and newer), float16 with loss
     scaling on older GPUs. On a CPU, float32 where bfloat16 would be emulated (no AVX-512
     BF16 or AMX); where it runs natively, bfloat16 for models whose training costs at least
-    `BF16_MIN_GFLOP` per image on that instruction set, float32 for smaller ones, which
-    `make bench` measured slower in bfloat16 (README, "Benchmark"). Logits and softmax
-    stay float32 always.
+    `BF16_MIN_GFLOP` per image, float32 for smaller ones, which `make bench` measured slower
+    in bfloat16 (README, under `trainer.precision=auto`). Logits and softmax stay float32
+    always.
 
     Args:
         precision: `trainer.precision`.
@@ -136,8 +136,8 @@ def choose_precision(
     isa = native_bfloat16(cpu_flags)
     if not isa:
         return "float32", "auto: CPU without native bfloat16 (no avx512_bf16 or amx_bf16)"
-    threshold = BF16_MIN_GFLOP[isa]
-    if model_gflop is None or threshold == 0:
+    threshold = BF16_MIN_GFLOP
+    if model_gflop is None:
         return "mixed_bfloat16", f"auto: CPU runs bfloat16 natively ({isa})"
     gflop = model_gflop()
     if gflop >= threshold:
