@@ -176,7 +176,7 @@ def show_sweep_configs(argv: list[str]) -> None:
     except ConfigError as err:  # a --config-dir that is not a folder
         fail(str(err))
     except Exception as err:
-        fail(_explain_compose_error(err))
+        fail(explain_compose_error(err))
     sys.exit(0)
 
 
@@ -191,7 +191,7 @@ def _check_jobs(app, config_name: str, args: list[str]) -> tuple[DictConfig, set
         try:
             cfg = compose_with(app, config_name, job)
         except Exception as err:
-            fail(_explain_compose_error(err))
+            fail(explain_compose_error(err))
         if is_server(cfg.tracking.uri):
             servers.add((cfg.tracking.uri, cfg.tracking.timeout_s))
         try:
@@ -212,7 +212,7 @@ def _check_search(app, config_name: str, overrides: list[str]) -> None:
     except SearchError as err:
         fail(str(err))
     except Exception as err:  # a hydra.* override that does not compose
-        fail(_explain_compose_error(err))
+        fail(explain_compose_error(err))
 
 
 def _first_line(err: BaseException) -> str:
@@ -220,7 +220,7 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def _explain_compose_error(err: BaseException) -> str:
+def explain_compose_error(err: BaseException) -> str:
     """Turns Hydra's multi-line compose errors into one line that names the fix."""
     from hydra.errors import MissingConfigException
 

@@ -60,3 +60,26 @@ def test_bench_runs_and_reports(tmp_path):
         assert result["val_images"] == 200
         assert result["first_step_mb"] > 0  # the first step allocates its activations
     assert report["train_flops_per_image"] > 1e6 and report["peak_gflops"]["float32"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--steps", "0"], "vitexp.bench: error: argument --steps: '0': use a whole number of at least 1"),
+        (
+            ["--override", "trainer.precision=autoo"],
+            "vitexp.bench: error: trainer.precision=autoo: use one of float32, mixed_bfloat16, mixed_float16",
+        ),
+        (["--model", "vitt"], "vitexp.bench: error: model=vitt: no such option in group model; use one of: "),
+    ],
+    ids=["steps", "override", "model"],
+)
+def test_a_mistake_ends_in_one_line_before_any_worker(args, line, tmp_path, capsys):
+    from vitexp.tools.bench import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--out", str(tmp_path / "bench")])
+    assert stop.value.code == 2
+    (said,) = capsys.readouterr().err.strip().splitlines()
+    assert said.startswith(line)
+    assert not (tmp_path / "bench").exists()  # no worker started, nothing written

@@ -41,9 +41,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from vitexp.cli import explain_compose_error
+from vitexp.config import compose
+from vitexp.errors import fail
 from vitexp.machine import describe, one_line
+from vitexp.tools.args import ToolParser
 from vitexp.tools.bench_worker import CONFIGS, VALIDATION_SPLIT, best_overrides, worker
 from vitexp.tracking import Tracker, flatten, tag
+
+PROG = "vitexp.bench"
 
 
 def spawn(name: str, args) -> dict:
@@ -72,21 +81,28 @@ def spawn(name: str, args) -> dict:
     return json.loads(lines[-1][6:])
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a whole number of at least 1")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vitexp.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="timed training steps at --batch")
+    parser = ToolParser(PROG, __doc__)
+    parser.add_argument("--steps", type=positive, default=60, help="timed training steps at --batch")
     parser.add_argument(
-        "--batch", type=int, default=64, help="batch size (the textbook's: 64 for its ViT, 128 for its Swin)"
+        "--batch", type=positive, default=64, help="batch size (the textbook's: 64 for its ViT, 128 for Swin)"
     )
     parser.add_argument("--model", default="vit")
     parser.add_argument(
         "--best-batch-factor",
-        type=int,
+        type=positive,
         default=1,
         help="vitexp_best's batch and learning rate, times --batch and the config's rate",
     )
     parser.add_argument(
-        "--images", type=int, default=50000, help="training images held in memory (CIFAR: 50000)"
+        "--images", type=positive, default=50000, help="training images held in memory (CIFAR: 50000)"
     )
     parser.add_argument(
         "--override",
@@ -96,15 +112,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a config override for every configuration (repeatable)",
     )
     parser.add_argument("--out", type=Path, default=Path("bench"))
-    parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser.parse(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    check_overrides(args)
     machine = {"machine": describe(), **spawn("machine", args)}
     results = {name: spawn(name, args) for name in ("textbook", *CONFIGS)}
     best = best_row(results, machine["auto"], args)
@@ -129,6 +145,15 @@ def main(argv: list[str] | None = None) -> None:
         f"speedup_same_batch={report['speedup_same_batch']:.2f} speedup_best={report['speedup_best']:.2f} "
         f"bf16_over_fp32={report['bf16_over_fp32']:.2f}"
     )
+
+
+def check_overrides(args) -> None:
+    """`--model` and every `--override` compose, or the command ends in one line before any
+    worker starts."""
+    try:
+        compose([f"model={args.model}", *args.overrides])
+    except (HydraException, OmegaConfBaseException) as err:
+        fail(explain_compose_error(err), prog=PROG)
 
 
 def best_row(results: dict, auto: dict, args) -> str:
