@@ -318,6 +318,13 @@ BAD_DATA = [
         "trainer.batch_size=4096 is larger than the training split: 409 of 512 training images after "
         "trainer.validation_split=0.2; set trainer.batch_size=409 or less",
     ),
+    (
+        # 409 training images in batches of 32: 13 steps an epoch (Keras would train 16)
+        [*TINY, "trainer.steps_per_execution=4"],
+        "trainer.steps_per_execution=4 does not divide the 13 steps of an epoch (its last execution "
+        "would train on the next epoch's batches): use one of 1, 13, or set trainer.steps_per_epoch "
+        "to a multiple of 4",
+    ),
     (["data.path=/no/such/cifar.tar.gz"], "does not exist"),
     (["tracking.uri=http://127.0.0.1:9"], "is unreachable"),
     (["resume=true"], "no interrupted run of this config"),

@@ -42,6 +42,7 @@ def build(cfg: DictConfig, strategy, resume) -> Built:
     check_split(cfg, len(data.train_x))
     splits = split(data, cfg.trainer.validation_split)
     steps = cfg.trainer.steps_per_epoch or steps_per_epoch(len(splits.train[0]), cfg.trainer.batch_size)
+    check_execution(cfg, steps)
     with strategy.scope() if strategy else contextlib.nullcontext():
         model = build_model(cfg, splits.train[0])
         schedule = compile_model(model, cfg, total_steps=steps * cfg.trainer.epochs)
@@ -104,6 +105,20 @@ def check_split(cfg: DictConfig, count: int) -> None:
         raise DataError(
             f"trainer.batch_size={t.batch_size} is larger than the training split: {kept} of {given} "
             f"after trainer.validation_split={t.validation_split}; set trainer.batch_size={kept} or less"
+        )
+
+
+def check_execution(cfg: DictConfig, steps: int) -> None:
+    """Fails in one line when `trainer.steps_per_execution` does not divide the steps of an
+    epoch: Keras runs whole executions, so the epoch's last one would take batches of the
+    next epoch (each epoch's batches, metrics and checkpoints would no longer be its own)."""
+    per = cfg.trainer.steps_per_execution
+    if steps % per:
+        divisors = [str(d) for d in range(1, min(steps, 64) + 1) if steps % d == 0]
+        raise ConfigError(
+            f"trainer.steps_per_execution={per} does not divide the {steps} steps of an epoch "
+            f"(its last execution would train on the next epoch's batches): use one of "
+            f"{', '.join(divisors)}, or set trainer.steps_per_epoch to a multiple of {per}"
         )
 
 
