@@ -3,6 +3,7 @@
 import csv
 import re
 
+import numpy as np
 import pytest
 
 from vitexp.report.compare import compare, label, swept_params
@@ -131,3 +132,28 @@ def test_runs_are_labelled_by_their_swept_values(sweep, shared_store):
     swept = swept_params(runs)
     assert swept == ["model.depth"]
     assert sorted(label(r, swept) for r in runs) == ["depth=1", "depth=2", "depth=4"]
+
+
+def test_a_search_of_many_real_valued_trials_gets_readable_pictures(shared_store, tmp_path):
+    """16 trials with learning rates as a sampler draws them: labels of 3 significant digits,
+    and pictures drawn without a layout warning (each was one, with unreadable ticks)."""
+    import warnings
+
+    uri, _ = shared_store
+    tracker = Tracker(uri, "many-trials")
+    parent = tracker.start_run("search", {"vitexp.sweep": "true"})
+    rng = np.random.default_rng(0)
+    for trial in range(16):
+        run_id = trained(tracker, f"trial{trial}", 2, 0.5 + trial / 100, parent)
+        lr, wd = 10 ** rng.uniform(-3.5, -2), 10 ** rng.uniform(-2, -0.7)
+        tracker.log_params(run_id, {"optimizer.learning_rate": repr(lr), "optimizer.weight_decay": repr(wd)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        header, rows, paths = compare(parent, uri, "best_val_top1", tmp_path / "out")
+    assert header[2:4] == ["optimizer.learning_rate", "optimizer.weight_decay"]
+    (run,) = [r for r in Tracker(uri, "many-trials").find_runs() if r.name == "trial15"]
+    lr = float(run.params["optimizer.learning_rate"])
+    assert len(run.params["optimizer.learning_rate"]) > 12  # as logged: every digit
+    assert label(run, header[2:4]).startswith(f"learning_rate={lr:.3g} weight_decay=")
+    assert len(label(run, header[2:4])) < 50
+    assert all(p.stat().st_size > 10_000 for p in paths if p.suffix == ".png")

@@ -9,7 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from vitexp.tracking import Tracker, tag  # noqa: E402
 
@@ -80,10 +80,21 @@ def short_names(keys: list[str]) -> dict[str, str]:
     return {k: name if last.count(name) == 1 else k for k, name in zip(keys, last)}
 
 
+def shown(value) -> str:
+    """A logged value as a reader takes it in: a real number to 3 significant digits (a
+    search's `0.0049481998917741635` is `0.00495`), whole numbers and text as logged."""
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return text if text.lstrip("-").isdigit() else f"{number:.3g}"
+
+
 def label(run, swept: list[str]) -> str:
-    """A run by its swept values (`patch_size=4 depth=2`), else by its name."""
+    """A run by its swept values (`patch_size=4 lr=0.00495`), else by its name."""
     names = short_names(swept)
-    values = [f"{names[k]}={run.params.get(k, '')}" for k in swept]
+    values = [f"{names[k]}={shown(run.params.get(k, ''))}" for k in swept]
     return " ".join(values) or run.name
 
 
@@ -143,48 +154,91 @@ def write_outputs(header, rows, swept: list[str], out: Path) -> list[Path]:
     return [out / "comparison.csv", out / "comparison.md", out / "comparison.png"]
 
 
+# more runs than this and a picture names only the best one by its values (the table has all)
+NAMED_POINTS = 8
+# more distinct numbers than this on a swept param (a search's intervals): a numeric axis
+CATEGORIES = 6
+
+
 def plot_scores(header, rows, swept: list[str], path: Path) -> None:
-    """Validation and test top-1 against each swept parameter and the parameter count; each
-    point says the run's other swept values."""
+    """Validation and test top-1 against each swept parameter and the parameter count. With
+    a few runs each point says the run's other swept values; with many (a search) the best
+    run by validation is starred and its values are in the title."""
     names = short_names(swept)
     axes_keys = [*swept, "num_params"]
-    fig, axes = plt.subplots(1, len(axes_keys), figsize=(5 * len(axes_keys), 4.2), squeeze=False)
+    val, test = header.index("best_val_top1"), header.index("test_top1")
+    best = best_run(rows, val)
+    fig, axes = plt.subplots(
+        1, len(axes_keys), figsize=(5 * len(axes_keys), 4.2), squeeze=False, layout="constrained"
+    )
     for ax, key in zip(axes[0], axes_keys):
         col = header.index(key)
-        values = sorted({r[col] for r in rows}, key=_order)
-        where = {v: i for i, v in enumerate(values)}  # categorical axis: every swept value a tick
-        for metric, marker, name in (
-            ("best_val_top1", "o", "best val top-1"),
-            ("test_top1", "s", "test top-1"),
-        ):
-            points = [r for r in rows if r[header.index(metric)] is not None]
-            xs = [r[col] if key == "num_params" else where[r[col]] for r in points]
-            ax.scatter(xs, [r[header.index(metric)] for r in points], s=45, marker=marker, label=name)
-        for r in rows:
-            others = " ".join(f"{names[k]}={r[header.index(k)]}" for k in swept if k != key)
-            y = r[header.index("test_top1")]
-            if others and y is not None:
-                x = r[col] if key == "num_params" else where[r[col]]
-                ax.annotate(others, (x, y), textcoords="offset points", xytext=(6, -10), fontsize=8)
-        if key == "num_params":
-            ax.set_xscale("log")
-        else:
-            ax.set_xticks(range(len(values)), [str(v) for v in values])
-            ax.set_xlim(-0.5, len(values) - 0.5)
+        place, scale = axis_of(key, [r[col] for r in rows])
+        for metric, marker, name in ((val, "o", "best val top-1"), (test, "s", "test top-1")):
+            points = [r for r in rows if r[metric] is not None]
+            ax.scatter(
+                [place(r[col]) for r in points], [r[metric] for r in points], s=45, marker=marker, label=name
+            )
+        if len(rows) > NAMED_POINTS and best[val] is not None:
+            ax.scatter([place(best[col])], [best[val]], s=180, marker="*", color="black", label="best by val")
+        for r in rows if len(rows) <= NAMED_POINTS else []:
+            others = " ".join(f"{names[k]}={shown(r[header.index(k)])}" for k in swept if k != key)
+            if others and r[test] is not None:
+                ax.annotate(others, (place(r[col]), r[test]), textcoords="offset points", xytext=(6, -10),
+                            fontsize=8).set_in_layout(False)  # fmt: skip
+        scale(ax)
         ax.set_xlabel(names.get(key, "parameters"))
         ax.set_ylabel("top-1")
         ax.set_title(f"top-1 by {names.get(key, 'parameter count')}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Best validation and test top-1 of {len(rows)} runs")
-    fig.tight_layout()
+    title = f"Best validation and test top-1 of {len(rows)} runs"
+    if len(rows) > NAMED_POINTS:
+        title += "; best by validation: " + " ".join(
+            f"{names[k]}={shown(best[header.index(k)])}" for k in swept
+        )
+    fig.suptitle(title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
+def best_run(rows, col: int):
+    return max((r for r in rows if r[col] is not None), key=lambda r: r[col], default=rows[0])
+
+
+def axis_of(key: str, values: list):
+    """How a param's values sit on an x axis: `(place, scale)`, `place(value)` the x of a
+    value, `scale(ax)` sets the axis. The parameter count and a search's real-valued params
+    (numbers, more than CATEGORIES distinct) on a numeric axis, log where they span a decade
+    or more; a grid's few values as categories, every one a tick."""
+    distinct = sorted(set(values), key=_order)
+    numbers = [float(v) for v in distinct if _order(v)[0] == 0]
+    if key == "num_params" or (len(numbers) == len(distinct) > CATEGORIES):
+        log = min(numbers) > 0 and max(numbers) >= 10 * min(numbers)
+
+        def numeric(ax):
+            if log:  # ticks at 1, 2, 5 of each decade, read as numbers (0.02, not 2x10^-2)
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: shown(v)))
+                ax.xaxis.set_minor_formatter(NullFormatter())
+
+        return float, numeric
+    where = {v: i for i, v in enumerate(distinct)}
+
+    def categorical(ax):
+        ax.set_xticks(range(len(distinct)), [shown(v) for v in distinct])
+        ax.set_xlim(-0.5, len(distinct) - 0.5)
+
+    return where.__getitem__, categorical
+
+
 def plot_curves(tracker: Tracker, runs, swept: list[str], path: Path) -> Path:
     """Every run's validation top-1 per epoch, one line each, labelled by its swept values."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    many = len(runs) > NAMED_POINTS  # the legend beside the axes, not over the curves
+    fig, ax = plt.subplots(figsize=(12 if many else 8, 5), layout="constrained")
+    if many:  # 20 colours before one repeats
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     for run in sorted(runs, key=lambda r: [_order(r.params.get(k, "")) for k in swept]):
         history = tracker.metric_history(run.id, "val_top1")
         if history:
@@ -195,8 +249,8 @@ def plot_curves(tracker: Tracker, runs, swept: list[str], path: Path) -> Path:
     ax.set_title(f"Validation top-1 per epoch, {len(runs)} runs")
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend(fontsize=8, ncol=1 + len(ax.lines) // 12)
-    fig.tight_layout()
+        where = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}
+        ax.legend(fontsize=8, ncol=1 + len(ax.lines) // 20, **where)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
