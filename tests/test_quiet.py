@@ -69,3 +69,31 @@ def test_a_training_run_and_a_tool_print_only_vitexp_and_keras_lines(tmp_path, s
     )
     assert evaluated.returncode == 0 and "top-1" in evaluated.stdout, evaluated.stderr[-3000:]
     assert evaluated.stderr.splitlines() == []  # no TensorFlow notice (oneDNN, CPU instructions)
+
+
+# a run on a CPU with native bfloat16, whatever CPU the test runs on: `auto` counts the
+# model's FLOPs there (TensorFlow's graph profiler), the one path float32 runs never take
+ON_AMX = r"""
+import runpy, sys
+import vitexp.machine
+flags = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+vitexp.machine.cpu_info = lambda path=None: {"model": "a Xeon with AMX (as the test says)", "flags": flags}
+sys.argv = ["vitexp", *sys.argv[1:]]
+runpy.run_module("vitexp", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+def test_auto_precision_on_a_bfloat16_cpu_prints_only_vitexp_and_keras_lines(tmp_path, store):
+    uri, client = store
+    args = [a for a in TINY if not a.startswith("trainer.precision")]
+    args += ["trainer.precision=auto", "trainer.epochs=1", f"tracking.uri={uri}"]
+    args.append(f"hydra.run.dir={tmp_path}/r")
+    cmd = [sys.executable, "-c", ON_AMX, *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert [line for line in lines if not ALLOWED.fullmatch(line)] == []
+    (run,) = client.search_runs([client.get_experiment_by_name("vitexp").experiment_id])
+    assert run.data.params["precision_reason"].startswith("auto: CPU runs bfloat16 natively (amx_bf16)")
+    assert "GFLOP per training image" in run.data.params["precision_reason"]  # the FLOPs were counted

@@ -1,5 +1,6 @@
 """Devices, threads, precision and distribution strategy, set before any model is built."""
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,7 +166,13 @@ def training_flops(model: DictConfig) -> float:
     graph = tf.function(lambda x: built(x)).get_concrete_function(spec).graph
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
-    return 3.0 * tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops
+    tf_logger = logging.getLogger("tensorflow")
+    level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)  # the profiler's deprecation notice, on every run's terminal
+    try:
+        return 3.0 * tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops
+    finally:
+        tf_logger.setLevel(level)
 
 
 def jit_setting(value: str) -> bool | str:
