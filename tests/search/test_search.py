@@ -7,7 +7,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import TINY, run_vitexp, runs_of, start_vitexp, wait_for
+from conftest import TINY, compose, run_vitexp, runs_of, start_vitexp, wait_for
+from omegaconf import OmegaConf
 
 # the searched keys are given per test; TINY's depth is a search key in some of them
 BASE = ["hparams_search=vit_optuna", *[a for a in TINY if not a.startswith(("depth=", "trainer.epochs"))]]
@@ -146,6 +147,25 @@ def test_fashion_mnist_search_preset_plans_a_pruned_search(tmp_path):
     assert (plan.n_trials, plan.epochs) == (12, 8)
     assert isinstance(build_pruner(plan.pruner, plan.epochs), optuna.pruners.SuccessiveHalvingPruner)
     assert plan.storage_url == f"sqlite:///{tmp_path}/optuna.db"
+
+
+def test_the_speedrun_recipe_lies_in_the_space_of_the_search_that_chose_it(tmp_path):
+    """The speedrun preset's training settings are a point of its search (conf/hparams_search/
+    vit_fashion_mnist_speedrun.yaml), which chooses on a validation split, not on the test split."""
+    from vitexp.config import hydra_app
+    from vitexp.search.study import plan_of
+
+    args = ["experiment=vit_fashion_mnist_speedrun", "hparams_search=vit_fashion_mnist_speedrun",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+    with hydra_app() as app:
+        plan = plan_of(app, "config", args)
+    assert plan.objectives == ["best_val_top1"] and plan.epochs == 8
+    searched = compose(args)
+    assert searched.trainer.validation_split == 0.1 and searched.trainer.target_top1 is None
+    preset = compose(["experiment=vit_fashion_mnist_speedrun"])
+    for key, dist in plan.space.items():
+        value = OmegaConf.select(preset, key)
+        assert dist._contains(dist.to_internal_repr(value)), (key, value, dist)
 
 
 def test_bad_search_from_the_command_line(tmp_path):
