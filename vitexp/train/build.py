@@ -115,6 +115,7 @@ def check_execution(cfg: DictConfig, steps: int) -> None:
     per = cfg.trainer.steps_per_execution
     if steps % per:
         divisors = [str(d) for d in range(1, min(steps, 64) + 1) if steps % d == 0]
+        divisors += [str(steps)] if steps > 64 else []  # one execution an epoch
         raise ConfigError(
             f"trainer.steps_per_execution={per} does not divide the {steps} steps of an epoch "
             f"(its last execution would train on the next epoch's batches): use one of "
