@@ -3,6 +3,7 @@
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,48 @@ def test_ctrl_c_in_the_first_epoch_says_to_start_again(tmp_path, store):
     assert not (run_dir / "checkpoints").exists()
     (run,) = runs_of(client)
     assert run.info.status == "KILLED"
+
+
+def signal_in_a_destructor(step: int, signum: int):
+    """A Keras callback that, once the optimizer has made `step` steps, gets `signum` while
+    Python runs a destructor: there Python prints `Exception ignored in ...` and drops what the
+    handler raises (a store's ORM cleanup hit it in a run that then trained to its end)."""
+    import keras
+
+    class Dropper:
+        def __del__(self):
+            os.kill(os.getpid(), signum)
+            for _ in range(10_000):  # the handler runs between these bytecodes
+                pass
+
+    class SignalInDestructor(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == step:
+                Dropper()  # deleted at once
+
+    return SignalInDestructor()
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_python_drops_in_a_destructor_still_stops_the_run(
+    signum, tmp_path, store, capsys, monkeypatch
+):
+    uri, client = store
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda raised: dropped.append(raised.exc_type))
+    cfg = compose(
+        [*TINY, "data.num_train=320", "trainer.epochs=3", f"tracking.uri={uri}"]
+    )  # 8 steps an epoch
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=(signal_in_a_destructor(8 + 3, signum),))  # in epoch 2
+    assert dropped and issubclass(dropped[0], KeyboardInterrupt)  # Python did drop it there
+    err = capsys.readouterr().err
+    assert "resume=true" in err.strip().splitlines()[-1]
+    (run,) = runs_of(client)
+    assert run.info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_top1")] == [1]
+    assert "test_top1" not in run.data.metrics
 
 
 def test_sigkill_in_the_first_epoch_restarts_in_the_same_run_as_ctrl_c_does(tmp_path, store):

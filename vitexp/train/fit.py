@@ -18,7 +18,7 @@ from vitexp.train.callbacks import (
     SwapEMAWeights,
 )
 from vitexp.train.jobs import Job
-from vitexp.train.preempt import StopAtStepEnd
+from vitexp.train.preempt import STOP, StopAtStepEnd
 from vitexp.train.record import log_pictures, record_training
 from vitexp.train.resume import EndResumedEpoch
 
@@ -95,6 +95,7 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
     monitor = job.tracker.monitor_system(job.run_id, resume=job.first_epoch > 0 or job.in_epoch is not None)
     try:
         fit(job, callbacks)
+        STOP.check()  # an interrupt dropped in the last step's callbacks or after
         record_training(job, checkpoints)
         chosen = checkpoints.best if t.test_checkpoint == "best" else checkpoints.last
         tell(f"testing the {t.test_checkpoint} checkpoint on {len(job.splits.test[0])} test images")
@@ -124,5 +125,7 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
 
 
 def tell(doing: str) -> None:
-    """Says what a stretch of seconds without progress bars is spent on."""
+    """Says what a stretch of seconds without progress bars is spent on; an interrupt that was
+    dropped in the stretch before is raised here."""
+    STOP.check()
     print(f"vitexp: {doing}...", file=sys.stderr, flush=True)

@@ -11,6 +11,10 @@ state of its train metrics). The job requeues itself (`scontrol requeue`) and th
 job resumes the same MLflow run from that step (`vitexp.train.resume`): it trains the epoch's
 remaining batches only, in their original order, so each epoch's metrics are logged once,
 over the whole epoch, and the optimizer step goes on with none repeated or lost.
+Ctrl-C and SIGTERM raise at once, wherever the interpreter is; Python drops an exception
+raised inside a destructor or a garbage-collector callback (`Exception ignored in ...`), so
+the interrupt is kept until it reaches the run, and raised again at the next step end, and
+between the stages after training, if it was lost on the way.
 Multi-worker jobs stop at a step boundary too, the same one on every worker (they agree on
 it through a collective, whichever worker got the signal), outside Slurm as well: a worker
 that stopped alone would leave the others waiting in their next collective. They write no
@@ -56,12 +60,14 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.raised: KeyboardInterrupt | None = None  # raised by a handler, not yet handled
         self._workers = False
 
     def install(self, workers: bool = False) -> None:
         """Args:
         workers: this process is one of a multi-worker job's workers."""
         self.received = None
+        self.raised = None
         self._workers = workers
         self.reclaim()
 
@@ -70,6 +76,8 @@ class StopSignal:
         it takes SIGTERM for a preemption notifier of its own, which swallows the signal)."""
         if threading.current_thread() is not threading.main_thread():
             return
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (nohup)
+            signal.signal(signal.SIGINT, self._interrupt)
         if slurm_job_id() is None and not self._workers:
             signal.signal(signal.SIGTERM, self._raise)
             return
@@ -77,7 +85,21 @@ class StopSignal:
             signal.signal(signum, self._remember)
 
     def _raise(self, signum, frame) -> None:
-        raise Terminated()
+        self.raised = Terminated()
+        raise self.raised
+
+    def _interrupt(self, signum, frame) -> None:
+        self.raised = KeyboardInterrupt()
+        raise self.raised
+
+    def check(self) -> None:
+        """Raises again an interrupt that a handler raised and Python dropped on its way."""
+        if self.raised is not None:
+            raise self.raised
+
+    def handled(self) -> None:
+        """The run has the interrupt: it is no longer pending."""
+        self.raised = None
 
     def _remember(self, signum, frame) -> None:
         self.received = signum
@@ -107,6 +129,7 @@ class StopAtStepEnd(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
+        STOP.check()
         stop = self._agreed(STOP.received is not None)
         if not stop or batch + 1 >= self.params["steps"]:
             return
@@ -115,6 +138,12 @@ class StopAtStepEnd(keras.callbacks.Callback):
             raise Terminated(slurm_job_id() is not None, where, STOP.received or signal.SIGTERM)
         where = self.recorder.commit_step() if self.recorder is not None else ""
         raise Terminated(requeue=True, where=where, signum=STOP.received)
+
+    def on_test_batch_end(self, batch, logs=None):
+        STOP.check()
+
+    def on_epoch_end(self, epoch, logs=None):
+        STOP.check()
 
     def _agreed(self, stop: bool) -> bool:
         """Whether any worker got the signal (this process's answer when there are none)."""

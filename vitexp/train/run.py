@@ -21,7 +21,7 @@ from vitexp.train.build import USER_ERRORS, Built, build
 from vitexp.train.callbacks import CheckpointDir, TargetWatch
 from vitexp.train.fit import fit_and_record, tell
 from vitexp.train.jobs import Job, in_multirun, job_dir
-from vitexp.train.preempt import Terminated, requeue
+from vitexp.train.preempt import STOP, Terminated, requeue
 from vitexp.train.record import config_params, log_setup, print_summary, run_tags
 from vitexp.train.resume import finished_before, link_finished
 from vitexp.train.role import Role
@@ -113,8 +113,11 @@ def recording(job: Job):
     Ctrl-C or SIGTERM, and after a store that stayed away, the command that records the rest."""
     try:
         with job.tracker.run(job.run_id, error_text):
+            STOP.check()  # one dropped while the run was set up
             yield
+            STOP.check()
     except KeyboardInterrupt as stop:
+        STOP.handled()
         print(interrupted_message(job.run_id, job.out_dir, stop), file=sys.stderr)
         raise
     except StoreDown as down:  # trained, but not all of it recorded
