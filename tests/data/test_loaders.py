@@ -181,6 +181,17 @@ def test_image_folder(tmp_path):
     assert flat.train_x.shape == (12, 8, 8, 1) and flat.test_x.shape == (3, 8, 8, 1)
 
 
+def test_image_folder_says_which_files_it_leaves_out(tmp_path, capsys):
+    write_png_folder(tmp_path / "imgs", per_class=5)
+    for name in ("cat/a.webp", "cat/b.webp", "dog/c.tiff", "owl/.DS_Store"):
+        (tmp_path / "imgs" / name).write_bytes(b"RIFF....WEBP")
+    data = load_image_folder(str(tmp_path / "imgs"), [16, 16, 3])
+    assert len(data.train_x) + len(data.test_x) == 15  # the PNGs, nothing else
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "warning" in line and "3 files not trained on" in line, line
+    assert ".tiff: 1" in line and ".webp: 2" in line and "DS_Store" not in line, line
+
+
 def test_image_folder_unreadable_file(tmp_path):
     write_png_folder(tmp_path / "imgs")
     (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"not an image")

@@ -1,5 +1,7 @@
 """Your own images: a folder of class sub-folders, read with Keras' directory loader."""
 
+import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,11 @@ def _check_files(folder: Path) -> list[str]:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{folder}: no class sub-folders; lay images out as {folder}/<class>/<image>.png")
+    skipped = []
     for cls in classes:
-        files = [p for p in (folder / cls).iterdir() if p.suffix.lower() in EXTENSIONS]
+        entries = [p for p in (folder / cls).iterdir() if not p.name.startswith(".")]  # .DS_Store
+        files = [p for p in entries if p.suffix.lower() in EXTENSIONS]
+        skipped += [p for p in entries if p.suffix.lower() not in EXTENSIONS]
         if not files:
             raise DataError(f"{folder / cls}: no images ({', '.join(sorted(EXTENSIONS))})")
         for file in files:
@@ -26,7 +31,21 @@ def _check_files(folder: Path) -> list[str]:
                 raise DataError(f"{file}: not a readable image (bad header); remove or replace it")
             if head.startswith(b"\xff\xd8") and not _has_jpeg_end(file):
                 raise DataError(f"{file}: not a readable image (truncated JPEG); remove or replace it")
+    if skipped:
+        _say_skipped(folder, skipped)
     return classes
+
+
+def _say_skipped(folder: Path, skipped: list[Path]) -> None:
+    """One warning line for the files training leaves out: how many of each kind, one named."""
+    kinds = Counter(p.suffix.lower() or "no extension" for p in skipped)
+    counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(kinds.items()))
+    print(
+        f"vitexp: warning: {folder}: {len(skipped)} files not trained on, not in a format training "
+        f"reads ({counts}; e.g. {skipped[0]}); convert images to "
+        f"{'/'.join(sorted(e[1:] for e in EXTENSIONS))} to use them",
+        file=sys.stderr,
+    )
 
 
 def _has_jpeg_end(file: Path) -> bool:
