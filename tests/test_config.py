@@ -194,11 +194,13 @@ def test_an_optimizer_or_a_dataset_is_its_own_files(
 
 
 def test_the_conv_stem_pads_where_patches_must_tile():
-    # 28x28 at stride 8: the conv stem pads to 4x4 tokens; patches of 8 cannot tile 28
-    check_config(compose(["experiment=vit_fashion_mnist", "patch_size=8"]))
+    # 28x28 at stride 8: the recipe's conv stem pads to 4x4 tokens; patches of 8 cannot tile 28
+    cfg = compose(["experiment=vit_fashion_mnist"])
+    assert cfg.model.patch_size == 8 and cfg.model.tokenizer == "conv"
+    check_config(cfg)
+    patches = ["experiment=vit_fashion_mnist", "model.tokenizer=patch", "model.stem_channels=[]"]
     with pytest.raises(ConfigError, match="not divisible by patch_size=8"):
-        check_config(compose(["experiment=vit_fashion_mnist", "patch_size=8", "model.tokenizer=patch",
-                              "model.stem_channels=[]"]))  # fmt: skip
+        check_config(compose(patches))
 
 
 def test_a_search_budget_keeps_the_mlp_twice_the_width():
