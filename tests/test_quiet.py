@@ -71,6 +71,16 @@ def test_a_training_run_and_a_tool_print_only_vitexp_and_keras_lines(tmp_path, s
     assert evaluated.stderr.splitlines() == []  # no TensorFlow notice (oneDNN, CPU instructions)
 
 
+def test_the_bench_command_says_a_mistake_in_one_line_and_no_tensorflow_notice(tmp_path):
+    # its own process never imports TensorFlow (its workers do, their stderr read by it)
+    cmd = [sys.executable, "-m", "vitexp.bench", "--steps", "0"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=user_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "vitexp.bench: error: argument --steps: '0': use a whole number of at least 1"
+    ]
+
+
 # a run on a CPU with native bfloat16, whatever CPU the test runs on: `auto` counts the
 # model's FLOPs there (TensorFlow's graph profiler), the one path float32 runs never take
 ON_AMX = r"""

@@ -56,6 +56,7 @@ def test_bench_runs_and_reports(tmp_path):
     for result in report["results"].values():
         assert result["images_per_s"] > 0 and result["peak_rss_mb"] > 0 and len(result["loss_per_epoch"]) == 2
         assert result["train_images_per_s"] > result["images_per_s"]  # validation costs time
+        assert 1 < result["first_step_s"] < 600  # from the worker process's start: imports included
         # every configuration validates on the same held-out 20% of the same 1,000 images
         assert result["val_images"] == 200
         assert result["first_step_mb"] > 0  # the first step allocates its activations

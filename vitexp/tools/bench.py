@@ -49,10 +49,15 @@ from vitexp.config import compose
 from vitexp.errors import fail
 from vitexp.machine import describe, one_line
 from vitexp.tools.args import ToolParser
-from vitexp.tools.bench_worker import CONFIGS, VALIDATION_SPLIT, best_overrides, worker
 from vitexp.tracking import Tracker, flatten, tag
 
 PROG = "vitexp.bench"
+VALIDATION_SPLIT = 0.2  # the textbook's, and vitexp's default
+# vitexp at the textbook's batch, in each precision `trainer.precision=auto` chooses between on a CPU
+CONFIGS = {
+    "vitexp": ["trainer.precision=float32"],
+    "vitexp_bf16": ["trainer.precision=mixed_bfloat16"],
+}
 
 
 def spawn(name: str, args) -> dict:
@@ -118,7 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.worker:
+    if args.worker:  # TensorFlow is imported by the workers only: the command starts at once
+        from vitexp.tools.bench_worker import worker
+
         return worker(args)
     check_overrides(args)
     machine = {"machine": describe(), **spawn("machine", args)}
@@ -145,6 +152,18 @@ def main(argv: list[str] | None = None) -> None:
         f"speedup_same_batch={report['speedup_same_batch']:.2f} speedup_best={report['speedup_best']:.2f} "
         f"bf16_over_fp32={report['bf16_over_fp32']:.2f}"
     )
+
+
+def best_overrides(args) -> list[str]:
+    """`trainer.precision=auto`, with the batch and learning rate scaled by `--best-batch-factor`."""
+    if args.best_batch_factor == 1:
+        return ["trainer.precision=auto"]
+    lr = compose([f"model={args.model}", *args.overrides]).optimizer.learning_rate
+    return [
+        "trainer.precision=auto",
+        f"trainer.batch_size={args.best_batch_factor * args.batch}",
+        f"optimizer.learning_rate={args.best_batch_factor * lr:g}",
+    ]
 
 
 def check_overrides(args) -> None:

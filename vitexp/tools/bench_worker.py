@@ -11,7 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-T0 = time.perf_counter()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
@@ -22,21 +21,23 @@ from vitexp.data.pipeline import split_validation  # noqa: E402
 from vitexp.data.synthetic import load_synthetic  # noqa: E402
 from vitexp.models import adapt_input_norm  # noqa: E402
 from vitexp.optim.warmup_cosine import WarmupCosine  # noqa: E402
+from vitexp.tools.bench import CONFIGS, VALIDATION_SPLIT, best_overrides  # noqa: E402
 from vitexp.tracking import Tracker, sqlite_store  # noqa: E402
 from vitexp.train.devices import choose_precision, training_flops  # noqa: E402
 from vitexp.train.run import train  # noqa: E402
-
-VALIDATION_SPLIT = 0.2  # the textbook's, and vitexp's default
-# vitexp at the textbook's batch, in each precision `trainer.precision=auto` chooses between on a CPU
-CONFIGS = {
-    "vitexp": ["trainer.precision=float32"],
-    "vitexp_bf16": ["trainer.precision=mixed_bfloat16"],
-}
 
 
 def rss_mb() -> float:
     """Peak resident memory of this process so far, MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def process_age_s() -> float:
+    """Seconds since this process started, the interpreter's and the imports' start-up included."""
+    with open("/proc/self/stat") as stat:  # field 22, the start in clock ticks after boot
+        start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as uptime:
+        return float(uptime.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def current_rss_mb() -> float:
@@ -69,7 +70,7 @@ class EpochTimer(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         if self.first_step_s is None:
-            self.first_step_s = time.perf_counter() - T0
+            self.first_step_s = process_age_s()
             self.rss_after_first_step_mb = current_rss_mb()
 
     def on_epoch_end(self, epoch, logs=None):  # runs after validation and vitexp's checkpoint
@@ -210,18 +211,6 @@ def model_cost(args) -> dict:
     flops = training_flops(compose([f"model={args.model}", *args.overrides]).model)
     precision, reason = choose_precision("auto", model_gflop=lambda: flops / 1e9)
     return {"train_flops_per_image": flops, "auto": {"precision": precision, "reason": reason}}
-
-
-def best_overrides(args) -> list[str]:
-    """`trainer.precision=auto`, with the batch and learning rate scaled by `--best-batch-factor`."""
-    if args.best_batch_factor == 1:
-        return ["trainer.precision=auto"]
-    lr = compose([f"model={args.model}", *args.overrides]).optimizer.learning_rate
-    return [
-        "trainer.precision=auto",
-        f"trainer.batch_size={args.best_batch_factor * args.batch}",
-        f"optimizer.learning_rate={args.best_batch_factor * lr:g}",
-    ]
 
 
 def worker(args) -> None:
