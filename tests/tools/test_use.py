@@ -93,6 +93,22 @@ def test_evaluate_reproduces_the_runs_test_metrics(trained):
     assert client.get_run(run.info.run_id).data.metrics == run.data.metrics  # the original is untouched
 
 
+def test_the_run_scores_its_tested_checkpoint_on_validation_with_the_test_time_views(trained):
+    """What decides a test-time choice is on the held-out validation images: the tested (best)
+    checkpoint scored there with the run's views, and one view alone, which is what its best
+    epoch's validation top-1 was."""
+    from vitexp.data.pipeline import predict_views, split_validation
+
+    folder, _, _, run = trained
+    metrics = run.data.metrics
+    assert metrics["tested_val_top1_1view"] == pytest.approx(metrics["best_val_top1"], abs=1e-6)
+    cfg, data = compose(TINY), synthetic_test_images()
+    x, y = split_validation(data.train_x, data.train_y, cfg.trainer.validation_split)[1]
+    views = predict_views(best_model(folder), x, y, cfg.data.num_classes, 32, "flip")  # image, mirror
+    assert metrics["tested_val_top1"] == pytest.approx((views.mean(0).argmax(-1) == y).mean(), abs=1e-6)
+    assert metrics["tested_val_top5"] >= metrics["tested_val_top1"] and metrics["tested_val_loss"] > 0
+
+
 @pytest.mark.parametrize(
     "overrides, expect",
     [

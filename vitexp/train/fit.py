@@ -79,13 +79,18 @@ def fit_epochs(job: Job, callbacks: list, first_epoch: int, done: int) -> None:
     )
 
 
-def test_scores(job: Job, checkpoint: Path) -> tuple[dict, np.ndarray]:
-    """Test metrics of `checkpoint`'s weights, loaded into the job's model, on the mean of
-    the test-time views' logits (`trainer.tta`; `top1_1view` too when there are several)."""
+def test_scores(job: Job, checkpoint: Path) -> tuple[dict, dict, np.ndarray]:
+    """Metrics of `checkpoint`'s weights, loaded into the job's model, on the mean of the
+    test-time views' logits (`trainer.tta`; `top1_1view` too when there are several): on the
+    held-out validation images, where a choice such as the views themselves is made, and on
+    the test split, to report; and the test split's probabilities."""
     t = job.cfg.trainer
     job.model.load_weights(checkpoint)
-    views = predict_views(job.model, *job.splits.test, job.cfg.data.num_classes, t.batch_size, t.tta)
-    return score_views(views, job.splits.test[1])
+    val, test = (
+        score_views(predict_views(job.model, x, y, job.cfg.data.num_classes, t.batch_size, t.tta), y)
+        for x, y in (job.splits.val, job.splits.test)
+    )
+    return val[0], *test
 
 
 def fit_and_record(job: Job, extra_callbacks=()) -> dict:
@@ -98,14 +103,17 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
         STOP.check()  # an interrupt dropped in the last step's callbacks or after
         record_training(job, checkpoints)
         chosen = checkpoints.best if t.test_checkpoint == "best" else checkpoints.last
-        tell(f"testing the {t.test_checkpoint} checkpoint on {len(job.splits.test[0])} test images")
-        test, probs = test_scores(job, chosen)
+        sizes = f"{len(job.splits.test[0])} test and {len(job.splits.val[0])} validation images"
+        tell(f"testing the {t.test_checkpoint} checkpoint on {sizes}")
+        val, test, probs = test_scores(job, chosen)
     finally:
         monitor.finish()
     best, best_epoch = checkpoints.best_so_far()
     last_epoch = checkpoints.latest_epoch()
     job.tracker.log_metrics(job.run_id, {f"test_{k}": float(v) for k, v in test.items()}, step=last_epoch)
     test_epoch = best_epoch if chosen == checkpoints.best else last_epoch
+    tested_val = {f"tested_val_{k}": float(v) for k, v in val.items()}
+    job.tracker.log_metrics(job.run_id, tested_val, step=test_epoch)
     job.tracker.log_metrics(
         job.run_id,
         {"best_val_top1": best, "best_epoch": best_epoch, "test_epoch": test_epoch},
@@ -121,7 +129,13 @@ def fit_and_record(job: Job, extra_callbacks=()) -> dict:
         tell("logging the model (MLflow Model with signature and input example)")
         job.tracker.settle()  # the model is logged at once, after every record kept back
         job.tracker.log_model(job.run_id, chosen, job.class_names, job.model, str(t.tta))
-    return {"test": test, "best_val_top1": best, "best_epoch": best_epoch, "checkpoint": chosen}
+    return {
+        "test": test,
+        "tested_val": val,
+        "best_val_top1": best,
+        "best_epoch": best_epoch,
+        "checkpoint": chosen,
+    }
 
 
 def tell(doing: str) -> None:

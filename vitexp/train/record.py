@@ -130,17 +130,23 @@ def log_pictures(job: Job, probs: np.ndarray) -> None:
 
 
 def print_summary(cfg, tracker: Tracker, run_id: str, result: dict) -> None:
-    test = result["test"]
+    test, val = result["test"], result["tested_val"]
     ui = tracker.ui_command() or f"open {tracker.uri}"
-    views = (
-        f" ({cfg.trainer.tta} test-time views; one view {test['top1_1view']:.4f})"
-        if "top1_1view" in test
+
+    def views(scores: dict) -> str:
+        if "top1_1view" not in scores:
+            return ""
+        return f" ({cfg.trainer.tta} test-time views; one view {scores['top1_1view']:.4f})"
+
+    tested = (  # unless it is the best epoch's figure again
+        f"; the tested checkpoint's {val['top1']:.4f}{views(val)}"
+        if cfg.trainer.test_checkpoint != "best" or "top1_1view" in val
         else ""
     )
     print(
         f"\nvitexp: run {cfg.run_name} ({run_id}) finished\n"
-        f"  test top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  loss {test['loss']:.4f}{views}\n"
-        f"  best val top-1 {result['best_val_top1']:.4f} at epoch {result['best_epoch']}\n"
+        f"  test top-1 {test['top1']:.4f}  top-5 {test['top5']:.4f}  loss {test['loss']:.4f}{views(test)}\n"
+        f"  best val top-1 {result['best_val_top1']:.4f} at epoch {result['best_epoch']}{tested}\n"
         f"  checkpoint {result['checkpoint']}\n"
         f"  tracking {tracker.uri} (experiment {tracker.experiment}); open the UI with: {ui}\n"
         f"  then {tracker.ui_link(run_id)}"
