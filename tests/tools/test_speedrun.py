@@ -58,6 +58,11 @@ def test_speedrun_times_every_seed_to_the_target(tmp_path, store):
         assert s["epochs"] == 2 and s["images_per_s"] > 0 and s["test_top1"] >= 0.4
         assert 0 < s["time_to_target_s"] < s["wall_s"] and s["target_epoch"] in (1, 2)
         assert s["tta"] == "flip" and 0 < s["test_top1_1view"] <= 1  # the preset's test-time flips
+        assert 0 < s["val_top1"] <= 1 and 0 < s["val_top1_1view"] <= 1  # where the flips are decided
+    header, *rows = [line for line in out.stdout.splitlines() if line.split()[:1] in (["seed"], ["0"], ["1"])]
+    assert header.split()[8:13] == ["val", "top-1", "1", "view", "test"], header
+    for s, row in zip(seeds, rows):  # the table shows each seed's validation figures beside its test
+        assert row.split()[5:7] == [f"{s['val_top1']:.4f}", f"{s['val_top1_1view']:.4f}"], row
     assert report["seeds_reached"] == 2
     mean = sum(s["time_to_target_s"] for s in seeds) / 2
     assert float(match.group(1)) == pytest.approx(mean, abs=0.05)
@@ -68,6 +73,7 @@ def test_speedrun_times_every_seed_to_the_target(tmp_path, store):
     assert {c.data.params["trainer.seed"] for c in children} == {"0", "1"}
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert parent.data.metrics["wall_s_mean"] > 0 and parent.data.params["machine.cpu"]
+    assert parent.data.metrics["val_top1_mean"] == pytest.approx(sum(s["val_top1"] for s in seeds) / 2)
     history = client.get_metric_history(children[0].info.run_id, "target_top1")
     assert sorted(m.step for m in history) == [1, 2]  # the test split scored after each epoch
     one_view = client.get_metric_history(children[0].info.run_id, "target_top1_1view")

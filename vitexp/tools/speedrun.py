@@ -34,7 +34,16 @@ from vitexp.tracking.uri import env_experiment
 
 # a seed's lines that the command relays: each epoch's check against the target, errors
 PROGRESS = ("vitexp: epoch ", "vitexp: error")
-COLUMNS = ("time_to_target_s", "wall_s", "epochs", "test_top1", "test_top1_1view", "images_per_s")
+COLUMNS = (
+    "time_to_target_s",
+    "wall_s",
+    "epochs",
+    "val_top1",
+    "val_top1_1view",
+    "test_top1",
+    "test_top1_1view",
+    "images_per_s",
+)
 
 
 def run_seed(args, seed: int, tracker: Tracker, parent: str) -> float:
@@ -91,6 +100,9 @@ def seed_row(tracker: Tracker, run, wall: float) -> dict:
         "target_epoch": metrics.get("target_epoch"),
         "wall_s": wall,
         "epochs": len(epochs),
+        # the tested checkpoint on the held-out validation images, where choices are made
+        "val_top1": metrics.get("tested_val_top1"),
+        "val_top1_1view": metrics.get("tested_val_top1_1view"),
         "test_top1": metrics.get("test_top1"),
         # with test-time augmentation (trainer.tta), top-1 on the images as they are
         "test_top1_1view": metrics.get("test_top1_1view"),
@@ -135,8 +147,8 @@ def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
 def print_table(rows: list[dict], summary: dict, machine: dict, args) -> None:
     print(f"speedrun {args.experiment}: target test top-1 {args.target} on {one_line(machine)}")
     print(
-        f"{'seed':>6}{'to target s':>13}{'epoch':>7}{'wall s':>9}{'epochs':>8}{'test top-1':>12}"
-        f"{'1 view':>9}{'img/s':>9}"
+        f"{'seed':>6}{'to target s':>13}{'epoch':>7}{'wall s':>9}{'epochs':>8}{'val top-1':>11}"
+        f"{'1 view':>9}{'test top-1':>12}{'1 view':>9}{'img/s':>9}"
     )
 
     def cell(value, fmt):
@@ -146,14 +158,16 @@ def print_table(rows: list[dict], summary: dict, machine: dict, args) -> None:
     for r in rows:
         print(
             f"{r['seed']:>6}{cell(r['time_to_target_s'], '13.1f')}{cell(r['target_epoch'], '7.0f')}"
-            f"{r['wall_s']:>9.1f}{r['epochs']:>8}{cell(r['test_top1'], '12.4f')}"
+            f"{r['wall_s']:>9.1f}{r['epochs']:>8}{cell(r['val_top1'], '11.4f')}"
+            f"{cell(r['val_top1_1view'], '9.4f')}{cell(r['test_top1'], '12.4f')}"
             f"{cell(r['test_top1_1view'], '9.4f')}{cell(r['images_per_s'], '9.1f')}"
         )
     for stat in ("mean", "std", "min", "max"):
         values = {c: summary.get(c, {}).get(stat) for c in COLUMNS}
         print(
             f"{stat:>6}{cell(values['time_to_target_s'], '13.1f')}{'':>7}{cell(values['wall_s'], '9.1f')}"
-            f"{cell(values['epochs'], '8.1f')}{cell(values['test_top1'], '12.4f')}"
+            f"{cell(values['epochs'], '8.1f')}{cell(values['val_top1'], '11.4f')}"
+            f"{cell(values['val_top1_1view'], '9.4f')}{cell(values['test_top1'], '12.4f')}"
             f"{cell(values['test_top1_1view'], '9.4f')}{cell(values['images_per_s'], '9.1f')}"
         )
 
