@@ -68,6 +68,7 @@ class TTA(StrEnum):
 
     none = "none"
     flip = "flip"
+    flip_shift = "flip_shift"
 
 
 class TestCheckpoint(StrEnum):
@@ -113,7 +114,9 @@ class TrainerConfig:
     # figures (`make speedrun`); it never steers training
     target_top1: float | None = None
     # test-time augmentation: `flip` scores the test split on the images and their mirrors
-    # (logits averaged); the one-view figure is logged beside it as `*_top1_1view`
+    # (logits averaged); `flip_shift` on those and each shifted by one pixel up, down, left
+    # and right (10 views, for models trained with random crops); the one-view figure is
+    # logged beside it as `*_top1_1view`
     tta: TTA = TTA.none
 
 

@@ -64,3 +64,25 @@ def test_predict_views_adds_the_mirrored_images_for_flip():
     np.testing.assert_array_equal(views[0], X.reshape(10, 4))
     np.testing.assert_array_equal(views[1], X[:, :, ::-1].reshape(10, 4))  # left and right swapped
     assert not np.array_equal(views[0], views[1])
+
+
+def test_predict_views_adds_one_pixel_shifts_of_both_for_flip_shift():
+    import keras
+
+    x = np.arange(1, 2 * 3 * 3 + 1, dtype=np.uint8).reshape(2, 3, 3, 1)  # no pixel is zero
+    pixels = keras.Sequential([keras.Input((3, 3, 1)), keras.layers.Flatten()])  # logits = the pixels
+    views = predict_views(pixels, x, Y[:2], 3, batch_size=2, tta="flip_shift").reshape(10, 2, 3, 3)
+    mirror = x[:, :, ::-1, 0]
+    np.testing.assert_array_equal(views[0], x[..., 0])
+    np.testing.assert_array_equal(views[1], mirror)
+    up, down, left, right = views[2:6]  # the image moved by one pixel, zeros moved in
+    np.testing.assert_array_equal(up[:, :2], x[:, 1:, :, 0])
+    np.testing.assert_array_equal(up[:, 2], 0)
+    np.testing.assert_array_equal(down[:, 1:], x[:, :2, :, 0])
+    np.testing.assert_array_equal(down[:, 0], 0)
+    np.testing.assert_array_equal(left[:, :, :2], x[:, :, 1:, 0])
+    np.testing.assert_array_equal(right[:, :, 1:], x[:, :, :2, 0])
+    np.testing.assert_array_equal(right[:, :, 0], 0)
+    np.testing.assert_array_equal(views[6][:, :2], mirror[:, 1:])  # and the mirror's shifts
+    np.testing.assert_array_equal(views[9][:, :, 1:], mirror[:, :, :2])
+    assert len({v.tobytes() for v in views}) == 10  # ten different views

@@ -224,8 +224,10 @@ def test_summary_names_a_ui_command_that_works_anywhere(tmp_path, capsys):
     tracker = Tracker(uri, "summary")
     run_id = tracker.start_run("r", {})
     scores = {"top1": 0.5, "top5": 0.9, "loss": 1.2}
-    result = {"test": scores, "best_val_top1": 0.5, "best_epoch": 2, "checkpoint": "best"}
-    print_summary(OmegaConf.create({"run_name": "r"}), tracker, run_id, result)
+    result = {"test": scores, "tested_val": scores, "best_val_top1": 0.5, "best_epoch": 2}
+    result["checkpoint"] = "best"
+    cfg = OmegaConf.create({"run_name": "r", "trainer": {"tta": "none", "test_checkpoint": "best"}})
+    print_summary(cfg, tracker, run_id, result)
     out = capsys.readouterr().out
     assert "make ui" not in out and f"open the UI with: mlflow ui --backend-store-uri {uri}\n" in out
 

@@ -110,16 +110,32 @@ def predict_views(
     """The model's logits for each test-time view of the images, shape [views, images, classes].
 
     `tta="none"`: the images as they are (one view). `"flip"`: the images and their
-    horizontal mirrors, for models trained with horizontal flips; callers average the views'
-    logits, and view 0 is always the images as they are.
+    horizontal mirrors, for models trained with horizontal flips. `"flip_shift"`: those two
+    and each shifted by one pixel up, down, left and right, the pixels moved in zero (10
+    views, for models trained with random crops of a zero-padded image). Callers average the
+    views' logits; view 0 is always the images as they are.
     """
-    views = [x, x[:, :, ::-1]] if tta == "flip" else [x]
+    views = [x]
+    if tta in ("flip", "flip_shift"):
+        views.append(x[:, :, ::-1])
+    if tta == "flip_shift":
+        views += [shift(v, dy, dx) for v in views[:2] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
     return np.stack(
         [
             model.predict(eval_dataset(np.ascontiguousarray(v), y, num_classes, batch_size), verbose=0)
             for v in views
         ]
     )
+
+
+def shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """Images [n, h, w, c] moved by `dy` rows and `dx` columns, zeros moved in."""
+    out = np.zeros_like(x)
+    h, w = x.shape[1:3]
+    out[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
+        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return out
 
 
 def predict_probs(model, x: np.ndarray, tta: str, batch_size: int = 256) -> np.ndarray:

@@ -3,8 +3,9 @@
 python -m vitexp.predict <run id> <image files or folders ...> [--top 5] [--json] [--tracking-uri URI]
 
 A folder stands for the image files directly in it, in file-name order. A run scored with
-test-time flips (`trainer.tta=flip`) answers as it was scored: from the mean of the logits
-of each image and its mirror.
+test-time views (`trainer.tta=flip` or `flip_shift`) answers as it was scored: from the mean
+of the logits of each image's views (its mirror; and with `flip_shift` both moved by one
+pixel up, down, left and right).
 """
 
 import json
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps([{"image": p, "top": r} for p, r in zip(paths, results)], indent=1))
         return
     if tta != "none":
-        print(f"(trainer.tta={tta}: each image and its mirror averaged, as the run was scored)")
+        views = "its mirror" if tta == "flip" else "its mirror, both moved one pixel 4 ways"
+        print(f"(trainer.tta={tta}: each image and {views} averaged, as the run was scored)")
     for path, ranked in zip(paths, results):
         print(Path(path).name)
         for rank, item in enumerate(ranked, 1):
