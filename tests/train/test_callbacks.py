@@ -1,12 +1,15 @@
 """Callbacks: the EMA swap across a checkpoint and a restore; committed epochs' metrics."""
 
 import json
+import os
+import signal
 
 import keras
 import numpy as np
 import pytest
 
 from vitexp.train.callbacks import CheckpointDir, SwapEMAWeights, replay_missing
+from vitexp.train.preempt import STOP
 
 
 class SaveAfterFirstEpoch(keras.callbacks.Callback):
@@ -96,3 +99,33 @@ def test_replay_logs_only_the_committed_epochs_the_store_lacks(shared_store, tmp
     assert replay_missing(tracker, run_id, checkpoints) == []
     steps = sorted(m.step for m in client.get_metric_history(run_id, "val_top1"))
     assert steps == [1, 2, 3]
+
+
+class CtrlCAfterSave:
+    """A model whose save is followed by Ctrl-C: the signal lands between the epoch's file
+    and the links to it, the moment a user's Ctrl-C most often hits a small model's commit."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def save(self, path):
+        self.model.save(path)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_during_a_commit_is_raised_once_last_and_best_are_linked(tmp_path):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal gives it
+    try:
+        STOP.install()
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        checkpoints = CheckpointDir(tmp_path)
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.commit(CtrlCAfterSave(model), 1, {"val_top1": 0.5})
+        assert checkpoints.latest_epoch() == 1
+        for name in ("last.keras", "best.keras"):
+            assert os.path.samefile(tmp_path / name, checkpoints.model_file(1)), name
+        STOP.handled()
+        checkpoints.commit(model, 2, {"val_top1": 0.4})  # nothing pending: the next commit is plain
+        assert os.path.samefile(checkpoints.last, checkpoints.model_file(2))
+    finally:
+        signal.signal(signal.SIGINT, previous)

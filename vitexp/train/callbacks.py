@@ -13,6 +13,7 @@ import numpy as np
 
 from vitexp.metrics import score_views
 from vitexp.tracking import Tracker
+from vitexp.train.preempt import STOP
 
 
 class DivergenceError(RuntimeError):
@@ -98,16 +99,19 @@ class CheckpointDir:
         return max(scores, default=(-math.inf, 0))
 
     def commit(self, model: keras.Model, epoch: int, metrics: dict[str, float]) -> None:
+        """Ctrl-C or SIGTERM during a commit is raised once it is whole (`STOP.held`): the
+        epoch's file, `last.keras` and `best.keras` always agree."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.metrics_file(epoch), lambda p: p.write_text(json.dumps(metrics)))
-        atomic_write(self.model_file(epoch), model.save)
-        link_or_copy(self.model_file(epoch), self.last)
-        best, _ = self.best_so_far()
-        if metrics.get(self.monitor, -math.inf) >= best:
-            link_or_copy(self.model_file(epoch), self.best)
-        for old in sorted(self.folder.glob("epoch_*.keras"))[: -self.keep]:
-            old.unlink()  # best.keras and last.keras are links of their own
-        self._drop_steps()
+        with STOP.held():
+            atomic_write(self.metrics_file(epoch), lambda p: p.write_text(json.dumps(metrics)))
+            atomic_write(self.model_file(epoch), model.save)
+            link_or_copy(self.model_file(epoch), self.last)
+            best, _ = self.best_so_far()
+            if metrics.get(self.monitor, -math.inf) >= best:
+                link_or_copy(self.model_file(epoch), self.best)
+            for old in sorted(self.folder.glob("epoch_*.keras"))[: -self.keep]:
+                old.unlink()  # best.keras and last.keras are links of their own
+            self._drop_steps()
 
     def commit_step(self, model: keras.Model, state: dict) -> None:
         """A checkpoint inside an epoch, `step_EEEE_SSSSSS.keras` beside its `.json` state

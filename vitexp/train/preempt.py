@@ -21,6 +21,7 @@ that stopped alone would leave the others waiting in their next collective. They
 step checkpoint: they resume from the last committed epoch.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -62,12 +63,15 @@ class StopSignal:
         self.received: int | None = None
         self.raised: KeyboardInterrupt | None = None  # raised by a handler, not yet handled
         self._workers = False
+        self._holding = 0  # inside `held()`: an interrupt waits for its end
+        self._held = False
 
     def install(self, workers: bool = False) -> None:
         """Args:
         workers: this process is one of a multi-worker job's workers."""
         self.received = None
         self.raised = None
+        self._held = False
         self._workers = workers
         self.reclaim()
 
@@ -86,11 +90,32 @@ class StopSignal:
 
     def _raise(self, signum, frame) -> None:
         self.raised = Terminated()
-        raise self.raised
+        self._raise_unless_held()
 
     def _interrupt(self, signum, frame) -> None:
         self.raised = KeyboardInterrupt()
+        self._raise_unless_held()
+
+    def _raise_unless_held(self) -> None:
+        if self._holding:
+            self._held = True
+            return
         raise self.raised
+
+    @contextlib.contextmanager
+    def held(self):
+        """Ctrl-C and SIGTERM wait until the block ends (a checkpoint commit: the epoch's
+        file, then `last.keras` and `best.keras` linked to it), then raise: a run stopped
+        at any moment leaves its files consistent. A block that raises leaves the interrupt
+        pending for `check`."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+        if not self._holding and self._held and self.raised is not None:
+            self._held = False
+            raise self.raised
 
     def check(self) -> None:
         """Raises again an interrupt that a handler raised and Python dropped on its way."""
@@ -100,6 +125,7 @@ class StopSignal:
     def handled(self) -> None:
         """The run has the interrupt: it is no longer pending."""
         self.raised = None
+        self._held = False
 
     def _remember(self, signum, frame) -> None:
         self.received = signum
