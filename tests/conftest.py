@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -89,6 +90,16 @@ def vitexp_in_process(tmp_path, monkeypatch, capsys):
     if "keras" in sys.modules:
         sys.modules["keras"].mixed_precision.set_global_policy(policy)
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+@pytest.fixture
+def scratch_in_tmp_path(tmp_path, monkeypatch) -> Path:
+    """The temporary files of code run in this process go in `tmp_path`: a job trained through
+    `train(cfg)` outside Hydra keeps its run folder in a temporary one, left for its resume."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_runs_and_reports(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     out = run_vitexp(
         [
             "--model",
@@ -30,7 +32,10 @@ def test_bench_runs_and_reports(tmp_path):
         ],
         tmp_path,
         module="vitexp.bench",
+        env={"TMPDIR": str(scratch)},
     )
+    # each worker's run folder (checkpoints of every epoch) and store went with the worker
+    assert not list(scratch.iterdir())
     last = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"speedup_same_batch=\d+\.\d\d speedup_best=\d+\.\d\d bf16_over_fp32=\d+\.\d\d", last)
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())

@@ -79,11 +79,15 @@ def in_process(tool, argv, capsys):
     return code, out.out, out.err
 
 
-def test_evaluate_reproduces_the_runs_test_metrics(trained):
+def test_evaluate_reproduces_the_runs_test_metrics(trained, tmp_path):
     folder, uri, client, run = trained
     out = run_vitexp(
-        [run.info.run_id, "--checkpoint", "last", "--tracking-uri", uri], folder, module="vitexp.evaluate"
+        [run.info.run_id, "--checkpoint", "last", "--tracking-uri", uri],
+        folder,
+        module="vitexp.evaluate",
+        env={"TMPDIR": str(tmp_path)},
     )
+    assert not list(tmp_path.glob("vitexp-*"))  # the run's config and checkpoint, downloaded, are gone
     assert "per-class accuracy" in out.stdout and "pattern_3" in out.stdout
     children = [r for r in runs_of(client) if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
     assert len(children) == 1

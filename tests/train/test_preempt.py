@@ -54,6 +54,7 @@ def final_weights(run) -> list[np.ndarray]:
     return [np.asarray(w) for w in keras.saving.load_model(path, compile=False).get_weights()]
 
 
+@pytest.mark.usefixtures("scratch_in_tmp_path")
 def test_preempted_inside_an_epoch_resumes_at_the_same_step(slurm_job, shared_store, capsys):
     uri, client = shared_store
     config = [*ARGS, f"tracking.uri={uri}"]

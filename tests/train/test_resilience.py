@@ -111,7 +111,7 @@ def ctrl_c_raises():
     signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.usefixtures("ctrl_c_raises")
+@pytest.mark.usefixtures("ctrl_c_raises", "scratch_in_tmp_path")
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_interrupted_run_with_ema_and_stochastic_depth_resumes_identically(
     precision, tmp_path, store, capsys

@@ -4,9 +4,11 @@
 memory is its own, and reads back the one `BENCH {json}` line the worker prints.
 """
 
+import contextlib
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -122,7 +124,7 @@ def run_textbook(args) -> dict:
 
 
 def run_vitexp(args, overrides) -> dict:
-    folder = Path(tempfile.mkdtemp(prefix="vitexp-bench-"))
+    folder = Path(tempfile.gettempdir())  # the worker's own scratch folder (`scratch`)
     batch = next((int(o.split("=")[1]) for o in overrides if o.startswith("trainer.batch_size=")), args.batch)
     steps = args.steps * args.batch // batch
     data = compose([f"model={args.model}", *args.overrides]).data  # the images the model is for
@@ -213,7 +215,25 @@ def model_cost(args) -> dict:
     return {"train_flops_per_image": flops, "auto": {"precision": precision, "reason": reason}}
 
 
+@contextlib.contextmanager
+def scratch():
+    """Points every temporary file of the worker at one folder of its own, removed when it
+    ends: the run's store and output folder (checkpoints included), TensorFlow's traces."""
+    folder = tempfile.mkdtemp(prefix="vitexp-bench-")
+    before, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def worker(args) -> None:
+    with scratch():
+        measure(args)
+
+
+def measure(args) -> None:
     if args.worker == "textbook":
         out = run_textbook(args)
     elif args.worker == "machine":

@@ -1,5 +1,7 @@
 """A finished (or interrupted) run, back from MLflow: its config, class names and model."""
 
+import atexit
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,7 @@ def load_run(run_id: str, tracking_uri: str | None = None, checkpoint: str | Non
     if run is None:
         raise RunError(f"no run {run_id!r} in {tracker.uri}: check the id (`make ui` lists runs)")
     folder = Path(tempfile.mkdtemp(prefix=f"vitexp-{run_id[:8]}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # the download, once the tool is done
     try:
         cfg = OmegaConf.load(tracker.download(run_id, "config/config.yaml", folder))
     except Exception:
