@@ -149,17 +149,25 @@ def test_fashion_mnist_search_preset_plans_a_pruned_search(tmp_path):
     assert plan.storage_url == f"sqlite:///{tmp_path}/optuna.db"
 
 
-def test_the_speedrun_recipe_lies_in_the_space_of_the_search_that_chose_it(tmp_path):
-    """The speedrun preset's training settings are a point of its search (conf/hparams_search/
-    vit_fashion_mnist_speedrun.yaml), which chooses on a validation split, not on the test split."""
+@pytest.mark.parametrize(
+    "search, epochs, grid",
+    [("vit_fashion_mnist_speedrun", 8, None), ("vit_fashion_mnist_speedrun_augment", 12, 12)],
+    ids=["training", "augmentation"],
+)
+def test_the_speedrun_recipe_lies_in_the_space_of_the_searches_that_chose_it(search, epochs, grid, tmp_path):
+    """The speedrun preset's training settings and its augmentation are points of its searches
+    (conf/hparams_search/), which choose on a validation split, not on the test split; the
+    augmentation's is a grid at the preset's own epochs, each point run once."""
     from vitexp.config import hydra_app
-    from vitexp.search.study import plan_of
+    from vitexp.search.study import grid_size, plan_of
 
-    args = ["experiment=vit_fashion_mnist_speedrun", "hparams_search=vit_fashion_mnist_speedrun",
+    args = ["experiment=vit_fashion_mnist_speedrun", f"hparams_search={search}",
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
     with hydra_app() as app:
         plan = plan_of(app, "config", args)
-    assert plan.objectives == ["best_val_top1"] and plan.epochs == 8
+    assert plan.objectives == ["best_val_top1"] and plan.epochs == epochs
+    if grid:
+        assert plan.sampler["name"] == "grid" and grid_size(plan.space) == plan.n_trials == grid
     searched = compose(args)
     assert searched.trainer.validation_split == 0.1 and searched.trainer.target_top1 is None
     preset = compose(["experiment=vit_fashion_mnist_speedrun"])
