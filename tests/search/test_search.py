@@ -176,6 +176,29 @@ def test_the_speedrun_recipe_lies_in_the_space_of_the_searches_that_chose_it(sea
         assert dist._contains(dist.to_internal_repr(value)), (key, value, dist)
 
 
+def test_a_grid_is_asked_and_told_to_its_last_point(tmp_path):
+    """The sweeper asks and tells trials outside `study.optimize`: the grid's last point is
+    told like any other (Optuna's grid would stop an `optimize` loop there, and raise)."""
+    import optuna
+
+    from vitexp.config import hydra_app
+    from vitexp.search.study import build_sampler, plan_of
+
+    args = ["experiment=vit_fashion_mnist_speedrun", "hparams_search=vit_fashion_mnist_speedrun_augment",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+    with hydra_app() as app:
+        plan = plan_of(app, "config", args)
+    study = optuna.create_study(sampler=build_sampler(plan), direction="maximize")
+    for _ in range(plan.n_trials):
+        trial = study.ask(plan.space)
+        if trial.number % 2:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, 0.9)
+    points = {tuple(sorted(t.params.items())) for t in study.trials}
+    assert len(points) == len(study.trials) == 12  # every point of the grid, each once
+
+
 def test_bad_search_from_the_command_line(tmp_path):
     args = search_args(tmp_path, "depth=choice(1,2)", "hydra.sweeper.pruner.name=patience")
     out = run_vitexp(args, tmp_path, check=False)

@@ -247,7 +247,13 @@ def build_sampler(plan: Plan):
     extra = {}
     if plan.sampler["name"] == "grid":
         extra["search_space"] = grid_space(plan.space)
-    return _build(optuna.samplers, SAMPLERS, plan.sampler, "sampler", **extra)
+    sampler = _build(optuna.samplers, SAMPLERS, plan.sampler, "sampler", **extra)
+    if isinstance(sampler, optuna.samplers.GridSampler):
+        # Optuna's grid stops `study.optimize` once its last point is told, and raises where
+        # the trials are asked and told outside it, as the sweeper does; the sweeper ends a
+        # grid itself (its trials are capped at the grid's size).
+        sampler.after_trial = lambda *args: None
+    return sampler
 
 
 def build_pruner(spec: dict[str, Any], epochs: int):
