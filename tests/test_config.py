@@ -15,7 +15,7 @@ from hydra.utils import get_method, get_object
 from omegaconf import MISSING, OmegaConf
 
 from vitexp.config import SCHEMAS, option_schemas
-from vitexp.validate import ConfigError, check_config
+from vitexp.validate import ConfigError, check_config, doubts
 
 GROUPS = ["model", "data", "optimizer", "schedule", "trainer", "tracking", "report"]
 
@@ -294,6 +294,30 @@ def test_values_are_written_once(group, option):
 def test_check_config_rejects(overrides, message):
     with pytest.raises(ConfigError, match=message):
         check_config(compose(overrides))
+
+
+@pytest.mark.parametrize(
+    "overrides, doubted",
+    [
+        (["trainer.tta=flip"], True),  # the base data config trains without flips
+        (["trainer.tta=flip_shift"], True),
+        (["trainer.tta=flip", "data.augment.horizontal_flip=true"], False),
+        (["trainer.tta=none"], False),
+        (["experiment=vit_fashion_mnist_speedrun"], False),
+        (["experiment=vit_fashion_mnist_speedrun", "data.augment.horizontal_flip=false"], True),
+    ],
+)
+def test_test_time_mirrors_of_a_model_that_never_saw_one_are_doubted(overrides, doubted):
+    """A run that would score its test split with mirrored views it never trained on (a search
+    over flips with the speedrun's test-time flips did) is told, in one line, what to change."""
+    cfg = compose(overrides)
+    check_config(cfg)  # it still runs
+    found = doubts(cfg)
+    assert len(found) == doubted
+    if doubted:
+        tta = cfg.trainer.tta
+        assert f"trainer.tta={tta} scores" in found[0] and "data.augment.horizontal_flip=true" in found[0]
+        assert "\n" not in found[0]
 
 
 @pytest.mark.parametrize(

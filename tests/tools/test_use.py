@@ -27,7 +27,8 @@ def trained(tmp_path_factory):
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     # scored with test-time flips, as the speedrun preset is: evaluate must score it the same way
     args = [*TINY, "trainer.precision=mixed_bfloat16", "trainer.tta=flip", "tracking.log_model=true"]
-    run_vitexp([*args, f"tracking.uri={uri}", f"hydra.run.dir={folder / 'run'}"], folder)
+    proc = run_vitexp([*args, f"tracking.uri={uri}", f"hydra.run.dir={folder / 'run'}"], folder)
+    (folder / "stderr.txt").write_text(proc.stderr)
     client = MlflowClient(uri)
     (run,) = runs_of(client)
     return folder, uri, client, run
@@ -111,6 +112,17 @@ def test_the_run_scores_its_tested_checkpoint_on_validation_with_the_test_time_v
     views = predict_views(best_model(folder), x, y, cfg.data.num_classes, 32, "flip")  # image, mirror
     assert metrics["tested_val_top1"] == pytest.approx((views.mean(0).argmax(-1) == y).mean(), abs=1e-6)
     assert metrics["tested_val_top5"] >= metrics["tested_val_top1"] and metrics["tested_val_loss"] > 0
+
+
+def test_the_run_warned_of_test_time_mirrors_it_never_trained_on(trained):
+    """TINY trains without flips, and this run was scored with mirrors: the terminal said so,
+    once, before training, and the run went on."""
+    folder, _, _, run = trained
+    stderr = (folder / "stderr.txt").read_text()
+    warned = [line for line in stderr.splitlines() if line.startswith("vitexp: warning: trainer.tta=flip")]
+    assert len(warned) == 1 and "data.augment.horizontal_flip=true or trainer.tta=none" in warned[0]
+    assert stderr.index(warned[0]) < stderr.index(": loading synthetic, building")
+    assert run.info.status == "FINISHED"
 
 
 @pytest.mark.parametrize(

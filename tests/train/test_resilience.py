@@ -184,7 +184,7 @@ def signal_in_a_destructor(step: int, signum: int):
     return SignalInDestructor()
 
 
-@pytest.mark.usefixtures("ctrl_c_raises")
+@pytest.mark.usefixtures("ctrl_c_raises", "scratch_in_tmp_path")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupt_python_drops_in_a_destructor_still_stops_the_run(
     signum, tmp_path, store, capsys, monkeypatch

@@ -25,7 +25,7 @@ from vitexp.train.preempt import STOP, Terminated, requeue
 from vitexp.train.record import config_params, log_setup, print_summary, run_tags
 from vitexp.train.resume import finished_before, link_finished
 from vitexp.train.role import Role
-from vitexp.validate import check_config
+from vitexp.validate import check_config, doubts
 
 
 def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
@@ -36,6 +36,8 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
         callbacks: Keras callbacks to add to `fit`, after vitexp's own.
     """
     check_config(cfg)
+    for doubt in doubts(cfg):
+        print(f"vitexp: warning: {doubt}", file=sys.stderr, flush=True)
     role = Role.start(cfg)
     done = finished_before(role.tracker, role.cfg)
     if done is not None:  # a re-run sweep: this job already finished
