@@ -120,6 +120,23 @@ def scored(tracker: Tracker, depth: int, status: str, val: float, test: float, t
     return run_id
 
 
+def test_the_parent_tells_the_winners_one_view_test_score_beside_its_test_time_views(sweep):
+    """A search compares trials on one view, while each trial's test split is scored with its
+    test-time views (`trainer.tta`): the parent gives both, so a winner that was scored with
+    views it did not train on shows what one view made of it."""
+    config, tracker, client = sweep
+    callback = MlflowSweepCallback()
+    callback.on_multirun_start(config)
+    parent = callback.parent_id
+    viewed = scored(tracker, 1, FINISHED, 0.92, 0.90)
+    tracker.log_metrics(viewed, {"test_top1_1view": 0.921}, step=1)
+    scored(tracker, 2, FINISHED, 0.91, 0.915)
+    callback.on_multirun_end(config)
+    run = client.get_run(parent)
+    assert run.data.metrics["best_test_top1"] == 0.90 and run.data.metrics["best_test_top1_1view"] == 0.921
+    assert "test top-1 0.9000 (one view 0.9210) (2 finished" in run.data.tags["mlflow.note.content"]
+
+
 def test_the_parent_answers_the_sweep_and_its_link_opens_the_jobs_table(sweep, capsys):
     config, tracker, client = sweep
     callback = MlflowSweepCallback()

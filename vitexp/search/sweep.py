@@ -6,7 +6,8 @@ is closed when the sweep ends, and also when the sweep process exits early (a fa
 job, Ctrl-C): FAILED if any child failed or the sweep was cut short, else FINISHED.
 
 When the sweep ends, the parent answers it: metrics `best_val_top1` and `best_test_top1` (of
-the job with the best validation top-1), `trials_finished`, `trials_failed` and
+the job with the best validation top-1; `best_test_top1_1view` too where it was scored with
+test-time views), `trials_finished`, `trials_failed` and
 `trials_pruned`; tags `best.run_id`, `best.run_name` and `best.<swept param>` (the values
 that won); a description saying the same; and the comparison (`vitexp.compare`). The link
 printed last opens the MLflow runs table on the sweep: its jobs best first, with the swept
@@ -67,6 +68,9 @@ def sweep_answer(children, swept: list[str]) -> tuple[dict[str, float], dict[str
     if "test_top1" in best.metrics:
         metrics["best_test_top1"] = best.metrics["test_top1"]
         scores += f", test top-1 {metrics['best_test_top1']:.4f}"
+        if "test_top1_1view" in best.metrics:  # scored with test-time views (trainer.tta)
+            metrics["best_test_top1_1view"] = best.metrics["test_top1_1view"]
+            scores += f" (one view {metrics['best_test_top1_1view']:.4f})"
     tags = {"best.run_id": best.id, "best.run_name": best.name}
     tags.update({f"best.{k}": v for k, v in won.items()})
     values = " ".join(f"{k}={v}" for k, v in won.items())
