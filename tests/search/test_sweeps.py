@@ -1,5 +1,6 @@
 """Sweeps: parallel jobs into a real MLflow server, Optuna, resuming, comparing, the UI."""
 
+import csv
 import shutil
 import signal
 import subprocess
@@ -124,6 +125,13 @@ def test_parallel_optuna_search_against_parameter_count_shares_one_study(tmp_pat
     assert {t.values[0] for t in study.trials} == {t.data.metrics["best_val_top1"] for t in trials}
     pictures = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
     assert {"search/pareto_front.png", "search/optimization_history.png", "search/trials.csv"} <= pictures
+    # the front in words: the smaller model is on it, the bigger one only if it scored higher
+    small, big = sorted(study.trials, key=lambda t: t.values[1])
+    front = {small.number} | ({big.number} if big.values[0] > small.values[0] else set())
+    assert parent.data.tags["pareto.trials"] == ", ".join(map(str, sorted(front)))
+    table = client.download_artifacts(parent.info.run_id, "search/trials.csv", str(tmp_path))
+    rows = {int(r["number"]): r["pareto"] for r in csv.DictReader(open(table))}
+    assert rows == {t.number: str(t.number in front) for t in study.trials}
 
 
 def test_killed_sweep_resumes_without_repeating_jobs_and_compares(tmp_path, store):

@@ -2,7 +2,8 @@
 
 After every batch of trials the parent gets the counts (complete / pruned / failed), the
 epochs spent against those of unpruned trials and of a full grid, and the best value
-(tags `best.<param>`); at the end also, under `search/`, the trials table (CSV and
+(tags `best.<param>`; for several objectives the tag `pareto.trials`, the numbers of the
+trials on their Pareto front); at the end also, under `search/`, the trials table (CSV and
 Markdown) and PNGs: optimisation history, parameter importances, slices, a contour over
 patch size x depth (or the first two searched keys) and, for several objectives, the
 Pareto front.
@@ -94,6 +95,8 @@ class SearchLog:
             best = study.best_trial
             tags = {f"best.{k}": str(v) for k, v in best.params.items()}
             self.tracker.set_tags(self.parent, {**tags, "best.trial": str(best.number)})
+        elif len(self.plan.directions) > 1 and counts["trials_complete"]:
+            self.tracker.set_tags(self.parent, {"pareto.trials": ", ".join(map(str, pareto_front(study)))})
         self.tracker.set_tags(
             self.parent,
             {tag.OPTUNA_STUDY: self.plan.study_name, tag.OPTUNA_STORAGE: self.plan.storage_url},
@@ -108,6 +111,11 @@ class SearchLog:
             for path in paths:
                 self.tracker.log_artifact(self.parent, path, "search")
         return paths
+
+
+def pareto_front(study) -> list[int]:
+    """The numbers of the trials no other complete trial beats on every objective."""
+    return sorted(t.number for t in study.best_trials)
 
 
 def write_table(study, out_dir: Path) -> list[Path]:
@@ -128,6 +136,9 @@ def write_table(study, out_dir: Path) -> list[Path]:
         or c.endswith(("_epochs", "_num_params", PRUNED_ATTR, "_vitexp.mlflow_run_id"))
     ]
     frame = frame[keep].rename(columns=lambda c: c.removeprefix("user_attrs_").removeprefix("vitexp."))
+    if len(study.directions) > 1:  # which trials the Pareto front picture draws as the front
+        front = set(pareto_front(study))
+        frame.insert(len(study.directions) + 1, "pareto", [n in front for n in frame["number"]])
     frame.to_csv(out_dir / "trials.csv", index=False)
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     lines += [
