@@ -151,13 +151,17 @@ def test_fashion_mnist_search_preset_plans_a_pruned_search(tmp_path):
 
 @pytest.mark.parametrize(
     "search, epochs, grid",
-    [("vit_fashion_mnist_speedrun", 8, None), ("vit_fashion_mnist_speedrun_augment", 12, 12)],
-    ids=["training", "augmentation"],
+    [
+        ("vit_fashion_mnist_speedrun", 8, None),
+        ("vit_fashion_mnist_speedrun_augment", 12, 12),
+        ("vit_fashion_mnist_speedrun_length", 12, 8),
+    ],
+    ids=["training", "augmentation", "length"],
 )
 def test_the_speedrun_recipe_lies_in_the_space_of_the_searches_that_chose_it(search, epochs, grid, tmp_path):
-    """The speedrun preset's training settings and its augmentation are points of its searches
-    (conf/hparams_search/), which choose on a validation split, not on the test split; the
-    augmentation's is a grid at the preset's own epochs, each point run once."""
+    """The speedrun preset's training settings, its augmentation and its length and depth are
+    points of its searches (conf/hparams_search/), which choose on a validation split, not on
+    the test split; the augmentation's and the length's are grids, each point run once."""
     from vitexp.config import hydra_app
     from vitexp.search.study import grid_size, plan_of
 
@@ -165,7 +169,7 @@ def test_the_speedrun_recipe_lies_in_the_space_of_the_searches_that_chose_it(sea
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
     with hydra_app() as app:
         plan = plan_of(app, "config", args)
-    assert plan.objectives == ["best_val_top1"] and plan.epochs == epochs
+    assert plan.objectives[0] == "best_val_top1" and plan.epochs == epochs
     if grid:
         assert plan.sampler["name"] == "grid" and grid_size(plan.space) == plan.n_trials == grid
     searched = compose(args)
@@ -197,6 +201,37 @@ def test_a_grid_is_asked_and_told_to_its_last_point(tmp_path):
             study.tell(trial, 0.9)
     points = {tuple(sorted(t.params.items())) for t in study.trials}
     assert len(points) == len(study.trials) == 12  # every point of the grid, each once
+
+
+def test_a_search_over_the_epochs_counts_each_trials_own_epochs_and_names_its_pareto_front(tmp_path):
+    """The speedrun's length search (epochs x depth, accuracy against time): the epochs its
+    trials would train unpruned, and a full grid's, are each trial's own, not the preset's."""
+    import optuna
+
+    from vitexp.config import hydra_app
+    from vitexp.search.report import pareto_front, summary
+    from vitexp.search.study import build_sampler, plan_of
+
+    args = ["experiment=vit_fashion_mnist_speedrun", "hparams_search=vit_fashion_mnist_speedrun_length",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
+    with hydra_app() as app:
+        plan = plan_of(app, "config", args)
+    assert plan.epochs == 12 and plan.objectives == ["best_val_top1", "train_time_s"]
+    study = optuna.create_study(sampler=build_sampler(plan), directions=plan.directions)
+    for _ in range(3):
+        trial = study.ask(plan.space)
+        epochs, depth = trial.params["trainer.epochs"], trial.params["depth"]
+        study.tell(trial, [0.9 + epochs / 1000, epochs * depth * 10.0])  # longer: better, slower
+    m = summary(study, plan)
+    assert m["epochs_unpruned"] == sum(t.params["trainer.epochs"] for t in study.trials)
+    assert m["epochs_grid"] == 2 * (8 + 10 + 12 + 14)  # depth 2 and 3 at each length
+    # a trial is on the front unless another is at least as good and as fast, and better in one
+    values = {t.number: t.values for t in study.trials}
+    beaten = {
+        n for n, (v, s) in values.items()
+        if any(v2 >= v and s2 <= s and (v2, s2) != (v, s) for v2, s2 in values.values())
+    }  # fmt: skip
+    assert pareto_front(study) == sorted(set(values) - beaten)
 
 
 def test_bad_search_from_the_command_line(tmp_path):

@@ -21,8 +21,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from vitexp.search.study import PRUNED_ATTR, Plan, grid_size  # noqa: E402
+from vitexp.search.study import PRUNED_ATTR, Plan, grid_size, grid_space  # noqa: E402
 from vitexp.tracking import FAILED, PARENT_ENV, Tracker, tag  # noqa: E402
+
+EPOCHS = "trainer.epochs"  # a searched key that sets how long each trial trains
 
 
 def summary(study, plan: Plan) -> dict[str, float]:
@@ -34,17 +36,18 @@ def summary(study, plan: Plan) -> dict[str, float]:
         s: sum(t.state == s for t in trials)
         for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     }
-    ended = count[TrialState.COMPLETE] + count[TrialState.PRUNED]
+    ended = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     out = {
         "trials_complete": count[TrialState.COMPLETE],
         "trials_pruned": count[TrialState.PRUNED],
         "trials_failed": count[TrialState.FAIL],
         "epochs_spent": sum(epochs_of(t) for t in trials),
-        "epochs_unpruned": ended * plan.epochs,
+        "epochs_unpruned": sum(int(t.params.get(EPOCHS, plan.epochs)) for t in ended),
     }
     grid = grid_size(plan.space)
-    if grid:
-        out["epochs_grid"] = grid * plan.epochs
+    if grid:  # with the epochs searched, each point trains its own
+        lengths = grid_space(plan.space).get(EPOCHS, [plan.epochs])
+        out["epochs_grid"] = int(grid // len(lengths) * sum(lengths))
     if len(plan.directions) == 1 and count[TrialState.COMPLETE]:
         out["best_value"] = study.best_value
     return out
