@@ -129,3 +129,21 @@ def test_ctrl_c_during_a_commit_is_raised_once_last_and_best_are_linked(tmp_path
         assert os.path.samefile(checkpoints.last, checkpoints.model_file(2))
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_second_ctrl_c_during_a_held_block_raises_at_once():
+    """A store call holds Ctrl-C to its end, up to the store's timeout; a second one does not wait."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    reached = []
+    try:
+        STOP.install()
+        with pytest.raises(KeyboardInterrupt):
+            with STOP.held():
+                os.kill(os.getpid(), signal.SIGINT)
+                reached.append("after the first")  # held
+                os.kill(os.getpid(), signal.SIGINT)
+                reached.append("after the second")  # never: the second raised
+        assert reached == ["after the first"]
+    finally:
+        STOP.handled()
+        signal.signal(signal.SIGINT, previous)

@@ -1,9 +1,11 @@
 """Runs that survive: kill and resume, Ctrl-C, divergence, determinism, bad inputs."""
 
+import contextlib
 import os
 import signal
 import socket
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +164,57 @@ def test_ctrl_c_in_the_first_epoch_says_to_start_again(tmp_path, store):
     assert not (run_dir / "checkpoints").exists()
     (run,) = runs_of(client)
     assert run.info.status == "KILLED"
+
+
+@contextlib.contextmanager
+def ctrl_c_in_the_store(when: str, statement: str):
+    """Sends this process a real SIGINT once, as the store executes (`when`: SQLAlchemy's
+    before/after_cursor_execute) the first statement that starts with `statement`; yields
+    the rows that statement carried."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    rows = []
+
+    def send(conn, cursor, text, parameters, context, executemany):
+        if not rows and text.lstrip().upper().startswith(statement):
+            rows.append(len(parameters) if executemany else 1)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    event.listen(Engine, when, send)
+    try:
+        yield rows
+    finally:
+        event.remove(Engine, when, send)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises", "scratch_in_tmp_path")
+@pytest.mark.parametrize(
+    "when, statement",
+    [("after_cursor_execute", "INSERT INTO RUNS"), ("before_cursor_execute", "INSERT INTO PARAMS")],
+    ids=["creating-the-run", "its-first-params"],
+)
+def test_ctrl_c_inside_a_store_call_waits_for_it_and_the_run_ends_killed(
+    when, statement, tmp_path, store, capsys
+):
+    """Cut off inside SQLAlchemy, an interrupt could roll back the run being created (a user
+    told nothing), or leave a statement open that locked the store against the run's own
+    KILLED status (RUNNING after exit 130). A store call is now made whole, then the run stops."""
+    uri, client = store
+    with ctrl_c_in_the_store(when, statement) as rows, pytest.raises(KeyboardInterrupt) as stop:
+        train(compose([*TINY, f"tracking.uri={uri}"]))
+    assert rows, f"the run executed no {statement}"
+    cut = [
+        f.filename for f in traceback.extract_tb(stop.value.__traceback__) if "site-packages" in f.filename
+    ]
+    assert not cut, f"the interrupt was raised inside the store: {cut[-1]}"
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no checkpoint" in last and "start it again" in last, last
+    (run,) = runs_of(client)
+    assert run.info.status == "KILLED"
+    if "PARAMS" in statement:
+        assert len(run.data.params) == rows[0]  # the insert the signal came in, whole, and no more
+        assert not run.inputs.dataset_inputs  # the next write was not made
 
 
 def signal_in_a_destructor(step: int, signum: int):

@@ -144,6 +144,33 @@ def _schema_statements() -> list[str]:
             return [s for s in db.iterdump() if s not in ("BEGIN TRANSACTION;", "COMMIT;")]
 
 
+class Shielded:
+    """A store client whose every call is made whole: each runs inside `shield()`, a context
+    manager that holds Ctrl-C and SIGTERM until the call returns (the job's `STOP.held`).
+
+    An interrupt that lands inside SQLAlchemy's handling of a sqlite call can leave a
+    statement open on a connection the pool still holds, and SQLAlchemy may turn it into an
+    `OperationalError` ('database is locked') that reads as an outage: the write is kept, the
+    run trains on, and the lock outlives it, so even its KILLED status cannot be written.
+    """
+
+    def __init__(self, client: MlflowClient, shield):
+        self._client = client
+        self._shield = shield
+
+    def __getattr__(self, name: str):
+        found = getattr(self._client, name)
+        if not callable(found):
+            return found
+
+        @functools.wraps(found)
+        def whole(*args, **kwargs):
+            with self._shield():
+                return found(*args, **kwargs)
+
+        return whole
+
+
 def release_interrupted(stop: BaseException) -> None:
     """Lets go of what the interrupted code held: a signal can land inside a tracking-store
     write, whose open sqlite transaction would lock the store against closing the run."""

@@ -26,7 +26,7 @@ from mlflow.utils.mlflow_tags import (
 
 from vitexp.tracking import tag
 from vitexp.tracking.records import FAILED, FINISHED, KILLED, ModelRecord, RunRecord
-from vitexp.tracking.store import check_reachable, open_client, release_interrupted
+from vitexp.tracking.store import Shielded, check_reachable, open_client, release_interrupted
 from vitexp.tracking.system import SystemMonitor
 from vitexp.tracking.uri import TrackingError, artifact_location, resolve_uri
 from vitexp.tracking.views import SHARED_VIEW_TAG, encode
@@ -55,16 +55,27 @@ class Tracker:
             or by experiment name.
         timeout: seconds to wait for a server's /health before giving up.
         reconnect_s: seconds `settle` waits for a store that went away.
+        shield: a context manager factory that holds Ctrl-C and SIGTERM while the store is
+            called (a training job's `STOP.held`): every call, and each kept write with its
+            removal from the queue, is then made whole, never cut off inside the store.
     """
 
     def __init__(
-        self, uri: str | None, experiment: str | None = None, timeout: float = 10.0, reconnect_s: float = 0.0
+        self,
+        uri: str | None,
+        experiment: str | None = None,
+        timeout: float = 10.0,
+        reconnect_s: float = 0.0,
+        shield: Callable[[], contextlib.AbstractContextManager] | None = None,
     ):
         self.uri = resolve_uri(uri)
         self.timeout = timeout
         self.reconnect_s = reconnect_s
         check_reachable(self.uri, timeout)
+        self._shield = shield or contextlib.nullcontext
         self._client = open_client(self.uri)
+        if shield is not None:
+            self._client = Shielded(self._client, shield)
         self.experiment = experiment
         self._experiment_id: str | None = None
         self._pending: list[Callable[[], object]] = []
@@ -72,9 +83,11 @@ class Tracker:
         self._down = False
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "Tracker":
+    def from_config(
+        cls, cfg: Any, shield: Callable[[], contextlib.AbstractContextManager] | None = None
+    ) -> "Tracker":
         """The tracker of a job's `tracking` config; a deleted experiment fails here, at once."""
-        tracker = cls(cfg.uri, cfg.experiment, cfg.timeout_s, cfg.get("reconnect_s", 0.0))
+        tracker = cls(cfg.uri, cfg.experiment, cfg.timeout_s, cfg.get("reconnect_s", 0.0), shield)
         tracker._check_active(tracker._client.get_experiment_by_name(tracker.experiment))
         return tracker
 
@@ -150,7 +163,9 @@ class Tracker:
         """
         while self._pending:
             try:
-                self._pending[0]()
+                with self._shield():  # an interrupt waits until the write has left the queue
+                    self._pending[0]()
+                    self._pending.pop(0)
             except Exception as err:
                 if not unreachable(err):
                     self._pending.pop(0)
@@ -165,7 +180,6 @@ class Tracker:
                     )
                 self._down = True
                 return False
-            self._pending.pop(0)
         if self._down:
             print(f"vitexp: tracking store {self.uri} is back; the kept records are sent", file=sys.stderr)
         self._down = False

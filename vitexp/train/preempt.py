@@ -97,7 +97,7 @@ class StopSignal:
         self._raise_unless_held()
 
     def _raise_unless_held(self) -> None:
-        if self._holding:
+        if self._holding and not self._held:  # a second one raises at once
             self._held = True
             return
         raise self.raised
@@ -105,9 +105,10 @@ class StopSignal:
     @contextlib.contextmanager
     def held(self):
         """Ctrl-C and SIGTERM wait until the block ends (a checkpoint commit: the epoch's
-        file, then `last.keras` and `best.keras` linked to it), then raise: a run stopped
-        at any moment leaves its files consistent. A block that raises leaves the interrupt
-        pending for `check`."""
+        file, then `last.keras` and `best.keras` linked to it; a call to the tracking store),
+        then raise: a run stopped at any moment leaves its files and its store consistent.
+        A second one raises at once (a store that does not answer holds a call for up to its
+        timeout). A block that raises leaves the interrupt pending for `check`."""
         self._holding += 1
         try:
             yield

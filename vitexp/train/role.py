@@ -59,7 +59,7 @@ class Role:
         _, precision_reason = setup_tensorflow(cfg)
         if workers and not workers.is_chief:
             cfg = workers.private_config(cfg)
-        return cls(cfg, Tracker.from_config(cfg.tracking), workers, precision_reason)
+        return cls(cfg, Tracker.from_config(cfg.tracking, shield=STOP.held), workers, precision_reason)
 
     @property
     def records_privately(self) -> bool:

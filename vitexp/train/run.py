@@ -45,21 +45,23 @@ def train(cfg: DictConfig, callbacks: tuple = ()) -> float:
     resume = role.find_resume()
     tell(f"{cfg.run_name}: loading {cfg.data.name}, building {cfg.model.name}")
     built = build_or_record(role, resume)
-    place = role.open_run(resume)
-    job = Job(
-        cfg=role.cfg,
-        tracker=role.tracker,
-        run_id=place.run_id,
-        model=built.model,
-        schedule=built.schedule,
-        splits=built.splits,
-        steps=built.steps,
-        out_dir=place.out_dir,
-        first_epoch=place.first_epoch,
-        class_names=built.data.class_names,
-        in_epoch=resume.in_epoch if resume else None,
-    )
-    with recording(job):
+    with contextlib.ExitStack() as recorded:
+        with STOP.held():  # a run once opened is recorded: Ctrl-C waits until it ends KILLED
+            place = role.open_run(resume)
+            job = Job(
+                cfg=role.cfg,
+                tracker=role.tracker,
+                run_id=place.run_id,
+                model=built.model,
+                schedule=built.schedule,
+                splits=built.splits,
+                steps=built.steps,
+                out_dir=place.out_dir,
+                first_epoch=place.first_epoch,
+                class_names=built.data.class_names,
+                in_epoch=resume.in_epoch if resume else None,
+            )
+            recorded.enter_context(recording(job))
         if not resume:
             record_setup(job, role, built)
         result = fit_and_record(job, (*callbacks, *watchers(job)))
