@@ -157,3 +157,26 @@ def test_a_search_of_many_real_valued_trials_gets_readable_pictures(shared_store
     assert label(run, header[2:4]).startswith(f"learning_rate={lr:.3g} weight_decay=")
     assert len(label(run, header[2:4])) < 50
     assert all(p.stat().st_size > 10_000 for p in paths if p.suffix == ".png")
+
+
+def test_the_command_ranks_by_validation_unless_told(shared_store, tmp_path, monkeypatch, capsys):
+    """The best run on test is not the one to pick: the table leads with the best on validation."""
+    from vitexp.tools.compare import main
+
+    uri, _ = shared_store
+    tracker = Tracker(uri, "val-first")
+    for name, val, test in (("val-best", 0.9, 0.7), ("test-best", 0.8, 0.95), ("low", 0.6, 0.6)):
+        run_id = tracker.start_run(name, {})
+        tracker.log_params(run_id, {"num_params": "10", "model.depth": name})
+        tracker.log_metrics(run_id, {"best_val_top1": val, "test_top1": test}, step=1)
+        tracker.end_run(run_id, FINISHED)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def ranked(*argv):
+        main(["val-first", "--out", str(tmp_path / "out"), *argv])
+        lines = capsys.readouterr().out.splitlines()
+        table = lines[lines.index(next(ln for ln in lines if ln.startswith("run "))) + 1 :]
+        return [ln.split()[0] for ln in table[:3]]
+
+    assert ranked() == ["val-best", "test-best", "low"]
+    assert ranked("--sort", "test_top1") == ["test-best", "val-best", "low"]

@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,30 @@ def test_a_seed_that_misses_the_target_fails_the_command_and_names_its_log(tmp_p
         rf"the parent run {parent.info.run_id} is FAILED",
         line,
     ), line
+
+
+def test_a_seeds_log_has_each_line_when_its_progress_shows(tmp_path, monkeypatch):
+    """`tail -f speedrun/seed_0.log` follows the seed as it trains, not in 8 KB blocks."""
+    from vitexp.tools import speedrun
+
+    log = tmp_path / "seed_0.log"
+    seen = []
+    monkeypatch.setattr(speedrun, "say", lambda line: seen.append((line, log.read_text())))
+    script = (
+        "import time\n"
+        "print('vitexp: building')\n"
+        "print('vitexp: epoch 1/2: test top-1 0.5000 (target 0.9) after 1 s')\n"
+        "time.sleep(0.5)\n"
+        "print('vitexp: epoch 2/2: test top-1 0.6000 (target 0.9) after 2 s')\n"
+    )
+    speedrun.relay([sys.executable, "-c", script], {"PYTHONUNBUFFERED": "1"}, log, "seed 0: ")
+    assert [line for line, _ in seen] == [
+        "seed 0: epoch 1/2: test top-1 0.5000 (target 0.9) after 1 s",
+        "seed 0: epoch 2/2: test top-1 0.6000 (target 0.9) after 2 s",
+    ]
+    first, second = (text for _, text in seen)
+    assert first.splitlines() == [
+        "vitexp: building",
+        "vitexp: epoch 1/2: test top-1 0.5000 (target 0.9) after 1 s",
+    ]
+    assert second.endswith("after 2 s\n") and log.read_text() == second

@@ -1,9 +1,17 @@
 """A tracking server that goes away mid-run: the run goes on and its record ends whole."""
 
+import contextlib
+import os
+import re
 import shlex
+import signal
+import threading
+from pathlib import Path
 
 import pytest
-from conftest import TINY, run_vitexp, runs_of, start_vitexp
+from conftest import TINY, mlflow_server, run_vitexp, runs_of, start_vitexp, wait_for
+
+from vitexp.tracking import Tracker
 
 pytestmark = pytest.mark.slow
 
@@ -107,3 +115,80 @@ def test_a_run_that_outlives_the_server_says_how_to_record_it(server, tmp_path):
     run_vitexp(command[3:], tmp_path)
     (run,) = runs_of(client, "outage-run")
     check_recorded_once(client, run)
+
+
+def server_processes() -> list[int]:
+    """This test process's descendants that run MLflow's server (the server and its workers)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, todo = [], [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        children = [child for child, parent in parents.items() if parent == pid]
+        found += children
+        todo += children
+    return [p for p in found if b"mlflow" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def test_ctrl_c_whose_killed_status_waits_on_a_silent_server_says_so(tmp_path, capfd):
+    """The user is told why a Ctrl-C has not stopped the run yet, and how to stop it now; a
+    store that answers adds no line."""
+    uri, client, _, stop = mlflow_server(tmp_path)
+    try:
+        tracker = Tracker(uri, "silent")
+        notice = "the tracking store has not answered for 1 s"
+        quick = tracker.start_run("quick", {})
+        with pytest.raises(KeyboardInterrupt), tracker.run(quick):
+            raise KeyboardInterrupt
+        assert notice not in capfd.readouterr().err
+        slow = tracker.start_run("slow", {})
+        frozen = server_processes()
+        assert frozen, "no server process found to stop"
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        thaw = threading.Timer(2.5, lambda: [os.kill(pid, signal.SIGCONT) for pid in frozen])
+        thaw.start()
+        with pytest.raises(KeyboardInterrupt), tracker.run(slow):
+            raise KeyboardInterrupt
+        thaw.join()
+        err = capfd.readouterr().err
+        assert f"vitexp: marking run {slow} KILLED: {notice}" in err, err
+        assert "press Ctrl-C again to stop now" in err
+        assert [client.get_run(r).info.status for r in (quick, slow)] == ["KILLED", "KILLED"]
+    finally:
+        stop()
+
+
+def test_ctrl_c_with_a_silent_server_says_so_and_the_last_line_tells_the_truth(tmp_path, monkeypatch):
+    """Ctrl-C while the server does not answer: each wait on it says why the run has not
+    stopped yet, and the last line says the run stays RUNNING there, not KILLED."""
+    uri, client, _, stop = mlflow_server(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")  # the run's wait on each store call
+    run_dir = tmp_path / "run"
+    frozen = []
+    try:
+        proc = start_vitexp([*OUTAGE, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], tmp_path)
+        wait_for(lambda: (run_dir / "model_summary.txt").exists(), proc)  # training
+        frozen = server_processes()
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 130, stderr[-4000:]
+        assert "the tracking store has not answered for 1 s (a server gets up to 3 s)" in stderr, stderr[
+            -3000:
+        ]
+        last = stderr.strip().splitlines()[-1]
+        assert re.search(
+            r"stays RUNNING in the tracking store \(it did not take the last \d+ records\)", last
+        ), last
+        assert "is KILLED" not in last and "start it again with:" in last, last
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    (run,) = runs_of(client)
+    assert run.info.status == "RUNNING"  # as the last line said
+    stop()

@@ -3,13 +3,14 @@
 import json
 import os
 import signal
+import time
 
 import keras
 import numpy as np
 import pytest
 
 from vitexp.train.callbacks import CheckpointDir, SwapEMAWeights, replay_missing
-from vitexp.train.preempt import STOP
+from vitexp.train.preempt import HELD_NOTICE, HELD_NOTICE_S, STOP
 
 
 class SaveAfterFirstEpoch(keras.callbacks.Callback):
@@ -144,6 +145,45 @@ def test_a_second_ctrl_c_during_a_held_block_raises_at_once():
                 os.kill(os.getpid(), signal.SIGINT)
                 reached.append("after the second")  # never: the second raised
         assert reached == ["after the first"]
+    finally:
+        STOP.handled()
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("wait_s, says", [(1.6, True), (0.2, False)])
+def test_a_held_ctrl_c_that_waits_says_why(wait_s, says, capfd):
+    """A user whose Ctrl-C waits on a slow store call is told why the run goes on, and how to
+    stop now; a short hold (a checkpoint commit) adds no line."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        STOP.install()
+        with pytest.raises(KeyboardInterrupt):
+            with STOP.held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(wait_s)  # the store call in progress
+        time.sleep(HELD_NOTICE_S + 0.3)  # a notice not cancelled would come by now
+        err = capfd.readouterr().err
+        assert (HELD_NOTICE in err) is says, err
+        assert err.count(HELD_NOTICE) <= 1
+    finally:
+        STOP.handled()
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_the_run_stops_on_the_first_raises_at_once():
+    """After the first Ctrl-C the run writes its KILLED status; another one does not wait for
+    that write (a store that does not answer holds it for up to its timeout)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    reached = []
+    try:
+        STOP.install()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the first: the run stops
+        with pytest.raises(KeyboardInterrupt):
+            with STOP.held():  # the run's KILLED status on its way to the store
+                os.kill(os.getpid(), signal.SIGINT)
+                reached.append("after the second")  # never: it raised at once
+        assert reached == []
     finally:
         STOP.handled()
         signal.signal(signal.SIGINT, previous)

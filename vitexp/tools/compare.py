@@ -1,8 +1,10 @@
 """Compare runs side by side: a table sorted by a metric, as CSV and Markdown, and plots.
 
-    python -m vitexp.compare [experiment name | run id ...] [--sort test_top1]
+    python -m vitexp.compare [experiment name | run id ...] [--sort best_val_top1]
         [--out DIR] [--tracking-uri URI]
 
+Runs are sorted by best validation top-1 unless `--sort` names another column: a choice
+between runs is made on the held-out validation split, and test top-1 is there to report.
 A run id gives that run and the runs under it (a sweep's jobs); an experiment name gives its
 training runs; several targets are compared in one table. With none: the experiment
 $MLFLOW_EXPERIMENT_NAME names, else every experiment of the store. It says what it read.
@@ -31,7 +33,12 @@ def main(argv: list[str] | None = None) -> None:
         help="experiment names and run ids (a sweep's parent: its runs); "
         "default: $MLFLOW_EXPERIMENT_NAME, else every experiment",
     )
-    parser.add_argument("--sort", default="test_top1", help="column to sort by, best first")
+    parser.add_argument(
+        "--sort",
+        default="best_val_top1",
+        help="column to sort by, best first (default best_val_top1: choose on validation, "
+        "read test to report)",
+    )
     parser.add_argument("--out", type=Path, default=Path("comparison"))
     args = parser.parse(argv)
     parser.require_store(args.tracking_uri)

@@ -66,8 +66,15 @@ def run_seed(args, seed: int, tracker: Tracker, parent: str) -> float:
     env = {**os.environ, PARENT_ENV: parent, "VITEXP_T0": repr(started), "PYTHONUNBUFFERED": "1"}
     path = seed_log(args, seed)
     say(f"seed {seed} ({seed + 1} of {args.seeds}) training; its log: {path}")
+    relay(command, env, path, f"seed {seed}: ")
+    return time.time() - started
+
+
+def relay(command: list[str], env: dict, path: Path, prefix: str) -> None:
+    """Runs `command`, its whole output into `path` line by line (a user who follows the log
+    sees each line as it comes) and its progress lines on stderr after `prefix`."""
     with (
-        open(path, "w") as log,
+        open(path, "w", buffering=1) as log,
         subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         ) as proc,
@@ -75,8 +82,7 @@ def run_seed(args, seed: int, tracker: Tracker, parent: str) -> float:
         for line in proc.stdout:
             log.write(line)
             if line.startswith(PROGRESS):
-                say(f"seed {seed}: {line.removeprefix('vitexp: ').rstrip()}")
-    return time.time() - started
+                say(prefix + line.removeprefix("vitexp: ").rstrip())
 
 
 def seed_log(args, seed: int) -> Path:

@@ -9,6 +9,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+import threading
 import time
 import traceback
 import urllib.error
@@ -142,6 +143,25 @@ def _schema_statements() -> list[str]:
         MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
         with contextlib.closing(sqlite3.connect(f"{tmp}/mlflow.db")) as db:
             return [s for s in db.iterdump() if s not in ("BEGIN TRANSACTION;", "COMMIT;")]
+
+
+@contextlib.contextmanager
+def said_if_slow(what: str, then: str, after_s: float = 1.0):
+    """Says on stderr, once the block has waited `after_s` seconds on a store that does not
+    answer, what waits and what the user can do (`then`); from a timer thread, so that the
+    block itself is not touched."""
+    timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "?")
+    line = (
+        f"vitexp: {what}: the tracking store has not answered for {after_s:g} s (a server gets "
+        f"up to {timeout} s); {then}"
+    )
+    timer = threading.Timer(after_s, os.write, (2, f"{line}\n".encode()))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 class Shielded:

@@ -13,6 +13,8 @@ import logging
 
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+from vitexp.tracking.store import said_if_slow
+
 # MLflow says at INFO when it starts and stops, and that it skips GPUs on a machine without
 LOGGER = "mlflow.system_metrics"
 
@@ -38,7 +40,12 @@ class SystemMonitor(SystemMetricsMonitor):
 
     def finish(self):
         """Stops sampling; what was held back (a run shorter than two intervals, whose metrics
-        came after the first sample) is published now, at the run's end."""
+        came after the first sample) is published now, at the run's end. A store that does
+        not answer holds this for up to its timeout; after a second the user is told why."""
+        with said_if_slow("sending the run's last system metrics", "press Ctrl-C to stop now"):
+            self._finish()
+
+    def _finish(self):
         if self._process is not None:
             self._shutdown_event.set()
             self._process.join()

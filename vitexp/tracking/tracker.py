@@ -26,7 +26,7 @@ from mlflow.utils.mlflow_tags import (
 
 from vitexp.tracking import tag
 from vitexp.tracking.records import FAILED, FINISHED, KILLED, ModelRecord, RunRecord
-from vitexp.tracking.store import Shielded, check_reachable, open_client, release_interrupted
+from vitexp.tracking.store import Shielded, check_reachable, open_client, release_interrupted, said_if_slow
 from vitexp.tracking.system import SystemMonitor
 from vitexp.tracking.uri import TrackingError, artifact_location, resolve_uri
 from vitexp.tracking.views import SHARED_VIEW_TAG, encode
@@ -100,6 +100,11 @@ class Tracker:
                 f"mlflow experiments restore --experiment-id {experiment.experiment_id}`, "
                 "or pick another name"
             )
+
+    @property
+    def unsent(self) -> int:
+        """How many writes are kept back for a store that does not answer."""
+        return len(self._pending)
 
     @property
     def experiment_id(self) -> str:
@@ -382,7 +387,9 @@ class Tracker:
             raise
         except KeyboardInterrupt as stop:
             release_interrupted(stop)
-            self.end_run(run_id, KILLED)
+            stop_now = "press Ctrl-C again to stop now and leave the run as the store last saw it"
+            with said_if_slow(f"marking run {run_id} KILLED", stop_now):
+                self.end_run(run_id, KILLED)
             raise
         except BaseException as err:
             text = error_text(err) if error_text else f"{type(err).__name__}: {err}"[:5000]

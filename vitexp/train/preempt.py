@@ -55,6 +55,14 @@ def requeued() -> bool:
     return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
+# a held interrupt that waits longer than this says why, on stderr
+HELD_NOTICE_S = 1.0
+HELD_NOTICE = (
+    "vitexp: stopping once the call in progress returns (a tracking store that does not "
+    "answer holds it for up to its timeout); press Ctrl-C again to stop now\n"
+)
+
+
 class StopSignal:
     """Installs the handlers; under Slurm, and for a job's workers, the signal is remembered
     until a step ends."""
@@ -65,13 +73,14 @@ class StopSignal:
         self._workers = False
         self._holding = 0  # inside `held()`: an interrupt waits for its end
         self._held = False
+        self._notice: threading.Timer | None = None
 
     def install(self, workers: bool = False) -> None:
         """Args:
         workers: this process is one of a multi-worker job's workers."""
         self.received = None
         self.raised = None
-        self._held = False
+        self._release()
         self._workers = workers
         self.reclaim()
 
@@ -89,18 +98,33 @@ class StopSignal:
             signal.signal(signum, self._remember)
 
     def _raise(self, signum, frame) -> None:
-        self.raised = Terminated()
-        self._raise_unless_held()
+        self._raise_unless_held(Terminated())
 
     def _interrupt(self, signum, frame) -> None:
-        self.raised = KeyboardInterrupt()
-        self._raise_unless_held()
+        self._raise_unless_held(KeyboardInterrupt())
 
-    def _raise_unless_held(self) -> None:
-        if self._holding and not self._held:  # a second one raises at once
+    def _raise_unless_held(self, stop: KeyboardInterrupt) -> None:
+        # a second one raises at once: while one is held, or while the run stops on the first
+        # (its KILLED status on its way to a store that may not answer)
+        again = self.raised is not None
+        self.raised = stop
+        if self._holding and not self._held and not again:
             self._held = True
+            # a block that outlasts HELD_NOTICE_S says why the run has not stopped yet (from
+            # a timer thread: a handler that wrote to stderr could land inside a write there)
+            self._notice = threading.Timer(HELD_NOTICE_S, os.write, (2, HELD_NOTICE.encode()))
+            self._notice.daemon = True
+            self._notice.start()
             return
+        self._release()
         raise self.raised
+
+    def _release(self) -> None:
+        """Nothing is held any more: the notice of a held interrupt is not due."""
+        self._held = False
+        if self._notice is not None:
+            self._notice.cancel()
+            self._notice = None
 
     @contextlib.contextmanager
     def held(self):
@@ -108,14 +132,18 @@ class StopSignal:
         file, then `last.keras` and `best.keras` linked to it; a call to the tracking store),
         then raise: a run stopped at any moment leaves its files and its store consistent.
         A second one raises at once (a store that does not answer holds a call for up to its
-        timeout). A block that raises leaves the interrupt pending for `check`."""
+        timeout), and a wait longer than `HELD_NOTICE_S` says so on stderr. A block that
+        raises leaves the interrupt pending for `check`."""
         self._holding += 1
         try:
             yield
         finally:
             self._holding -= 1
+            if not self._holding and self._notice is not None:  # the wait is over either way
+                self._notice.cancel()
+                self._notice = None
         if not self._holding and self._held and self.raised is not None:
-            self._held = False
+            self._release()
             raise self.raised
 
     def check(self) -> None:
@@ -126,7 +154,7 @@ class StopSignal:
     def handled(self) -> None:
         """The run has the interrupt: it is no longer pending."""
         self.raised = None
-        self._held = False
+        self._release()
 
     def _remember(self, signum, frame) -> None:
         self.received = signum

@@ -122,7 +122,7 @@ def recording(job: Job):
             STOP.check()
     except KeyboardInterrupt as stop:
         STOP.handled()
-        print(interrupted_message(job.run_id, job.out_dir, stop), file=sys.stderr)
+        print(interrupted_message(job.run_id, job.out_dir, stop, job.tracker.unsent), file=sys.stderr)
         raise
     except StoreDown as down:  # trained, but not all of it recorded
         raise TrackingError(
@@ -146,24 +146,28 @@ def error_text(err: BaseException) -> str:
     return text[:5000]
 
 
-def interrupted_message(run_id: str, out_dir: Path, stop: KeyboardInterrupt) -> str:
+def interrupted_message(run_id: str, out_dir: Path, stop: KeyboardInterrupt, unsent: int = 0) -> str:
     """What to do after Ctrl-C or SIGTERM: resume from the last checkpoint, or start again;
-    under Slurm, a pre-empted job requeues itself."""
+    under Slurm, a pre-empted job requeues itself. `unsent`: writes a store that did not
+    answer never took, its KILLED status among them: the run stays RUNNING there."""
     how = f"terminated ({stop.signal_name})" if isinstance(stop, Terminated) else "interrupted"
+    killed = "is KILLED"
+    if unsent:
+        killed = f"stays RUNNING in the tracking store (it did not take the last {unsent} records)"
     checkpoints = CheckpointDir(out_dir / "checkpoints")
     epoch = checkpoints.latest_epoch() if checkpoints.folder.is_dir() else 0
     if getattr(stop, "requeue", False):
         where = stop.where or f"after epoch {epoch}"
-        return f"vitexp: {how}; run {run_id} is KILLED {where}; {requeue()}"
+        return f"vitexp: {how}; run {run_id} {killed} {where}; {requeue()}"
     if getattr(stop, "where", ""):  # where the workers stopped together
         how = f"{how} {stop.where}"
     if not epoch:
         return (
-            f"vitexp: {how} in the first epoch; run {run_id} is KILLED with no checkpoint; "
+            f"vitexp: {how} in the first epoch; run {run_id} {killed} with no checkpoint; "
             f"start it again with: {command_line()}"
         )
     return (
-        f"vitexp: {how}; run {run_id} is KILLED, its last checkpoint (epoch {epoch}) is in "
+        f"vitexp: {how}; run {run_id} {killed}, its last checkpoint (epoch {epoch}) is in "
         f"{checkpoints.folder}; continue it with: {command_line(resume=True)}"
     )
 
