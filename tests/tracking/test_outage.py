@@ -166,11 +166,12 @@ def test_ctrl_c_with_a_silent_server_says_so_and_the_last_line_tells_the_truth(t
     """Ctrl-C while the server does not answer: each wait on it says why the run has not
     stopped yet, and the last line says the run stays RUNNING there, not KILLED."""
     uri, client, _, stop = mlflow_server(tmp_path)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")  # the run's wait on each store call
     run_dir = tmp_path / "run"
     frozen = []
     try:
-        proc = start_vitexp([*OUTAGE, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], tmp_path)
+        with monkeypatch.context() as run_env:  # the run's wait on each store call, not this test's
+            run_env.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+            proc = start_vitexp([*OUTAGE, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}"], tmp_path)
         wait_for(lambda: (run_dir / "model_summary.txt").exists(), proc)  # training
         frozen = server_processes()
         for pid in frozen:
