@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from vitexp.config import CONFIG_PATH, compose_with, config_folder, hydra_app
 from vitexp.errors import fail
 from vitexp.quiet import filter_native_noise
+from vitexp.startup import leave_sklearn_out_of_keras
 from vitexp.tracking.uri import is_server
 from vitexp.train.cluster import launcher_problem
 from vitexp.validate import ConfigError, check_config
@@ -252,6 +253,7 @@ def _say(detail: str) -> str:
 
 @hydra.main(config_path=CONFIG_PATH, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    leave_sklearn_out_of_keras()  # here too: a launcher's worker process starts from this call
     from vitexp.train.run import run_job  # imports TensorFlow: only when a job really runs
 
     return run_job(cfg)
@@ -260,6 +262,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     filter_native_noise()
+    leave_sklearn_out_of_keras()
     check_user_options(sys.argv[1:])
     show_sweep_configs(sys.argv[1:])
     preflight(sys.argv[1:])

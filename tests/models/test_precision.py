@@ -35,6 +35,8 @@ VARIANTS = {  # a model config and the changes to it (dotted keys)
     "xla": ("vit_tiny", {"trainer.jit_compile": "true"}),  # the reloaded model predicts with XLA too
     "swin": ("swin_micro", {}),
 }
+# one worker runs the module: its fixture trains every variant once, not once a worker
+pytestmark = pytest.mark.xdist_group("precision_reloaded")
 IMAGES = np.random.default_rng(3).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
 
 

@@ -12,7 +12,8 @@ import sys
 import pytest
 from conftest import ARTIFACTS, TINY, answers, chromium_flags, free_port, run_vitexp, runs_of, wait_for
 
-pytestmark = pytest.mark.slow
+# one worker runs the module: its sweep and UI are made once, not once a worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sweep_ui")]
 needs_chromium = pytest.mark.skipif(
     shutil.which("chromium") is None, reason="install chromium (.ci/run does)"
 )

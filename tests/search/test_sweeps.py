@@ -10,6 +10,9 @@ from conftest import ARTIFACTS, TINY, chromium_flags, run_vitexp, runs_of, start
 
 pytestmark = pytest.mark.slow
 
+# the tests of the module's grid go to one worker: it is swept once, not once a worker
+GRID = pytest.mark.xdist_group("grid")
+
 
 def children_of(client, parent_id, experiment="vitexp"):
     return [r for r in runs_of(client, experiment) if r.data.tags.get("mlflow.parentRunId") == parent_id]
@@ -37,6 +40,7 @@ def grid(server, tmp_path_factory):
     return client.get_experiment_by_name("grid")
 
 
+@GRID
 def test_parallel_grid_into_a_tracking_server(server, grid):
     uri, client, _, _ = server
     runs = runs_of(client, "grid")
@@ -187,6 +191,7 @@ def test_killed_sweep_resumes_without_repeating_jobs_and_compares(tmp_path, stor
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="install chromium (.ci/run does)")
+@GRID
 def test_mlflow_ui_lists_the_sweep_in_a_real_browser(server, grid, tmp_path):
     uri, client, _, _ = server
     runs = runs_of(client, "grid")
@@ -229,6 +234,7 @@ def test_mlflow_ui_lists_the_sweep_in_a_real_browser(server, grid, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="install chromium (.ci/run does)")
+@GRID
 def test_mlflow_ui_opens_the_experiment_on_its_training_runs(server, grid, tmp_path):
     """vitexp's link opens the experiment on its runs table, not on MLflow's GenAI overview."""
     from vitexp.tracking import Tracker

@@ -13,7 +13,8 @@ from conftest import TINY, answers, compose, free_port, run_vitexp, runs_of, wai
 
 from vitexp.metrics import softmax
 
-pytestmark = pytest.mark.slow
+# one worker runs the module: the run it uses is trained once, not once a worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("trained_run")]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,9 @@ from PIL import Image
 CLASSES = ["a b", "bags, purses", "café, crème", 'say "hi"']
 SHAPE = [16, 16, 3]
 
+# the tests of the module's run go to one worker: it is trained once, not once a worker
+FOLDER_RUN = pytest.mark.xdist_group("folder_run")
+
 
 def write_image_folder(root: Path, per_class: int = 10) -> list[Path]:
     """PNGs in every colour mode a user's folder may hold, 24x20, one colour per class."""
@@ -76,6 +79,7 @@ def folder_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@FOLDER_RUN
 def test_class_names_with_commas_quotes_and_accents_reach_predict_intact(folder_run):
     uri, client, run, files, tmp = folder_run
     proc = run_vitexp(
@@ -91,6 +95,7 @@ def test_class_names_with_commas_quotes_and_accents_reach_predict_intact(folder_
 
 
 @pytest.mark.slow
+@FOLDER_RUN
 def test_test_metrics_are_those_of_the_checkpoint_evaluate_uses(folder_run, capsys):
     from vitexp.tools import evaluate
 
@@ -106,6 +111,7 @@ def test_test_metrics_are_those_of_the_checkpoint_evaluate_uses(folder_run, caps
 
 
 @pytest.mark.slow
+@FOLDER_RUN
 def test_early_stop_and_profile_are_recorded(folder_run):
     _, client, run, _, tmp = folder_run
     # epoch 1 sets the best; epochs 2 and 3 cannot beat it by 10: stop after epoch 3 of 5
@@ -116,6 +122,7 @@ def test_early_stop_and_profile_are_recorded(folder_run):
 
 
 @pytest.mark.slow
+@FOLDER_RUN
 def test_run_carries_system_metrics_datasets_source_tags_and_a_model(folder_run):
     import mlflow
 
@@ -155,6 +162,7 @@ def test_run_carries_system_metrics_datasets_source_tags_and_a_model(folder_run)
 
 
 @pytest.mark.slow
+@FOLDER_RUN
 def test_predict_reads_files_as_training_did(folder_run):
     """Grey, palette, alpha and 16-bit PNGs of 24x20 give predict the training tensors."""
     uri, _, run, files, tmp = folder_run

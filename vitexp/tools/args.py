@@ -12,6 +12,7 @@ from typing import NoReturn
 from vitexp.config import compose
 from vitexp.errors import fail, failing_on
 from vitexp.quiet import filter_native_noise
+from vitexp.startup import leave_sklearn_out_of_keras
 from vitexp.tracking.uri import env_uri, sqlite_path, tracking_uri_problem
 
 
@@ -54,6 +55,7 @@ class ToolParser(argparse.ArgumentParser):
     def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
         """Parses options and positionals in any order and settles the tracking URI."""
         filter_native_noise()
+        leave_sklearn_out_of_keras()
         args = self.parse_intermixed_args(argv)
         overrides = getattr(args, "overrides", None)
         if overrides is not None:  # `tracking.uri=...` reads like the training command's
